@@ -1,0 +1,258 @@
+"""The ``nclightning`` command line.
+
+``nclightning fit|validate|test|predict --config FILE [--dotted.key VALUE ...]`` runs
+:class:`NCLightningCLI`, a :class:`~lightning.pytorch.cli.LightningCLI` in jsonargparse's
+``omegaconf+`` parser mode: YAML files may interpolate (``${model.init_args.lr}``) and the
+interpolations are resolved *after* command-line overrides are merged, so an override flows
+through every value that refers to it.
+
+``nclightning theory ...`` and ``nclightning report ...`` are dispatched to
+:mod:`nclightning.commands` before LightningCLI sees the arguments.
+
+Choices made for users:
+
+* ``--config NAME`` that is not an existing file but names a bundled config
+  (``digits_mlp.yaml`` or ``digits_mlp``) loads the bundled one, so an installed package runs
+  its embedded default job from any directory.
+* W&B never hangs or crashes a run: with no ``WANDB_MODE`` set and no API key found, the CLI
+  switches W&B to offline mode, says so, and prints at the end where the run was written and
+  the ``wandb sync`` command that uploads it.
+* The run's config is saved next to the first logger's files; a config already there is
+  never overwritten (the new one gets a numbered name) and is also logged to W&B runs.
+* User errors (missing data, bad values) print one ``nclightning: error:`` line and exit 2;
+  set ``NCL_DEBUG=1`` for the traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+COMMANDS = {
+    "theory": ("nclightning.commands.theory", "numerical checks of the perturbation theory"),
+    "report": ("nclightning.commands.report", "PNG figures from logged runs"),
+}
+TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def bundled_configs() -> list[str]:
+    """Names of the configs shipped inside the package."""
+    return sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def _resolve_config_args(argv: list[str]) -> list[str]:
+    """Replace ``--config NAME`` by the bundled file when ``NAME`` is not a path that exists."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--config" and i + 1 < len(out):
+            j, value = i + 1, out[i + 1]
+        elif arg.startswith("--config="):
+            j, value = i, arg.split("=", 1)[1]
+        else:
+            continue
+        if Path(value).exists():
+            continue
+        name = Path(value).name
+        for candidate in (name, f"{name}.yaml"):
+            if (CONFIG_DIR / candidate).is_file():
+                resolved = str(CONFIG_DIR / candidate)
+                out[j] = resolved if j != i else f"--config={resolved}"
+                break
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# W&B: offline fallback
+# ---------------------------------------------------------------------------------------------
+
+
+def wandb_api_key_available() -> bool:
+    """Whether a W&B API key is configured (environment or netrc), without any network call."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:  # wandb's own lookup (environment, netrc) when this version has it
+        from wandb.sdk.lib import apikey
+
+        return bool(apikey.api_key())
+    except Exception:
+        pass
+    import netrc
+
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def ensure_wandb_mode() -> str | None:
+    """Choose W&B offline mode when no mode is set and no API key exists; return the mode."""
+    mode = os.environ.get("WANDB_MODE")
+    if mode:
+        return mode
+    if wandb_api_key_available():
+        return None
+    os.environ["WANDB_MODE"] = "offline"
+    print(
+        "nclightning: no W&B API key found (WANDB_API_KEY or `wandb login`): "
+        "logging to W&B in offline mode. Set WANDB_MODE=disabled to turn W&B off.",
+        file=sys.stderr,
+    )
+    return "offline"
+
+
+def report_wandb_runs(trainer: Any) -> None:
+    """Print where each W&B run went and, for offline runs, how to upload it."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if trainer is None or not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        if not isinstance(logger, WandbLogger) or logger._experiment is None:
+            continue
+        run = logger.experiment
+        run_dir = Path(run.dir).parent if getattr(run, "dir", None) else None
+        if run_dir is None:
+            continue
+        if os.environ.get("WANDB_MODE") in ("offline", "dryrun"):
+            print(
+                f"nclightning: W&B run saved offline in {run_dir}\n"
+                f"nclightning: upload it with:  wandb sync {run_dir}",
+                file=sys.stderr,
+            )
+        elif getattr(run, "url", None):
+            print(f"nclightning: W&B run at {run.url}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# LightningCLI
+# ---------------------------------------------------------------------------------------------
+
+
+def _cli_classes():
+    """Import Lightning lazily: ``nclightning theory`` should not pay for it."""
+    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+    from lightning.pytorch.loggers import WandbLogger
+
+    class SaveRunConfig(SaveConfigCallback):
+        """Save the config beside the first logger's files, never over an existing one.
+
+        A second run into the same directory writes ``config-2.yaml`` (then ``-3`` ...)
+        instead of failing or clobbering the first run's config. The resolved config is also
+        logged to every W&B run's config.
+        """
+
+        def setup(self, trainer, pl_module, stage):
+            if self.already_saved:
+                return
+            log_dir = trainer.log_dir
+            if log_dir is not None:
+                stem, suffix = os.path.splitext(self.config_filename)
+                name, k = self.config_filename, 1
+                while trainer.is_global_zero and os.path.exists(os.path.join(log_dir, name)):
+                    k += 1
+                    name = f"{stem}-{k}{suffix}"
+                self.config_filename = trainer.strategy.broadcast(name)
+            super().setup(trainer, pl_module, stage)
+
+        def save_config(self, trainer, pl_module, stage):
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    config = self.parser.dump(self.config, skip_none=False, format="json")
+                    import json
+
+                    logger.experiment.config.update(
+                        {"nclightning_config": json.loads(config)}, allow_val_change=True
+                    )
+
+    class NCLightningCLI(LightningCLI):
+        """LightningCLI with omegaconf+ interpolation, data->model links and W&B fallback."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            parser_kwargs = kwargs.pop("parser_kwargs", {}) or {}
+            parser_kwargs.setdefault("parser_mode", "omegaconf+")
+            kwargs.setdefault("save_config_callback", SaveRunConfig)
+            kwargs.setdefault("auto_configure_optimizers", False)
+            kwargs.setdefault("subclass_mode_model", True)
+            kwargs.setdefault("subclass_mode_data", True)
+            super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
+
+        def add_arguments_to_parser(self, parser) -> None:
+            # Shape facts come from the data module (available right after __init__).
+            parser.link_arguments(
+                "data.num_classes", "model.init_args.num_classes", apply_on="instantiate"
+            )
+            parser.link_arguments(
+                "data.input_shape", "model.init_args.input_shape", apply_on="instantiate"
+            )
+
+        def before_instantiate_classes(self) -> None:
+            ensure_wandb_mode()
+
+    return NCLightningCLI
+
+
+def run_trainer_cli(argv: list[str]):
+    """Run a Trainer subcommand; returns the CLI object (its ``trainer`` holds the results)."""
+    from lightning.pytorch import LightningDataModule, LightningModule
+
+    NCLightningCLI = _cli_classes()
+    cli = NCLightningCLI(LightningModule, LightningDataModule, args=argv)
+    report_wandb_runs(getattr(cli, "trainer", None))
+    return cli
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    from nclightning.data import DataError
+
+    return (DataError,)
+
+
+def _print_help() -> None:
+    lines = [
+        "usage: nclightning {fit,validate,test,predict} --config FILE [--dotted.key VALUE ...]",
+        "       nclightning {theory,report} ...",
+        "",
+        "Trainer subcommands (LightningCLI; `nclightning fit --help` lists every option):",
+        "  fit, validate, test, predict",
+        "Other commands:",
+        *(f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items()),
+        "",
+        "Bundled configs (usable by name from any directory): " + ", ".join(bundled_configs()),
+        "Quickstart:  nclightning fit --config digits_mlp.yaml",
+    ]
+    print("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        _print_help()
+        return 0
+    if argv[0] in COMMANDS:
+        module = importlib.import_module(COMMANDS[argv[0]][0])
+        return int(module.main(argv[1:]) or 0)
+    if argv[0] not in TRAINER_COMMANDS and not argv[0].startswith("-"):
+        known = ", ".join([*TRAINER_COMMANDS, *COMMANDS])
+        print(f"nclightning: error: unknown command {argv[0]!r}; choose one of: {known}",
+              file=sys.stderr)
+        return 2
+    argv = _resolve_config_args(argv)
+    user_errors = _user_error_types()
+    try:
+        run_trainer_cli(argv)
+    except user_errors as err:
+        if os.environ.get("NCL_DEBUG"):
+            raise
+        print(f"nclightning: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
