@@ -1,0 +1,74 @@
+"""Multi-layer perceptron feature backbone (the layer-wise MLP of SCIENCE.md §6, Fig. 2).
+
+``x[B, *input_shape]`` is flattened to ``[B, D]`` (``D = prod(input_shape)``) and passed
+through ``depth`` hidden blocks ``blocks.0 .. blocks.{depth-1}``, each
+``Linear -> [BatchNorm1d] -> activation`` of the same ``width``. The output of the last block
+is the penultimate feature ``H`` ``[B, width]``; for ``depth >= 2`` the output of
+``blocks.{depth-2}`` (the input of the last block) has the same width and is ``H0`` of the
+perturbation model (SCIENCE.md §2).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+from torch import Tensor, nn
+
+__all__ = ["MLP"]
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "tanh": nn.Tanh,
+    "identity": nn.Identity,
+}
+
+
+class MLP(nn.Module):
+    """``depth`` equal-width hidden layers on flattened inputs: ``x[B, ...] -> [B, width]``.
+
+    Args:
+        input_shape: shape of one sample, any rank (``(D,)``, ``(C, H, W)``, ...).
+        depth: number of hidden blocks (>= 1).
+        width: width of every hidden block; ``out_dim == width``.
+        activation: one of ``relu``, ``gelu``, ``tanh``, ``identity`` (a deep linear network).
+        batch_norm: insert ``BatchNorm1d`` after each ``Linear``; the ``Linear`` then has no
+            bias (it would be cancelled by the normalisation).
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        depth: int = 3,
+        width: int = 512,
+        activation: Literal["relu", "gelu", "tanh", "identity"] = "relu",
+        batch_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        if depth < 1 or width < 1:
+            raise ValueError(f"mlp needs depth >= 1 and width >= 1, got {depth=}, {width=}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"unknown mlp activation {activation!r}; choose one of {sorted(ACTIVATIONS)}"
+            )
+        in_features = math.prod(int(s) for s in input_shape)
+        self.flatten = nn.Flatten()
+        blocks = []
+        for i in range(depth):
+            layers: list[nn.Module] = [
+                nn.Linear(in_features if i == 0 else width, width, bias=not batch_norm)
+            ]
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(width))
+            layers.append(ACTIVATIONS[activation]())
+            blocks.append(nn.Sequential(*layers))
+        self.blocks = nn.Sequential(*blocks)
+        self.out_dim: int = width
+        self.feature_layers: dict[str, str] = {"penultimate": ""}
+        if depth >= 2:
+            self.feature_layers["h0"] = f"blocks.{depth - 2}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.blocks(self.flatten(x))
