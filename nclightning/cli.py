@@ -28,6 +28,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -105,27 +106,31 @@ def ensure_wandb_mode() -> str | None:
     return "offline"
 
 
-def report_wandb_runs(trainer: Any) -> None:
-    """Print where each W&B run went and, for offline runs, how to upload it."""
+def finish_wandb_runs(trainer: Any) -> None:
+    """Close the trainer's W&B runs and say where each went (and, offline, how to upload it).
+
+    Closing matters beyond the process: wandb keeps a process-wide current run that a later
+    ``WandbLogger`` would otherwise silently reuse.
+    """
     from lightning.pytorch.loggers import WandbLogger
 
-    if trainer is None or not trainer.is_global_zero:
+    if trainer is None:
         return
     for logger in trainer.loggers:
         if not isinstance(logger, WandbLogger) or logger._experiment is None:
             continue
         run = logger.experiment
-        run_dir = Path(run.dir).parent if getattr(run, "dir", None) else None
-        if run_dir is None:
-            continue
-        if os.environ.get("WANDB_MODE") in ("offline", "dryrun"):
-            print(
-                f"nclightning: W&B run saved offline in {run_dir}\n"
-                f"nclightning: upload it with:  wandb sync {run_dir}",
-                file=sys.stderr,
-            )
-        elif getattr(run, "url", None):
-            print(f"nclightning: W&B run at {run.url}", file=sys.stderr)
+        if trainer.is_global_zero and getattr(run, "dir", None):
+            run_dir = Path(run.dir).parent
+            if os.environ.get("WANDB_MODE") in ("offline", "dryrun"):
+                print(
+                    f"nclightning: W&B run saved offline in {run_dir}\n"
+                    f"nclightning: upload it with:  wandb sync {run_dir}",
+                    file=sys.stderr,
+                )
+            elif getattr(run, "url", None):
+                print(f"nclightning: W&B run at {run.url}", file=sys.stderr)
+        run.finish()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,8 +138,13 @@ def report_wandb_runs(trainer: Any) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+class ConfigError(ValueError):
+    """A configuration that parses but describes something that cannot be built."""
+
+
 def _cli_classes():
     """Import Lightning lazily: ``nclightning theory`` should not pay for it."""
+    from jsonargparse import set_parsing_settings
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
     from lightning.pytorch.loggers import WandbLogger
 
@@ -173,43 +183,57 @@ def _cli_classes():
         """LightningCLI with omegaconf+ interpolation, data->model links and W&B fallback."""
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
+            # Config files write interpolations from their own root (``${model.init_args.lr}``)
+            # whichever subcommand loads them.
+            set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
             parser_kwargs = kwargs.pop("parser_kwargs", {}) or {}
             parser_kwargs.setdefault("parser_mode", "omegaconf+")
+            parser_kwargs.setdefault("allow_abbrev", False)  # a typo must not match a prefix
             kwargs.setdefault("save_config_callback", SaveRunConfig)
             kwargs.setdefault("auto_configure_optimizers", False)
-            kwargs.setdefault("subclass_mode_model", True)
+            kwargs.setdefault("subclass_mode_model", False)
             kwargs.setdefault("subclass_mode_data", True)
             super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
 
         def add_arguments_to_parser(self, parser) -> None:
             # Shape facts come from the data module (available right after __init__).
-            parser.link_arguments(
-                "data.num_classes", "model.init_args.num_classes", apply_on="instantiate"
-            )
-            parser.link_arguments(
-                "data.input_shape", "model.init_args.input_shape", apply_on="instantiate"
-            )
+            parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+            parser.link_arguments("data.input_shape", "model.input_shape", apply_on="instantiate")
 
         def before_instantiate_classes(self) -> None:
             ensure_wandb_mode()
+
+        def instantiate_classes(self) -> None:
+            # Values that parse but that a constructor rejects (an unknown backbone name, a
+            # negative size) are configuration errors: report them as such.
+            try:
+                super().instantiate_classes()
+            except (ValueError, TypeError, KeyError) as err:
+                raise ConfigError(f"invalid configuration: {err}") from err
 
     return NCLightningCLI
 
 
 def run_trainer_cli(argv: list[str]):
     """Run a Trainer subcommand; returns the CLI object (its ``trainer`` holds the results)."""
-    from lightning.pytorch import LightningDataModule, LightningModule
+    from lightning.pytorch import LightningDataModule
 
+    from nclightning.models import CollapseClassifier
+
+    argv = _resolve_config_args(argv)
     NCLightningCLI = _cli_classes()
-    cli = NCLightningCLI(LightningModule, LightningDataModule, args=argv)
-    report_wandb_runs(getattr(cli, "trainer", None))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run")
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning-internal notice
+        cli = NCLightningCLI(CollapseClassifier, LightningDataModule, args=argv)
+    finish_wandb_runs(getattr(cli, "trainer", None))
     return cli
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
     from nclightning.data import DataError
 
-    return (DataError,)
+    return (DataError, ConfigError)
 
 
 def _print_help() -> None:
@@ -239,10 +263,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.main(argv[1:]) or 0)
     if argv[0] not in TRAINER_COMMANDS and not argv[0].startswith("-"):
         known = ", ".join([*TRAINER_COMMANDS, *COMMANDS])
-        print(f"nclightning: error: unknown command {argv[0]!r}; choose one of: {known}",
-              file=sys.stderr)
+        print(
+            f"nclightning: error: unknown command {argv[0]!r}; choose one of: {known}",
+            file=sys.stderr,
+        )
         return 2
-    argv = _resolve_config_args(argv)
     user_errors = _user_error_types()
     try:
         run_trainer_cli(argv)
