@@ -93,7 +93,8 @@ def cdnv(m: ClassMoments) -> float:
         return _NAN
     v = m.class_ss[p] / m.counts[p]
     mu = m.means[p]
-    dist2 = torch.cdist(mu, mu).square()
+    # explicit differences: the |a|^2 + |b|^2 - 2ab shortcut cancels for nearby means
+    dist2 = torch.cdist(mu, mu, compute_mode="donot_use_mm_for_euclid_dist").square()
     off = ~torch.eye(K, dtype=torch.bool, device=mu.device)
     ratio = (v.unsqueeze(0) + v.unsqueeze(1))[off] / (2 * dist2[off])
     return float(ratio.mean())

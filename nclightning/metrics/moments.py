@@ -27,7 +27,7 @@ from torch import Tensor
 __all__ = ["ClassMoments"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ClassMoments:
     """Float64 per-class moments of a set of features (see module docstring).
 

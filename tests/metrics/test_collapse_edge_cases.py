@@ -1,0 +1,175 @@
+"""Defined behaviour at the edges (issue 3): absent classes, K > d, d = 1, validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from nclightning.metrics import (
+    METRIC_KEYS,
+    ClassMoments,
+    ClassStatistics,
+    collapse_metrics,
+    metrics_from_moments,
+)
+
+
+def _data(seed, N, d, K, spread=0.3):
+    rng = np.random.default_rng(seed)
+    y = np.concatenate([np.arange(K), rng.integers(0, K, N - K)])
+    rng.shuffle(y)
+    x = 2.0 * rng.standard_normal((K, d))[y] + 1.0 + spread * rng.standard_normal((N, d))
+    return x, y
+
+
+def _assert_matches(got, expected, ref, rtol):
+    for key in expected:
+        assert ref.rel_err(got[key], expected[key]) <= rtol, (key, got[key], expected[key])
+
+
+def test_class_absent_from_some_batches(ref):
+    x, y = _data(0, 400, 5, 4)
+    order = np.argsort(y, kind="stable")  # class-sorted: most batches hold a single class
+    xs, ys = torch.from_numpy(x[order]), torch.from_numpy(y[order])
+    stats = ClassStatistics(4, 5)
+    for xb, yb in zip(xs.split(37), ys.split(37)):
+        stats.update(xb, yb)
+    _assert_matches(stats.compute(), ref.metrics(x, y, 4), ref, 1e-10)
+
+
+@pytest.mark.parametrize(("K", "d"), [(12, 3), (4, 1), (2, 1)])
+def test_more_classes_than_dimensions_and_d1(ref, K, d):
+    x, y = _data(1, 600, d, K)
+    got = collapse_metrics(torch.from_numpy(x), torch.from_numpy(y), chunk_size=64)
+    assert set(got) == set(METRIC_KEYS)
+    expected = ref.metrics(x, y, K)
+    for key in expected:
+        if key.startswith("nc2") and abs(expected[key]) < 1e-12:
+            assert abs(got[key]) < 1e-12, key  # exactly 0 in theory (e.g. K = 2)
+        else:
+            assert ref.rel_err(got[key], expected[key]) <= 1e-9, (key, got[key], expected[key])
+    # rank of Sigma_B is min(d, K - 1): the pseudo-inverse keeps all of it
+    m = ClassMoments.from_features(torch.from_numpy(x), torch.from_numpy(y), K)
+    assert int(torch.linalg.matrix_rank(m.sigma_b)) == min(d, K - 1)
+
+
+def test_missing_class_error_names_the_class():
+    x, y = _data(2, 300, 4, 5)
+    keep = y != 3
+    xt, yt = torch.from_numpy(x[keep]), torch.from_numpy(y[keep])
+    stats = ClassStatistics(5, 4)
+    stats.update(xt, yt)
+    with pytest.raises(ValueError, match=r"class 3 has no sample"):
+        stats.compute()
+    with pytest.raises(ValueError, match=r"class 3 has no sample"):
+        stats.moments()
+    with pytest.raises(ValueError, match=r"class 3 has no sample"):
+        collapse_metrics(xt, yt, num_classes=5)
+
+
+def test_allow_missing_classes_uses_present_ones(ref):
+    x, y = _data(3, 300, 4, 5)
+    keep = y != 1
+    xk, yk = x[keep], y[keep]
+    w = np.random.default_rng(0).standard_normal((5, 4))
+    stats = ClassStatistics(5, 4, allow_missing_classes=True)
+    stats.set_classifier(torch.from_numpy(w))
+    stats.update(torch.from_numpy(xk), torch.from_numpy(yk))
+    expected = ref.metrics(xk, yk, 5, w)  # the reference skips absent classes (K' = 4)
+    _assert_matches(stats.compute(), expected, ref, 1e-10)
+    m = stats.moments()
+    assert m.present.tolist() == [True, False, True, True, True]
+    assert m.counts[1] == 0 and torch.all(m.means[1] == 0)
+
+
+def test_validation_errors():
+    stats = ClassStatistics(3, 4)
+    with pytest.raises(ValueError, match="label 3 outside"):
+        stats.update(torch.zeros(2, 4), torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="label -1 outside"):
+        stats.update(torch.zeros(2, 4), torch.tensor([-1, 0]))
+    with pytest.raises(ValueError, match="rows"):
+        stats.update(torch.zeros(2, 5), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="labels must be"):
+        stats.update(torch.zeros(2, 4), torch.tensor([0, 1, 2]))
+    with pytest.raises(TypeError, match="floating"):
+        stats.update(torch.zeros(2, 4, dtype=torch.long), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="compute_dtype"):
+        ClassStatistics(3, 4, compute_dtype=torch.float16)
+    stats.update(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))  # empty batch is fine
+    assert not stats.packed.any()
+
+
+def test_single_class_metrics_are_nan():
+    stats = ClassStatistics(1, 3)
+    stats.update(torch.randn(10, 3, dtype=torch.float64), torch.zeros(10, dtype=torch.long))
+    out = stats.compute()
+    assert set(out) == set(METRIC_KEYS)
+    assert all(np.isnan(v) for v in out.values())
+
+
+def test_state_size_is_independent_of_n():
+    K, d = 7, 5
+    stats = ClassStatistics(K, d)
+    size = K * (2 * d + 2) + d * d
+    for n in (10, 1000, 20000):
+        stats.update(torch.randn(n, d), torch.randint(0, K, (n,)))
+        states = {name: getattr(stats, name) for name in stats._defaults}
+        assert all(isinstance(v, torch.Tensor) for v in states.values())
+        assert sum(v.numel() for v in states.values()) == size + 2
+
+
+def test_per_class_scatter_and_moments_interface(ref):
+    x, y = _data(4, 500, 6, 3, spread=1e-3)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    stats = ClassStatistics(3, 6, per_class_scatter=True)
+    other = ClassStatistics(3, 6, per_class_scatter=True)
+    stats.update(xt[:200], yt[:200])
+    other.update(xt[200:], yt[200:])
+    stats.merge_state(other)  # exercises the exact merge of the per-class block too
+    m = stats.moments()
+    r = ref.moments(x, y, 3)
+    for k in range(3):
+        dev = x[y == k] - r.means[k]
+        np.testing.assert_allclose(m.class_scatter[k].numpy(), dev.T @ dev, rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(
+        m.class_scatter.sum(0).numpy(), m.scatter.numpy(), rtol=1e-12, atol=1e-15
+    )
+    np.testing.assert_allclose(m.sigma_w.numpy(), r.sigma_w, rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(m.sigma_b.numpy(), r.sigma_b, rtol=1e-10)
+    np.testing.assert_allclose(m.gram.numpy(), x.T @ x, rtol=1e-12)
+    np.testing.assert_allclose(
+        m.class_sums.numpy(), np.stack([x[y == k].sum(0) for k in range(3)]), rtol=1e-12
+    )
+    np.testing.assert_allclose(m.global_mean.numpy(), x.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(m.centered_means.numpy(), r.M.T, rtol=1e-10, atol=1e-12)
+    assert m.total == 500 and m.present.all()
+    # the same formulas run on the exact two-pass moments
+    exact = ClassMoments.from_features(xt, yt, 3, per_class_scatter=True)
+    a, b = metrics_from_moments(m), metrics_from_moments(exact)
+    _assert_matches(a, b, ref, 1e-9)
+    np.testing.assert_allclose(
+        m.class_scatter.numpy(), exact.class_scatter.numpy(), rtol=1e-9, atol=1e-15
+    )
+
+
+def test_forward_only_accumulates():
+    x, y = _data(5, 100, 3, 3)
+    stats = ClassStatistics(3, 3)
+    assert stats(torch.from_numpy(x[:50]), torch.from_numpy(y[:50])) is None
+    stats(torch.from_numpy(x[50:]), torch.from_numpy(y[50:]))
+    assert stats.moments().total == 100
+
+
+def test_clone_and_pickle_keep_accumulating(ref):
+    import pickle
+
+    x, y = _data(6, 300, 4, 3)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    stats = ClassStatistics(3, 4)
+    stats.update(xt[:100], yt[:100])
+    for copy in (stats.clone(), pickle.loads(pickle.dumps(stats))):
+        copy.update(xt[100:], yt[100:])
+        _assert_matches(copy.compute(), ref.metrics(x, y, 3), ref, 1e-10)
+    assert stats.moments().total == 100  # the original is untouched
