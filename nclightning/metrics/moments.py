@@ -160,6 +160,33 @@ class ClassMoments:
         return self.scatter + self.means.T @ (self.counts.unsqueeze(1) * self.means)
 
     # -- utilities --------------------------------------------------------------------------
+    def pad(self, dim: int) -> ClassMoments:
+        """The moments of the features zero-padded to ``dim`` coordinates (``dim >= d``).
+
+        Embeds ``H0`` of a narrower layer in a wider layer's space (the perturbation model
+        needs ``H0`` and ``H`` in one space, SCIENCE.md §2): the extra coordinates are 0.
+        """
+        d = self.dim
+        if dim < d:
+            raise ValueError(f"cannot pad {d}-dimensional moments to fewer dimensions ({dim})")
+        if dim == d:
+            return self
+        extra = dim - d
+
+        def grow(t: Tensor, dims: tuple[int, ...]) -> Tensor:
+            pads: list[int] = []
+            for axis in reversed(range(t.ndim)):
+                pads += [0, extra] if axis in dims else [0, 0]
+            return torch.nn.functional.pad(t, pads)
+
+        cs = self.class_scatter
+        return replace(
+            self,
+            means=grow(self.means, (1,)),
+            scatter=grow(self.scatter, (0, 1)),
+            class_scatter=None if cs is None else grow(cs, (1, 2)),
+        )
+
     def to(self, *args, **kwargs) -> ClassMoments:
         """Move every tensor (``Tensor.to`` semantics)."""
         cs = self.class_scatter

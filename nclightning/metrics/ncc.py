@@ -55,7 +55,7 @@ class NCCReference:
     def __init__(
         self,
         means: Tensor,
-        weight: Tensor,
+        weight: Tensor | None = None,
         bias: Tensor | None = None,
         present: Tensor | None = None,
     ) -> None:
@@ -63,13 +63,18 @@ class NCCReference:
         if means.ndim != 2:
             raise ValueError(f"reference means must be [K, d], got shape {tuple(means.shape)}")
         K, d = means.shape
+        if weight is None:  # NCC only: callers compare with predictions they already have
+            weight = torch.zeros(0, d, dtype=torch.float64, device=means.device)
+            K_w = 0
+        else:
+            K_w = K
         w = weight.detach().to(device=means.device, dtype=torch.float64)
-        if w.shape != (K, d):
+        if w.shape != (K_w, d):
             raise ValueError(f"classifier weight must be [K, d] = ({K}, {d}), got {tuple(w.shape)}")
-        b = torch.zeros(K, dtype=torch.float64, device=means.device)
+        b = torch.zeros(K_w, dtype=torch.float64, device=means.device)
         if bias is not None:
             b = bias.detach().to(device=means.device, dtype=torch.float64)
-            if b.shape != (K,):
+            if b.shape != (K_w,):
                 raise ValueError(f"classifier bias must be [K] = ({K},), got {tuple(b.shape)}")
         if present is None:
             present = torch.isfinite(means).all(1)
@@ -77,6 +82,7 @@ class NCCReference:
         if not bool(present.any()):
             raise ValueError("reference means: no class is present")
         self.num_classes, self.dim = K, d
+        self.has_classifier = K_w > 0
         self.classes = present.nonzero().flatten()  # NCC index -> class id
         mu = means[present]
         self.centre = mu.mean(0)  # [d]
@@ -96,23 +102,34 @@ class NCCReference:
             )
         return self._cache[key]
 
-    def predictions(self, features: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    def predictions(self, features: Tensor, dtype: torch.dtype) -> tuple[Tensor | None, Tensor]:
         """``(classifier argmax, nearest-centre class)`` for ``features[B, d]``, each ``[B]``.
 
-        Ties go to the lowest index (``torch.argmax``/``argmin`` convention).
+        The classifier's argmax is ``None`` when no classifier was given. Ties go to the
+        lowest index (``torch.argmax``/``argmin`` convention).
         """
         centre, proj, bias, sq, classes = self._cast(features.device, dtype)
-        K = self.num_classes
+        K = self.num_classes if self.has_classifier else 0
         xc = features.to(dtype) - centre
         with exact_float32_matmul():
             p = xc @ proj.T  # [B, K + K']
-        pred = (p[:, :K] + bias).argmax(1)
+        pred = (p[:, :K] + bias).argmax(1) if K else None
         ncc = classes[(sq - 2 * p[:, K:]).argmin(1)]  # ||x-mu||^2 - ||x||^2, centred
         return pred, ncc
 
-    def mismatches(self, features: Tensor, dtype: torch.dtype) -> Tensor:
-        """Number of rows of ``features[B, d]`` where classifier and NCC disagree (0-dim)."""
+    def mismatches(
+        self, features: Tensor, dtype: torch.dtype, predictions: Tensor | None = None
+    ) -> Tensor:
+        """Number of rows of ``features[B, d]`` where the prediction and the NCC disagree (0-dim).
+
+        The prediction is ``predictions[B]`` when given (e.g. the network's argmax, which for
+        the classifier's input layer equals ``argmax(W h + b)``), else the classifier's argmax.
+        """
         if features.shape[0] == 0:
             return torch.zeros((), dtype=torch.float64, device=features.device)
         pred, ncc = self.predictions(features, dtype)
+        if predictions is not None:
+            pred = predictions.to(ncc.device)
+        elif pred is None:
+            raise ValueError("NC4 needs a classifier (weight) or the predictions of each sample")
         return (pred != ncc).sum().to(torch.float64)

@@ -218,7 +218,7 @@ class ClassStatistics(Metric):
     def set_reference(
         self,
         means: Tensor | ClassMoments,
-        weight: Tensor,
+        weight: Tensor | None = None,
         bias: Tensor | None = None,
         *,
         present: Tensor | None = None,
@@ -231,7 +231,8 @@ class ClassStatistics(Metric):
                 previous pass (identical on all ranks after a synced compute), or that
                 :class:`ClassMoments` itself (its ``present`` mask is then used).
             weight, bias: the classifier ``W[K, d]``, ``b[K]`` whose ``argmax`` is compared
-                with the nearest reference mean; also used for ``nc3``.
+                with the nearest reference mean; also used for ``nc3``. Without a classifier,
+                every :meth:`update` must pass the ``predictions`` to compare with.
             present: classes eligible as nearest centre (default: all finite rows).
             source: label stored in :attr:`nc4_reference`.
 
@@ -247,10 +248,10 @@ class ClassStatistics(Metric):
                 f"reference means must be [K, d] = ({self.num_classes}, {self.dim}), "
                 f"got {tuple(means.shape)}"
             )
-        self.set_classifier(weight)
-        self._reference = NCCReference(
-            means.detach().to(self.device), weight.to(self.device), bias, present
-        )
+        if weight is not None:
+            self.set_classifier(weight)
+            weight = weight.to(self.device)
+        self._reference = NCCReference(means.detach().to(self.device), weight, bias, present)
         self.nc4_reference = source
 
     def clear_reference(self) -> None:
@@ -287,15 +288,20 @@ class ClassStatistics(Metric):
                 raise ValueError(f"label {bad} outside 0..{self.num_classes - 1}")
         return x, y
 
-    def update(self, features: Tensor, labels: Tensor) -> None:
-        """Accumulate a batch: ``features[B, d]`` (rows), ``labels[B]`` in ``0..K-1``."""
+    def update(self, features: Tensor, labels: Tensor, predictions: Tensor | None = None) -> None:
+        """Accumulate a batch: ``features[B, d]`` (rows), ``labels[B]`` in ``0..K-1``.
+
+        ``predictions[B]`` (optional): the class each sample is assigned by the network; with a
+        reference set, NC4 then counts disagreements between it and the nearest reference mean
+        (for any layer, not only the classifier's input), instead of the classifier's argmax.
+        """
         x, y = self._check_batch(features, labels)
         if x.shape[0] == 0:
             return
         ct = self._dtype_for(x.dtype)
         self._accumulate(x, y, ct)
         if self._reference is not None:
-            self._count_nc4(x, ct)
+            self._count_nc4(x, ct, predictions)
 
     def forward(self, features: Tensor, labels: Tensor) -> None:  # type: ignore[override]
         """Same as :meth:`update`; returns ``None`` (no per-batch metrics)."""
@@ -336,9 +342,11 @@ class ClassStatistics(Metric):
                     v["qk"][k].add_(gk)
                     v["q"].add_(gk)
 
-    def _count_nc4(self, x: Tensor, ct: torch.dtype) -> None:
+    def _count_nc4(
+        self, x: Tensor, ct: torch.dtype, predictions: Tensor | None = None
+    ) -> None:
         assert self._reference is not None
-        self.nc4_mismatches += self._reference.mismatches(x, ct)
+        self.nc4_mismatches += self._reference.mismatches(x, ct, predictions)
         self.nc4_samples += x.shape[0]
 
     # -- results ------------------------------------------------------------------------------

@@ -173,3 +173,17 @@ def test_clone_and_pickle_keep_accumulating(ref):
         copy.update(xt[100:], yt[100:])
         _assert_matches(copy.compute(), ref.metrics(x, y, 3), ref, 1e-10)
     assert stats.moments().total == 100  # the original is untouched
+
+
+def test_pad_equals_moments_of_zero_padded_features():
+    """ClassMoments.pad(dim) = moments of the features with zero coordinates appended."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(90, 4, generator=gen, dtype=torch.float64) + 3.0
+    y = torch.arange(3).repeat(30)
+    m = ClassMoments.from_features(x, y, per_class_scatter=True).pad(7)
+    padded = torch.cat([x, torch.zeros(90, 3, dtype=torch.float64)], 1)
+    ref = ClassMoments.from_features(padded, y, per_class_scatter=True)
+    for name in ("counts", "means", "scatter", "class_ss", "class_scatter"):
+        torch.testing.assert_close(getattr(m, name), getattr(ref, name), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="fewer"):
+        m.pad(3)

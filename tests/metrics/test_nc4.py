@@ -123,3 +123,26 @@ def test_set_reference_validates_shapes(problem):
         stats.set_reference(torch.zeros(K, D), torch.zeros(K, D + 1))
     with pytest.raises(ValueError, match="bias"):
         stats.set_reference(torch.zeros(K, D), _t(w), torch.zeros(K + 1))
+
+
+def test_streaming_nc4_against_given_predictions(problem):
+    """Any layer: NC4 = fraction where the network's prediction != the nearest reference mean."""
+    x, y, _, _, x_prev = problem
+    prev_means = np.stack([x_prev[y == k].mean(0) for k in range(K)])
+    rng = np.random.default_rng(3)
+    preds = np.where(rng.random(N) < 0.7, y, rng.integers(0, K, N))  # a noisy "network"
+    nearest = ((x[:, None, :] - prev_means[None]) ** 2).sum(2).argmin(1)  # brute force
+    expected = float(np.mean(preds != nearest))
+    assert 0.05 < expected < 0.95
+
+    stats = ClassStatistics(K, D)
+    stats.set_reference(_t(prev_means), source="previous_probe")  # no classifier needed
+    for xb, yb, pb in zip(_t(x).split(301), _t(y).split(301), _t(preds).split(301)):
+        stats.update(xb, yb, predictions=pb)
+    got = stats.compute()
+    assert got["nc4"] == pytest.approx(expected, abs=0.5 / N)
+    assert stats.nc4_reference == "previous_probe" and "nc3" not in got
+
+    # without a classifier, predictions are required
+    with pytest.raises(ValueError, match="predictions"):
+        stats.update(_t(x[:5]), _t(y[:5]))
