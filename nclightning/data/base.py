@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 __all__ = [
     "SPLITS",
@@ -211,7 +211,6 @@ class ClassificationDataModule(LightningDataModule):
         self.num_classes: int = len(self.class_names)
         self.input_shape: tuple[int, ...] = tuple(self.INPUT_SHAPE)
         self._sources: dict[str, tuple[Tensor, Tensor]] = {}
-        self._train_generator: torch.Generator | None = None
 
     # -- subclass hooks ------------------------------------------------------------------
 
@@ -274,37 +273,34 @@ class ClassificationDataModule(LightningDataModule):
 
     # -- loaders -------------------------------------------------------------------------
 
-    def _loader(
-        self,
-        dataset: Dataset,
-        batch_size: int,
-        shuffle: bool = False,
-        drop_last: bool = False,
-        generator: torch.Generator | None = None,
-        persistent: bool = True,
-    ) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, persistent: bool = True) -> DataLoader:
+        """An ordered loader (evaluation and probing)."""
         pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            generator=generator,
             num_workers=self.num_workers,
             pin_memory=pin,
             persistent_workers=persistent and self.persistent_workers and self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training loader (augmented when ``augment``), seeded by ``seed``."""
-        if self._train_generator is None:
-            self._train_generator = torch.Generator().manual_seed(self.seed)
-        return self._loader(
-            self._dataset("train", self.augment),
-            self.batch_size,
-            shuffle=True,
+        """Shuffled training loader (augmented when ``augment``).
+
+        The order of epoch ``e`` is a permutation drawn from ``seed`` and ``e`` alone
+        (:class:`EpochShuffleSampler`; Lightning calls its ``set_epoch``), so a run resumed
+        from a checkpoint sees exactly the batches of an uninterrupted one.
+        """
+        dataset = self._dataset("train", self.augment)
+        pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=EpochShuffleSampler(len(dataset), self.seed),
             drop_last=self.drop_last,
-            generator=self._train_generator,
+            num_workers=self.num_workers,
+            pin_memory=pin,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -320,6 +316,23 @@ class ClassificationDataModule(LightningDataModule):
         return self._loader(
             self.probe_dataset(split), batch_size or self.eval_batch_size, persistent=False
         )
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A random permutation of ``range(n)`` per epoch, a function of ``(seed, epoch)`` only."""
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        self.n, self.seed, self.epoch = int(n), int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=gen).tolist())
+
+    def __len__(self) -> int:
+        return self.n
 
 
 def _check_positive(name: str, value: int) -> None:

@@ -222,3 +222,28 @@ def test_lightning_fit_and_workers(workers):
     passes = [torch.cat([b[0] for b in dm.probe_dataloader()]) for _ in range(2)]
     assert torch.equal(passes[0], passes[1])
     assert torch.equal(passes[0], _stack(DigitsDataModule(samples_per_class=10).probe_dataset())[0])
+
+
+def test_training_order_is_a_function_of_seed_and_epoch():
+    """Resumed runs see the batches of uninterrupted ones: epoch e's order depends on (seed, e)."""
+    from nclightning.data.base import EpochShuffleSampler
+
+    def order(seed, epoch):
+        sampler = EpochShuffleSampler(50, seed)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    assert sorted(order(0, 3)) == list(range(50))
+    assert order(0, 3) == order(0, 3)  # a fresh sampler (a resumed run) reproduces it
+    assert order(0, 3) != order(0, 4) and order(0, 3) != order(1, 3)
+    dm = DigitsDataModule(batch_size=64, seed=7)
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(2)  # what Lightning does at each epoch start
+    first = torch.cat([y for _, y in loader])
+    again = dm.train_dataloader()
+    again.sampler.set_epoch(2)
+    assert torch.equal(first, torch.cat([y for _, y in again]))
+    targets = dm.probe_targets("train")
+    expected = EpochShuffleSampler(len(targets), 7)
+    expected.set_epoch(2)
+    assert torch.equal(first, targets[torch.tensor(list(expected))])
