@@ -218,6 +218,8 @@ def run_trainer_cli(argv: list[str]):
     """Run a Trainer subcommand; returns the CLI object (its ``trainer`` holds the results)."""
     from lightning.pytorch import LightningDataModule
 
+    import nclightning.callbacks
+    import nclightning.data  # noqa: F401
     from nclightning.models import CollapseClassifier
 
     argv = _resolve_config_args(argv)

@@ -1,0 +1,316 @@
+"""NeuralCollapseCallback in real Trainers: values, layers, data, robustness, snapshots, W&B."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from support import RecordingLogger, nearest_mean, reference_metrics
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from nclightning import NeuralCollapseCallback
+from nclightning.data import SyntheticDataModule
+from nclightning.metrics import ClassMoments, metrics_from_moments
+from nclightning.models import CollapseClassifier
+
+K = 4
+
+
+def _trainer(callbacks, epochs=2, logger=None, **kwargs) -> Trainer:
+    return Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=logger if logger else False,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **kwargs,
+    )
+
+
+def _data(**kwargs) -> SyntheticDataModule:
+    opts = dict(
+        num_classes=K,
+        samples_per_class=40,
+        test_samples_per_class=10,
+        shape=(16,),
+        batch_size=32,
+        seed=0,
+        noise=1.0,
+        separation=3.0,
+    )
+    opts.update(kwargs)
+    return SyntheticDataModule(**opts)
+
+
+def _model(depth=3, width=24, **kwargs) -> CollapseClassifier:
+    torch.manual_seed(0)
+    opts = dict(
+        num_classes=K,
+        input_shape=(16,),
+        backbone="mlp",
+        backbone_kwargs={"depth": depth, "width": width, "batch_norm": False},
+        lr=0.05,
+        weight_decay=5e-4,
+        scheduler="none",
+    )
+    opts.update(kwargs)
+    return CollapseClassifier(**opts)
+
+
+class FeatureRecorder(Callback):
+    """Independent extraction after each epoch: ``model.features`` and a manual hook on h0."""
+
+    def __init__(self, dm, h0_module: str) -> None:
+        self.dm, self.h0_module, self.epochs = dm, h0_module, {}
+
+    def _record(self, trainer, model, epoch):
+        x, y = (torch.stack(t) for t in zip(*self.dm.probe_dataset("train")))
+        store = {}
+        module = dict(model.named_modules())[self.h0_module]
+        handle = module.register_forward_hook(lambda m, a, o: store.__setitem__("h0", o))
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            logits = model(x)
+            penultimate = model.features(x)
+        model.train(was)
+        handle.remove()
+        self.epochs[epoch] = {
+            "y": y.numpy(),
+            "penultimate": penultimate.double().numpy(),
+            "h0": store["h0"].double().numpy(),
+            "pred": logits.argmax(1).numpy(),
+            "W": model.classifier.weight.detach().double().numpy(),
+        }
+
+    def on_train_start(self, trainer, model):
+        self._record(trainer, model, 0)
+
+    def on_train_epoch_end(self, trainer, model):
+        self._record(trainer, model, trainer.current_epoch + 1)
+
+
+def test_logged_metrics_equal_a_float64_reference_on_independently_extracted_features():
+    dm, model, logger = _data(), _model(), RecordingLogger()
+    recorder = FeatureRecorder(dm, "backbone.blocks.1")
+    cb = NeuralCollapseCallback(pairs=[], log_figures_every_n_epochs=0)
+    _trainer([cb, recorder], epochs=2, logger=logger).fit(model, dm)
+    probes = logger.probes()
+    assert sorted(probes) == [0, 1, 2]  # baseline + every epoch
+    for epoch, row in probes.items():
+        rec = recorder.epochs[epoch]
+        for layer in ("penultimate", "h0"):
+            weight = rec["W"] if layer == "penultimate" else None
+            expected = reference_metrics(rec[layer], rec["y"], K, weight)
+            for key, value in expected.items():
+                got = row[f"nc/train/{layer}/{key}"]
+                assert got == pytest.approx(value, rel=1e-5), (epoch, layer, key)
+        assert "nc/train/h0/nc3" not in row  # h0 does not feed the classifier
+        assert row["nc/train/accuracy"] == pytest.approx(np.mean(rec["pred"] == rec["y"]))
+        # nc4: the network's prediction vs the nearest class mean of the previous probe
+        if epoch == 0:
+            assert "nc/train/penultimate/nc4" not in row
+        else:
+            prev = recorder.epochs[epoch - 1]
+            for layer in ("penultimate", "h0"):
+                means = np.stack([prev[layer][prev["y"] == k].mean(0) for k in range(K)])
+                expected = np.mean(rec["pred"] != nearest_mean(rec[layer], means))
+                assert row[f"nc/train/{layer}/nc4"] == pytest.approx(expected, abs=1e-9)
+
+
+class NamedNet(LightningModule):
+    """A user's own module: no CollapseClassifier, no feature_layers."""
+
+    def __init__(self, dim=16, width=20, classes=K):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Linear(dim, width),
+            nn.ReLU(),
+            nn.Linear(width, width),
+            nn.ReLU(),
+            nn.Linear(width, width),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(width, classes)
+        self.poison = False
+
+    def forward(self, x):
+        h = self.body(x)
+        if self.poison:
+            h = h * float("nan")
+        return self.head(h)
+
+    def training_step(self, batch, _):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def _loader(n_per_class=30, classes=range(K), dim=16, seed=0, batch_size=25):
+    g = torch.Generator().manual_seed(seed)
+    centres = 3 * torch.randn(K, dim, generator=g)
+    y = torch.tensor(list(classes)).repeat_interleave(n_per_class)
+    x = centres[y] + torch.randn(len(y), dim, generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+def test_user_module_with_named_layers_and_probe_loader():
+    logger, loader = RecordingLogger(), _loader()
+    cb = NeuralCollapseCallback(
+        layers={"h0": "body.3", "h": "body.5"},
+        pairs=[],
+        probe=loader,
+        log_figures_every_n_epochs=0,
+    )
+    _trainer([cb], epochs=1, logger=logger).fit(NamedNet(), _loader(seed=1))
+    row = logger.probes()[1]
+    assert {"nc/custom/h/nc1", "nc/custom/h0/nc1", "nc/custom/accuracy"} <= set(row)
+    assert "nc/custom/h/nc3" in row and "nc/custom/h0/nc3" not in row  # body.5 feeds head
+    assert all(math.isfinite(row[f"nc/custom/{a}/nc1"]) for a in ("h", "h0"))
+
+
+def test_unknown_layer_lists_the_models_modules():
+    cb = NeuralCollapseCallback(layers=["body.7"], pairs=[])
+    with pytest.raises(ValueError) as err:
+        _trainer([cb], epochs=1).fit(NamedNet(), _loader())
+    msg = str(err.value)
+    assert "unknown layer 'body.7'" in msg and "body.5" in msg and "head" in msg
+
+
+def test_module_without_feature_layers_needs_layers():
+    with pytest.raises(ValueError, match="layers="):
+        _trainer([NeuralCollapseCallback()], epochs=1).fit(NamedNet(), _loader())
+
+
+def test_pair_must_name_probed_layers():
+    cb = NeuralCollapseCallback(layers={"a": "body.1"}, pairs=[("a", "b")])
+    with pytest.raises(ValueError, match="probed layers are a"):
+        _trainer([cb], epochs=1).fit(NamedNet(), _loader())
+
+
+def test_nan_features_give_nan_metrics_and_one_warning_not_a_crash():
+    model, logger = NamedNet(), RecordingLogger()
+
+    class Poison(Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            pl_module.poison = trainer.current_epoch >= 1  # diverges in the second epoch
+
+    cb = NeuralCollapseCallback(
+        layers={"h": "body.5"}, pairs=[], probe=_loader(), log_figures_every_n_epochs=0
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer([Poison(), cb], epochs=3, logger=logger).fit(model, _loader(seed=1))
+    probes = logger.probes()
+    assert math.isfinite(probes[1]["nc/custom/h/nc1"])
+    assert math.isnan(probes[2]["nc/custom/h/nc1"]) and math.isnan(probes[3]["nc/custom/h/nc1"])
+    messages = [str(w.message) for w in caught if "NaN/Inf" in str(w.message)]
+    assert len(messages) == 1 and "'h'" in messages[0]
+
+
+def test_class_missing_from_the_probe_is_named_and_the_rest_is_measured():
+    logger = RecordingLogger()
+    probe = _loader(classes=[0, 1, 3])  # class 2 absent
+    cb = NeuralCollapseCallback(
+        layers={"h": "body.5"}, pairs=[], probe=probe, log_figures_every_n_epochs=0
+    )
+    with pytest.warns(UserWarning, match=r"class\(es\) 2 have no sample"):
+        _trainer([cb], epochs=1, logger=logger).fit(NamedNet(), _loader(seed=1))
+    assert math.isfinite(logger.probes()[1]["nc/custom/h/nc1"])
+
+
+def test_probe_restores_modes_hooks_and_grad_even_on_error():
+    model = NamedNet()
+    cb = NeuralCollapseCallback(
+        layers={"h": "body.5"}, pairs=[], probe=_loader(), log_figures_every_n_epochs=0
+    )
+    seen = {}
+
+    class Check(Callback):  # runs after the callback's hooks
+        def on_train_epoch_start(self, trainer, pl_module):
+            pl_module.body[1].eval()  # a deliberately frozen submodule must stay in eval mode
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            seen["modes"] = [m.training for m in pl_module.modules()]
+            seen["hooks"] = sum(len(m._forward_hooks) for m in pl_module.modules())
+            seen["grad"] = torch.is_grad_enabled()
+
+    _trainer([cb, Check()], epochs=1).fit(model, _loader(seed=1))
+    assert len(cb._history) == 2  # the epoch-end probe ran before Check looked
+    assert seen["modes"] == [True, True, True, False, True, True, True, True, True]
+    assert seen["hooks"] == 0 and seen["grad"]
+
+    class Boom(Exception):
+        pass
+
+    def explode(*_):
+        raise Boom
+
+    model = NamedNet()
+    model.head.register_forward_hook(explode)
+    cb = NeuralCollapseCallback(layers={"h": "body.5"}, pairs=[], probe=_loader())
+    with pytest.raises(Boom):
+        _trainer([cb], epochs=1).fit(model, _loader(seed=1))
+    assert all(m.training for m in model.modules())
+    assert all(not m._forward_hooks for m in model.body.modules())
+    assert torch.is_grad_enabled()
+
+
+def test_snapshots_are_atomic_loadable_and_match_the_logged_values(tmp_path):
+    dm, model, logger = _data(), _model(), RecordingLogger()
+    cb = NeuralCollapseCallback(
+        pairs=[],
+        snapshot_dir=str(tmp_path / "snap"),
+        snapshot_features=50,
+        log_figures_every_n_epochs=0,
+    )
+    _trainer([cb], epochs=2, logger=logger).fit(model, dm)
+    files = sorted(p.name for p in (tmp_path / "snap").iterdir())
+    assert files == ["epoch_0000.pt", "epoch_0001.pt", "epoch_0002.pt"]  # no temp files left
+    snap = torch.load(tmp_path / "snap" / "epoch_0002.pt", weights_only=True)
+    assert snap["epoch"] == 2 and snap["split"] == "train"
+    layer = snap["layers"]["penultimate"]
+    m = ClassMoments(layer["counts"], layer["means"], layer["scatter"], layer["class_ss"])
+    row = logger.probes()[2]
+    for key, value in metrics_from_moments(m).items():
+        assert value == pytest.approx(row[f"nc/train/penultimate/{key}"], rel=1e-12)
+    assert snap["features"]["penultimate"].shape == (50, 24)
+    assert snap["features"]["penultimate"].dtype == torch.float16
+    assert torch.equal(snap["labels"], dm.probe_targets("train")[:50])
+
+
+def test_max_samples_draws_one_balanced_subset_for_the_whole_run(tmp_path):
+    dm = _data(samples_per_class=50)
+    cb = NeuralCollapseCallback(
+        pairs=[], max_samples=60, seed=3, snapshot_dir=str(tmp_path), log_figures_every_n_epochs=0
+    )
+    _trainer([cb], epochs=2).fit(_model(), dm)
+    counts = [
+        torch.load(p, weights_only=True)["layers"]["penultimate"]["counts"]
+        for p in sorted(tmp_path.iterdir())
+    ]
+    assert all(torch.equal(c, torch.full((K,), 15.0, dtype=torch.float64)) for c in counts)
+    subset = cb.state_dict()["subset"]
+    targets = dm.probe_targets("train")
+    assert len(subset) == 60 and torch.equal(targets[subset].bincount(), torch.full((K,), 15))
+    again = NeuralCollapseCallback(pairs=[], max_samples=60, seed=3, log_figures_every_n_epochs=0)
+    _trainer([again], epochs=1).fit(_model(), _data(samples_per_class=50))
+    assert torch.equal(again.state_dict()["subset"], subset)  # same seed, same subset
+
+
+def test_every_n_epochs_and_last_epoch(tmp_path):
+    logger = RecordingLogger()
+    cb = NeuralCollapseCallback(pairs=[], every_n_epochs=2, log_figures_every_n_epochs=0)
+    _trainer([cb], epochs=5, logger=logger).fit(_model(), _data())
+    assert sorted(logger.probes()) == [0, 2, 4, 5]
