@@ -35,6 +35,7 @@ from typing import Any
 COMMANDS = {
     "theory": ("nclightning.commands.theory", "numerical checks of the perturbation theory"),
     "report": ("nclightning.commands.report", "PNG figures from logged runs"),
+    "study": ("nclightning.commands.study", "the paper's weight-decay study, run in sequence"),
 }
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -214,8 +215,12 @@ def _cli_classes():
     return NCLightningCLI
 
 
-def run_trainer_cli(argv: list[str]):
-    """Run a Trainer subcommand; returns the CLI object (its ``trainer`` holds the results)."""
+def run_trainer_cli(argv: list[str], run: bool = True):
+    """Run a Trainer subcommand; returns the CLI object (its ``trainer`` holds the results).
+
+    With ``run=False`` nothing is trained and ``argv`` has no subcommand: the CLI only parses
+    and instantiates (``cli.model``, ``cli.datamodule``, ``cli.trainer``).
+    """
     from lightning.pytorch import LightningDataModule
 
     import nclightning.callbacks
@@ -227,7 +232,7 @@ def run_trainer_cli(argv: list[str]):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*args parameter is intended to run")
         warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning-internal notice
-        cli = NCLightningCLI(CollapseClassifier, LightningDataModule, args=argv)
+        cli = NCLightningCLI(CollapseClassifier, LightningDataModule, args=argv, run=run)
     finish_wandb_runs(getattr(cli, "trainer", None))
     return cli
 

@@ -1,5 +1,7 @@
-"""Lightning callbacks: :class:`NeuralCollapseCallback` composes the metrics and the model."""
+"""Lightning callbacks: collapse tracking (composes the metrics and the model) and layer-wise
+training (SCIENCE.md §6, Fig. 2)."""
 
+from nclightning.callbacks.layerwise import LayerwiseTraining
 from nclightning.callbacks.neural_collapse import NeuralCollapseCallback
 
-__all__ = ["NeuralCollapseCallback"]
+__all__ = ["LayerwiseTraining", "NeuralCollapseCallback"]

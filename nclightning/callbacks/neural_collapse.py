@@ -89,9 +89,10 @@ class NeuralCollapseCallback(Callback):
         pool: how outputs with spatial dims become ``[B, d]``: ``"avg"`` (global average pool)
             or ``"flatten"``.
         batch_size: probe batch size (default: the DataModule's eval batch size, else 256).
-        width_mismatch: when a pair's layers differ in width: ``"error"`` (default) or
-            ``"pad"``, which embeds the narrower ``H0`` in the wider space by zero padding
-            (``H0`` wider than ``H`` is always an error).
+        width_mismatch: when a pair's layers differ in width: ``"error"`` (default),
+            ``"pad"``, which embeds a narrower ``H0`` in the wider space by zero padding (a
+            wider ``H0`` is still an error), or ``"skip"``: log NaN for that probe (e.g. the
+            first stage of layer-wise training, whose ``H0`` is the raw input).
         beta_range: search interval of ``beta="fit"``. Collapse of ``H*`` in the directions
             the classifier does not use needs ``beta`` of the order of ``lambda_H`` or below
             (``H* = A (W^T Y + beta H0)``, SCIENCE.md §2), hence the wide default.
@@ -120,7 +121,7 @@ class NeuralCollapseCallback(Callback):
         every_n_epochs: int = 1,
         pool: Literal["avg", "flatten"] = "avg",
         batch_size: int | None = None,
-        width_mismatch: Literal["error", "pad"] = "error",
+        width_mismatch: Literal["error", "pad", "skip"] = "error",
         beta_range: tuple[float, float] = (1e-8, 1e8),
         log_figures_every_n_epochs: int = 10,
         snapshot_dir: str | None = None,
@@ -136,8 +137,10 @@ class NeuralCollapseCallback(Callback):
             raise ValueError(f"beta must be a positive number or 'fit', got {beta!r}")
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
-        if width_mismatch not in ("error", "pad"):
-            raise ValueError(f"width_mismatch must be 'error' or 'pad', got {width_mismatch!r}")
+        if width_mismatch not in ("error", "pad", "skip"):
+            raise ValueError(
+                f"width_mismatch must be 'error', 'pad' or 'skip', got {width_mismatch!r}"
+            )
         if pool not in ("avg", "flatten"):
             raise ValueError(f"pool must be 'avg' or 'flatten', got {pool!r}")
         self.layers = layers
@@ -256,11 +259,17 @@ class NeuralCollapseCallback(Callback):
             if m is not None:
                 self._reference[alias] = m.means.float().cpu()
         row[f"nc/{self.split}/accuracy"] = accuracy
+        for callback in trainer.callbacks:  # e.g. LayerwiseTraining adds the probed depth
+            annotate = getattr(callback, "collapse_annotations", None)
+            if callable(annotate):
+                row.update({k: float(v) for k, v in annotate(trainer, pl_module).items()})
+        # H0 in H's space, on every rank: a width error must stop all ranks, not only rank 0
+        h0_inputs = {(h0, h): self._match_width(moments[h0], moments[h]) for h0, h in self._pairs}
         pair_results: dict[str, dict[str, float]] = {}
-        if trainer.is_global_zero:
-            for h0, h in self._pairs:
+        if trainer.is_global_zero:  # the solver is deterministic: rank 0 alone solves and logs
+            for (h0, h), m0 in h0_inputs.items():
                 measured = row.get(f"nc/{self.split}/{h}/nc1_tilde", math.nan)
-                result = self._solve_pair(moments[h0], moments[h], measured)
+                result = self._solve_pair(m0, measured)
                 pair_results[f"{h0}->{h}"] = result
                 row.update({f"pm/{h0}->{h}/{k}": v for k, v in result.items()})
         self._last_probed = epoch
@@ -368,17 +377,15 @@ class NeuralCollapseCallback(Callback):
             )
         return m, st.compute()
 
-    def _solve_pair(
-        self, m0: ClassMoments | None, m: ClassMoments | None, measured: float
-    ) -> dict[str, float]:
+    def _solve_pair(self, m0: ClassMoments | None, measured: float) -> dict[str, float]:
+        """The model's ``H*`` for ``H0 = m0`` (already in ``H``'s space; None: all NaN)."""
         from nclightning import perturbation
 
         nan = dict.fromkeys(
             (*METRIC_KEYS, "beta", "objective", "grad_norm", "converged", "reachable"), math.nan
         )
-        if m0 is None or m is None:
+        if m0 is None:
             return nan
-        m0 = self._match_width(m0, m.dim)
         if self.beta == "fit":
             if not math.isfinite(measured):
                 return nan
@@ -406,9 +413,20 @@ class NeuralCollapseCallback(Callback):
         )
         return out
 
-    def _match_width(self, m0: ClassMoments, dim: int) -> ClassMoments:
+    def _match_width(self, m0: ClassMoments | None, m: ClassMoments | None) -> ClassMoments | None:
+        """``H0``'s moments in ``H``'s space (``width_mismatch``); None when not available."""
+        if m0 is None or m is None:
+            return None
+        dim = m.dim
         if m0.dim == dim:
             return m0
+        if self.width_mismatch == "skip":
+            self._warn_once(
+                f"width:{m0.dim}->{dim}",
+                f"NeuralCollapseCallback: a pair's layers differ in width (d={m0.dim} vs "
+                f"{dim}); its predictions are NaN while they do (width_mismatch='skip')",
+            )
+            return None
         if self.width_mismatch == "pad" and m0.dim < dim:
             return m0.pad(dim)
         raise ValueError(

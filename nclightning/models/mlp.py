@@ -3,9 +3,13 @@
 ``x[B, *input_shape]`` is flattened to ``[B, D]`` (``D = prod(input_shape)``) and passed
 through ``depth`` hidden blocks ``blocks.0 .. blocks.{depth-1}``, each
 ``Linear -> [BatchNorm1d] -> activation`` of the same ``width``. The output of the last block
-is the penultimate feature ``H`` ``[B, width]``; for ``depth >= 2`` the output of
-``blocks.{depth-2}`` (the input of the last block) has the same width and is ``H0`` of the
+is the penultimate feature ``H`` ``[B, width]``; its input passes through the identity module
+``h0`` (a tap for hooks): for ``depth >= 2`` it has the same width and is ``H0`` of the
 perturbation model (SCIENCE.md §2).
+
+``active_depth`` (default ``depth``) runs only the first blocks: layer-wise training
+(SCIENCE.md §6, Fig. 2; :class:`~nclightning.callbacks.LayerwiseTraining`) grows it one block
+per stage, and ``h0`` always taps the input of the deepest active block.
 """
 
 from __future__ import annotations
@@ -65,10 +69,28 @@ class MLP(nn.Module):
             layers.append(ACTIVATIONS[activation]())
             blocks.append(nn.Sequential(*layers))
         self.blocks = nn.Sequential(*blocks)
+        self.h0 = nn.Identity()
+        self.depth = depth
+        self._active_depth = depth
         self.out_dim: int = width
         self.feature_layers: dict[str, str] = {"penultimate": ""}
         if depth >= 2:
-            self.feature_layers["h0"] = f"blocks.{depth - 2}"
+            self.feature_layers["h0"] = "h0"
+
+    @property
+    def active_depth(self) -> int:
+        """Number of blocks ``forward`` runs (``1..depth``)."""
+        return self._active_depth
+
+    @active_depth.setter
+    def active_depth(self, value: int) -> None:
+        if not 1 <= int(value) <= self.depth:
+            raise ValueError(f"active_depth must be in 1..{self.depth}, got {value}")
+        self._active_depth = int(value)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.blocks(self.flatten(x))
+        h = self.flatten(x)
+        last = self.active_depth - 1
+        for block in self.blocks[:last]:
+            h = block(h)
+        return self.blocks[last](self.h0(h))
