@@ -1,0 +1,47 @@
+"""The perturbation model of Tirer, Huang & Niles-Weed (ICML 2023), SCIENCE.md §2-5.
+
+Pure tensor maths (float64), no Lightning import. Features are rows (``[N, d]``); SCIENCE.md
+writes them as columns.
+
+* :func:`solve` (§2): minimiser of Eq. 2 from sufficient statistics; :func:`fit_beta`.
+* :func:`ufm_minimizer` (§4, Theorem 2.1).
+* :func:`central_path_loss`, :func:`central_path_flow` (§3, Eq. 4, Theorem 3.1).
+* :func:`perturbation_operator`, :func:`operator_blocks`, :func:`block_singular_values`,
+  :func:`theorem_spectrum` (§5, Theorems 4.1-4.2, Eq. 5).
+"""
+
+from nclightning.perturbation.central_path import (
+    FlowTrajectory,
+    central_path_flow,
+    central_path_loss,
+    optimal_classifier,
+)
+from nclightning.perturbation.fit import BetaFit, fit_beta
+from nclightning.perturbation.operator import (
+    block_singular_values,
+    class_order,
+    operator_blocks,
+    perturbation_operator,
+    theorem_spectrum,
+)
+from nclightning.perturbation.solver import ConvergenceWarning, SolveResult, objective, solve
+from nclightning.perturbation.ufm import ufm_minimizer
+
+__all__ = [
+    "BetaFit",
+    "ConvergenceWarning",
+    "FlowTrajectory",
+    "SolveResult",
+    "block_singular_values",
+    "central_path_flow",
+    "central_path_loss",
+    "class_order",
+    "fit_beta",
+    "objective",
+    "operator_blocks",
+    "optimal_classifier",
+    "perturbation_operator",
+    "solve",
+    "theorem_spectrum",
+    "ufm_minimizer",
+]
