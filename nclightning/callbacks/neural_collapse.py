@@ -170,6 +170,7 @@ class NeuralCollapseCallback(Callback):
         self._subset: Tensor | None = None
         self._reference: dict[str, Tensor] = {}
         self._history: list[dict[str, float]] = []
+        self._betas: dict[str, float] = {}  # pair -> last fitted beta (starts the next search)
         self._last_probed: int = -1
         self._warned: set[str] = set()
 
@@ -235,6 +236,7 @@ class NeuralCollapseCallback(Callback):
             "subset": self._subset,
             "reference": dict(self._reference),
             "history": list(self._history),
+            "betas": dict(self._betas),
             "last_probed": self._last_probed,
         }
 
@@ -242,6 +244,7 @@ class NeuralCollapseCallback(Callback):
         self._subset = state_dict.get("subset")
         self._reference = dict(state_dict.get("reference", {}))
         self._history = list(state_dict.get("history", []))
+        self._betas = dict(state_dict.get("betas", {}))
         self._last_probed = int(state_dict.get("last_probed", -1))
 
     # -----------------------------------------------------------------------------------------
@@ -269,7 +272,7 @@ class NeuralCollapseCallback(Callback):
         if trainer.is_global_zero:  # the solver is deterministic: rank 0 alone solves and logs
             for (h0, h), m0 in h0_inputs.items():
                 measured = row.get(f"nc/{self.split}/{h}/nc1_tilde", math.nan)
-                result = self._solve_pair(m0, measured)
+                result = self._solve_pair(f"{h0}->{h}", m0, measured)
                 pair_results[f"{h0}->{h}"] = result
                 row.update({f"pm/{h0}->{h}/{k}": v for k, v in result.items()})
         self._last_probed = epoch
@@ -377,7 +380,25 @@ class NeuralCollapseCallback(Callback):
             )
         return m, st.compute()
 
-    def _solve_pair(self, m0: ClassMoments | None, measured: float) -> dict[str, float]:
+    def _fit_beta(self, pair: str, m0: ClassMoments, measured: float):
+        """``fit_beta`` searching first within a decade of the pair's previous beta.
+
+        Features move little between probes, so the previous beta usually brackets the new
+        one: a few solves instead of a scan of ``beta_range``; the full range otherwise.
+        """
+        from nclightning import perturbation
+
+        kwargs = {"metric": "nc1_tilde", "lambda_W": self.lambda_W, "lambda_H": self.lambda_H}
+        lo, hi = self.beta_range
+        prev = self._betas.get(pair)
+        if prev is not None and lo <= prev <= hi:
+            near = (max(lo, prev / 10), min(hi, prev * 10))
+            fit = perturbation.fit_beta(m0, measured, beta_range=near, **kwargs)
+            if fit.reachable:
+                return fit
+        return perturbation.fit_beta(m0, measured, beta_range=self.beta_range, **kwargs)
+
+    def _solve_pair(self, pair: str, m0: ClassMoments | None, measured: float) -> dict[str, float]:
         """The model's ``H*`` for ``H0 = m0`` (already in ``H``'s space; None: all NaN)."""
         from nclightning import perturbation
 
@@ -389,17 +410,11 @@ class NeuralCollapseCallback(Callback):
         if self.beta == "fit":
             if not math.isfinite(measured):
                 return nan
-            fit = perturbation.fit_beta(
-                m0,
-                measured,
-                metric="nc1_tilde",
-                lambda_W=self.lambda_W,
-                lambda_H=self.lambda_H,
-                beta_range=self.beta_range,
-            )
+            fit = self._fit_beta(pair, m0, measured)
             if not fit.reachable:
                 return {**nan, "reachable": 0.0}
             beta, result = fit.beta, fit.result
+            self._betas[pair] = beta
         else:
             beta = float(self.beta)
             result = perturbation.solve(m0, None, self.lambda_W, self.lambda_H, beta, warn=False)

@@ -314,3 +314,24 @@ def test_every_n_epochs_and_last_epoch(tmp_path):
     cb = NeuralCollapseCallback(pairs=[], every_n_epochs=2, log_figures_every_n_epochs=0)
     _trainer([cb], epochs=5, logger=logger).fit(_model(), _data())
     assert sorted(logger.probes()) == [0, 2, 4, 5]
+
+
+def test_fitted_beta_is_the_full_range_solution_of_the_snapshot_moments(tmp_path):
+    """beta="fit" (searched near the previous beta first) = fit_beta over the whole range."""
+    from nclightning import perturbation
+
+    logger = RecordingLogger()
+    cb = NeuralCollapseCallback(snapshot_dir=str(tmp_path), log_figures_every_n_epochs=0)
+    _trainer([cb], epochs=3, logger=logger).fit(_model(), _data())
+    for epoch in (2, 3):
+        snap = torch.load(tmp_path / f"epoch_{epoch:04d}.pt", weights_only=True)
+        h0 = ClassMoments(**snap["layers"]["h0"])
+        row = logger.probes()[epoch]
+        target = row["nc/train/penultimate/nc1_tilde"]
+        ref = perturbation.fit_beta(
+            h0, target, lambda_W=5e-4, lambda_H=5e-4, beta_range=(1e-8, 1e8)
+        )
+        assert ref.reachable and row["pm/h0->penultimate/reachable"] == 1.0
+        assert row["pm/h0->penultimate/beta"] == pytest.approx(ref.beta, rel=1e-4)
+        assert row["pm/h0->penultimate/nc1_tilde"] == pytest.approx(target, rel=1e-4)
+        assert snap["pairs"]["h0->penultimate"]["beta"] == row["pm/h0->penultimate/beta"]
