@@ -265,10 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         _print_help()
         return 0
-    if argv[0] in COMMANDS:
-        module = importlib.import_module(COMMANDS[argv[0]][0])
-        return int(module.main(argv[1:]) or 0)
-    if argv[0] not in TRAINER_COMMANDS and not argv[0].startswith("-"):
+    if argv[0] in ("theory", "report"):  # light commands: no Lightning import, own errors
+        return _run_command(argv)
+    if argv[0] not in (*TRAINER_COMMANDS, *COMMANDS) and not argv[0].startswith("-"):
         known = ", ".join([*TRAINER_COMMANDS, *COMMANDS])
         print(
             f"nclightning: error: unknown command {argv[0]!r}; choose one of: {known}",
@@ -277,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     user_errors = _user_error_types()
     try:
+        if argv[0] in COMMANDS:  # `study` trains: the same user errors as `fit`
+            return _run_command(argv)
         run_trainer_cli(argv)
     except user_errors as err:
         if os.environ.get("NCL_DEBUG"):
@@ -284,6 +285,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nclightning: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _run_command(argv: list[str]) -> int:
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return int(module.main(argv[1:]) or 0)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,95 @@
+"""Checks that need a CUDA device (``pytest -m gpu``; run by ``benchmarks/gpu_check.sh``).
+
+Deselected by default (``-m 'not gpu'`` in pyproject). On a machine without CUDA they fail
+with a message instead of passing silently.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from support import RecordingLogger, reference_metrics
+
+from nclightning import NeuralCollapseCallback, perturbation
+from nclightning.data import SyntheticDataModule
+from nclightning.metrics import ClassStatistics
+from nclightning.models import CollapseClassifier
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def _cuda():
+    assert torch.cuda.is_available(), "tests marked gpu need a CUDA device"
+
+
+def _collapsed(N=20_000, d=256, K=10, seed=0):
+    rng = np.random.default_rng(seed)
+    mu = rng.standard_normal((K, d))
+    mu *= 10 / np.linalg.norm(mu, axis=1, keepdims=True)
+    y = rng.integers(0, K, N)
+    x = (mu[y] + 1e-3 / np.sqrt(d) * rng.standard_normal((N, d))).astype(np.float32)
+    return x, y
+
+
+def test_class_statistics_on_cuda_is_exact_in_the_collapsed_regime():
+    """SCIENCE.md §1: 1e-6 relative against a float64 two-pass reference, on the GPU, with TF32
+    allowed globally (the statistics force full-precision float32 products)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    x, y = _collapsed()
+    st = ClassStatistics(10, x.shape[1]).cuda()
+    for xb, yb in zip(torch.from_numpy(x).split(137), torch.from_numpy(y).split(137)):
+        st.update(xb.cuda(non_blocking=True), yb.cuda(non_blocking=True))
+    got = st.compute()
+    expected = reference_metrics(x, y, 10)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-6), key
+
+
+def test_bfloat16_features_are_accepted_and_upcast():
+    x, y = _collapsed(N=4000, d=64)
+    xb = torch.from_numpy(x).cuda().bfloat16()
+    st = ClassStatistics(10, 64).cuda()
+    st.update(xb, torch.from_numpy(y).cuda())
+    expected = reference_metrics(xb.float().cpu().numpy(), y, 10)
+    assert st.compute()["nc1_tilde"] == pytest.approx(expected["nc1_tilde"], rel=1e-5)
+
+
+def test_solver_on_cuda_matches_cpu():
+    x, y = _collapsed(N=5000, d=64)
+    x = torch.from_numpy(x).double() + torch.randn(5000, 64, dtype=torch.float64)
+    y = torch.from_numpy(y)
+    cpu = perturbation.solve(x, y, 5e-4, 5e-4, 1.0)
+    gpu = perturbation.solve(x.cuda(), y.cuda(), 5e-4, 5e-4, 1.0)
+    assert gpu.objective == pytest.approx(cpu.objective, rel=1e-9)
+    assert gpu.metrics["nc1_tilde"] == pytest.approx(cpu.metrics["nc1_tilde"], rel=1e-6)
+
+
+def test_callback_under_bf16_mixed_precision_and_channels_last():
+    dm = SyntheticDataModule(num_classes=4, samples_per_class=64, shape=(3, 32, 32), batch_size=64)
+    model = CollapseClassifier(
+        num_classes=4,
+        input_shape=(3, 32, 32),
+        backbone="resnet18",
+        backbone_kwargs={"width": 16},
+        channels_last=True,
+    )
+    logger = RecordingLogger()
+    cb = NeuralCollapseCallback(log_figures_every_n_epochs=0)
+    Trainer(
+        accelerator="gpu",
+        devices=1,
+        precision="bf16-mixed",
+        max_epochs=2,
+        logger=logger,
+        callbacks=[cb],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+    ).fit(model, dm)
+    row = logger.probes()[2]
+    for layer in ("penultimate", "h0"):
+        assert np.isfinite(row[f"nc/train/{layer}/nc1"])
+    assert row["pm/h0->penultimate/converged"] == 1.0
