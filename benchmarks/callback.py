@@ -8,7 +8,7 @@ the median probe time, the median bare-forward time and their ratio (target <= 1
 and the memory the callback holds between epochs (its statistics are freed after each probe;
 what persists is the reference means and the history).
 
-    python benchmarks/callback.py [--threads 1] [--samples-mlp 8192] [--samples-resnet 512]
+    python benchmarks/callback.py [--beta fit|1.0] [--threads 1] [--samples-mlp 8192]
 """
 
 from __future__ import annotations
@@ -51,8 +51,10 @@ class Timer(Callback):
         module.train(was)
 
 
-def measure(name: str, model: CollapseClassifier, dm: SyntheticDataModule, epochs: int) -> None:
-    nc = NeuralCollapseCallback(beta=1.0, log_figures_every_n_epochs=0, batch_size=256)
+def measure(
+    name: str, model: CollapseClassifier, dm: SyntheticDataModule, epochs: int, beta
+) -> None:
+    nc = NeuralCollapseCallback(beta=beta, log_figures_every_n_epochs=0, batch_size=256)
     timer = Timer(nc)
     Trainer(
         max_epochs=epochs,
@@ -83,6 +85,7 @@ def main() -> None:
     parser.add_argument("--samples-mlp", type=int, default=8192)
     parser.add_argument("--samples-resnet", type=int, default=512)
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--beta", default="fit", help='"fit" (the default) or a number')
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -102,7 +105,9 @@ def main() -> None:
         backbone="mlp",
         backbone_kwargs={"depth": 6, "width": 1024, "batch_norm": True},
     )
-    measure("mlp", mlp, dm, args.epochs)
+    beta = args.beta if args.beta == "fit" else float(args.beta)
+    print(f"perturbation model: beta={beta}")
+    measure("mlp", mlp, dm, args.epochs, beta)
     dm = SyntheticDataModule(
         num_classes=K,
         samples_per_class=args.samples_resnet // K,
@@ -111,7 +116,7 @@ def main() -> None:
         seed=0,
     )
     resnet = CollapseClassifier(num_classes=K, input_shape=(3, 32, 32), backbone="resnet18")
-    measure("resnet18", resnet, dm, max(3, args.epochs // 2))
+    measure("resnet18", resnet, dm, max(3, args.epochs // 2), beta)
 
 
 if __name__ == "__main__":
