@@ -118,29 +118,23 @@ def test_data_shapes_are_linked_into_the_model():
     assert c.model.hparams.num_classes == 10 and tuple(c.model.hparams.input_shape) == (1, 8, 8)
 
 
-def test_resnet18_cifar10_fast_dev_run_on_files_in_torchvision_format(tmp_path):
+@pytest.mark.parametrize(
+    ("config", "model_args"),
+    [
+        ("resnet18_cifar10.yaml", ["--model.backbone_kwargs", "{width: 8}"]),
+        ("resnet18_cifar10_mse.yaml", ["--model.backbone_kwargs", "{width: 8}"]),
+        ("mlp_cifar10.yaml", []),
+        ("layerwise_mlp_cifar10.yaml", []),
+    ],
+)
+def test_cifar_configs_fast_dev_run_on_files_in_torchvision_format(tmp_path, config, model_args):
     root = write_tiny_cifar10(tmp_path / "cifar")
     rc = main(
-        [
-            "fit",
-            "--config",
-            "resnet18_cifar10.yaml",
-            "--trainer.fast_dev_run",
-            "true",
-            "--trainer.accelerator",
-            "cpu",
-            "--data.init_args.root",
-            str(root),
-            "--data.init_args.download",
-            "false",
-            "--data.init_args.batch_size",
-            "8",
-            "--data.init_args.num_workers",
-            "0",
-            "--model.backbone_kwargs",
-            "{width: 8}",
-        ]
-    )
+        ["fit", "--config", config, "--trainer.fast_dev_run", "true",
+         "--trainer.accelerator", "cpu", "--data.init_args.root", str(root),
+         "--data.init_args.download", "false", "--data.init_args.batch_size", "8",
+         "--data.init_args.num_workers", "0", *model_args]
+    )  # fmt: skip
     assert rc == 0
 
 
