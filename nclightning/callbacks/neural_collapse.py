@@ -166,6 +166,7 @@ class NeuralCollapseCallback(Callback):
         self._classifier: str | None = None
         self._loader: DataLoader | None = None
         self._num_classes: int | None = None
+        self._label_names: list[str] | None = None
         # state kept across epochs and checkpoints (state_dict)
         self._subset: Tensor | None = None
         self._reference: dict[str, Tensor] = {}
@@ -228,8 +229,11 @@ class NeuralCollapseCallback(Callback):
             self._run(trainer, pl_module, epoch)
 
     def _due(self, epoch: int, trainer: Trainer) -> bool:
-        last = trainer.max_epochs is not None and epoch == trainer.max_epochs
-        return epoch % self.every_n_epochs == 0 or last
+        return epoch % self.every_n_epochs == 0 or self._is_last(trainer, epoch)
+
+    @staticmethod
+    def _is_last(trainer: Trainer, epoch: int) -> bool:
+        return trainer.max_epochs is not None and epoch == trainer.max_epochs
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -260,7 +264,7 @@ class NeuralCollapseCallback(Callback):
             moments[alias] = m
             row.update({f"nc/{self.split}/{alias}/{k}": v for k, v in metrics.items()})
             if m is not None:
-                self._reference[alias] = m.means.float().cpu()
+                self._reference[alias] = m.means.cpu()  # float64 [K, d]: the next NC4
         row[f"nc/{self.split}/accuracy"] = accuracy
         for callback in trainer.callbacks:  # e.g. LayerwiseTraining adds the probed depth
             annotate = getattr(callback, "collapse_annotations", None)
@@ -283,12 +287,8 @@ class NeuralCollapseCallback(Callback):
                 self._snapshot(epoch, moments, pair_results, features)
             n = self.log_figures_every_n_epochs
             probes = len(self._history)
-            if n > 0 and (probes % n == 0 or self._due_last(trainer, epoch)):
+            if n > 0 and (probes % n == 0 or self._is_last(trainer, epoch)):
                 self._log_figures(trainer, epoch)
-
-    @staticmethod
-    def _due_last(trainer: Trainer, epoch: int) -> bool:
-        return trainer.max_epochs is not None and epoch == trainer.max_epochs
 
     def _collect(self, trainer: Trainer, pl_module: LightningModule):
         """One eval-mode pass: per-layer statistics, probe accuracy, optional raw features."""
@@ -460,6 +460,7 @@ class NeuralCollapseCallback(Callback):
             return self._loader
         dataset, targets, template = self._probe_source(trainer)
         dm = trainer.datamodule
+        self._label_names = getattr(dm, "class_names", None)
         K = getattr(dm, "num_classes", None) or getattr(pl_module.hparams, "num_classes", None)
         self._num_classes = int(K) if K else int(targets.max()) + 1
         if self._subset is None:
@@ -520,7 +521,11 @@ class NeuralCollapseCallback(Callback):
         return tqdm(loader, desc="NC probe", leave=False, dynamic_ncols=True)
 
     def _class_names(self, classes: list[int]) -> str:
-        return ", ".join(str(k) for k in classes)
+        """``3 (cat), 5 (dog)`` when the DataModule names its classes, else ``3, 5``."""
+        names = self._label_names
+        return ", ".join(
+            f"{k} ({names[k]})" if names is not None and k < len(names) else str(k) for k in classes
+        )
 
     # -----------------------------------------------------------------------------------------
     # output

@@ -335,3 +335,16 @@ def test_fitted_beta_is_the_full_range_solution_of_the_snapshot_moments(tmp_path
         assert row["pm/h0->penultimate/beta"] == pytest.approx(ref.beta, rel=1e-4)
         assert row["pm/h0->penultimate/nc1_tilde"] == pytest.approx(target, rel=1e-4)
         assert snap["pairs"]["h0->penultimate"]["beta"] == row["pm/h0->penultimate/beta"]
+
+
+def test_missing_class_is_reported_with_the_datamodules_class_name():
+    dm = _data()
+    dm.class_names = ["ant", "bee", "cat", "dog"]
+    targets = dm.probe_targets("train")
+    keep = torch.nonzero(targets != 1).flatten()
+    probe = DataLoader(
+        torch.utils.data.Subset(dm.probe_dataset("train"), keep.tolist()), batch_size=32
+    )
+    cb = NeuralCollapseCallback(pairs=[], probe=probe, log_figures_every_n_epochs=0)
+    with pytest.warns(UserWarning, match=r"1 \(bee\) have no sample"):
+        _trainer([cb], epochs=1).fit(_model(), dm)
