@@ -101,7 +101,7 @@ def history_from_scalars(
     for key, series in scalars.items():
         if not key.startswith(head):
             continue
-        layer, sep, metric = key[len(head):].rpartition("/")
+        layer, sep, metric = key[len(head) :].rpartition("/")
         if not sep or not layer:
             continue
         out.setdefault(layer, {})[metric] = [(float(x), float(v)) for x, v in series]
@@ -199,8 +199,16 @@ def _finish_log_axis(ax: Axes, ys: Sequence[float], cut: int = 0) -> None:
         ax.text(0.5, 0.5, note, ha="center", va="center", transform=ax.transAxes, color="0.4")
         return
     if cut:
-        ax.text(0.02, 0.02, f"{cut} value{'s' if cut > 1 else ''} <= 0 not shown",
-                ha="left", va="bottom", transform=ax.transAxes, color="0.4", fontsize="x-small")
+        ax.text(
+            0.02,
+            0.02,
+            f"{cut} value{'s' if cut > 1 else ''} <= 0 not shown",
+            ha="left",
+            va="bottom",
+            transform=ax.transAxes,
+            color="0.4",
+            fontsize="x-small",
+        )
     ax.set_yscale("log")
     decades = math.floor(math.log10(max(ys))) - math.ceil(math.log10(min(ys))) + 1
     if decades >= 2:
@@ -227,9 +235,16 @@ def _legend(fig: Figure, axes: list[Axes], title: str | None) -> None:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             seen.setdefault(lab, h)
     if seen:
-        fig.legend(list(seen.values()), list(seen.keys()), loc="upper left",
-                   bbox_to_anchor=fig._ncl_legend_anchor,  # type: ignore[attr-defined]
-                   title=title, fontsize="small", title_fontsize="small", frameon=False)
+        fig.legend(
+            list(seen.values()),
+            list(seen.keys()),
+            loc="upper left",
+            bbox_to_anchor=fig._ncl_legend_anchor,  # type: ignore[attr-defined]
+            title=title,
+            fontsize="small",
+            title_fontsize="small",
+            frameon=False,
+        )
 
 
 def _marker(n: int) -> str | None:
@@ -259,8 +274,9 @@ def metric_curves(
     metrics = [m for m in metrics if any(m in history[lay] for lay in layers)]
     if not layers or not metrics:
         raise ValueError("metric_curves: no selected layer has any selected metric")
-    fig, axes = _new_figure(len(metrics), legend_w=_legend_width(layers, "layer"),
-                            suptitle=bool(title))
+    fig, axes = _new_figure(
+        len(metrics), legend_w=_legend_width(layers, "layer"), suptitle=bool(title)
+    )
     colors = _colors(len(layers))
     all_xs: list[float] = []
     for ax, metric in zip(axes, metrics):
@@ -306,17 +322,23 @@ def depth_profile(
     ax_w = max(_AX_W, 0.3 * len(names))
     rotate = 0.07 * sum(len(str(k)) + 2 for k in names) > ax_w  # labels would collide
     bottom_extra = 0.045 * max(len(str(k)) for k in names) if rotate else 0.0
-    fig, axes = _new_figure(len(metrics), suptitle=bool(title), bottom_extra=bottom_extra,
-                            ax_w=ax_w)
+    fig, axes = _new_figure(
+        len(metrics), suptitle=bool(title), bottom_extra=bottom_extra, ax_w=ax_w
+    )
     for ax, metric in zip(axes, metrics):
         pts = [(i, float(values_by_layer[k].get(metric, math.nan))) for i, k in enumerate(names)]
         xs, ys, cut = _positive(pts)
         if xs:
             ax.plot(xs, ys, marker="o", color="C0", lw=1.6)
         _finish_log_axis(ax, ys, cut)
-        ax.set_xticks(range(len(names)), [str(k) for k in names], fontsize="small",
-                      rotation=45 if rotate else 0, ha="right" if rotate else "center",
-                      rotation_mode="anchor")
+        ax.set_xticks(
+            range(len(names)),
+            [str(k) for k in names],
+            fontsize="small",
+            rotation=45 if rotate else 0,
+            ha="right" if rotate else "center",
+            rotation_mode="anchor",
+        )
         ax.set_xlim(-0.5, len(names) - 0.5)
         ax.set_title(_title(metric), fontsize="medium")
         ax.set_xlabel(xlabel)
@@ -350,9 +372,13 @@ def measured_vs_predicted(
         raise ValueError("measured_vs_predicted: no metric to draw")
     rotate = len(metrics) > 4
     bottom_extra = 0.035 * max(len(m) for m in metrics) if rotate else 0.0
-    fig, (ax,) = _new_figure(1, legend_w=_legend_width(labels), bottom_extra=bottom_extra,
-                             ax_w=max(_AX_W, 0.75 * len(metrics)),
-                             title_lines=1 + (title is not None))
+    fig, (ax,) = _new_figure(
+        1,
+        legend_w=_legend_width(labels),
+        bottom_extra=bottom_extra,
+        ax_w=max(_AX_W, 0.75 * len(metrics)),
+        title_lines=1 + (title is not None),
+    )
     width = 0.27
     all_ys: list[float] = []
     cut = 0
@@ -360,15 +386,28 @@ def measured_vs_predicted(
     for j, (values, label, (color, hatch, edge)) in enumerate(zip((h0, h, h_star), labels, styles)):
         pts = [(i + (j - 1) * width, float(values.get(m, math.nan))) for i, m in enumerate(metrics)]
         xs, ys, c = _positive(pts)
-        ax.bar(xs, ys, width=width, label=label, color=color, hatch=hatch, edgecolor=edge,
-               linewidth=0.5)
+        ax.bar(
+            xs,
+            ys,
+            width=width,
+            label=label,
+            color=color,
+            hatch=hatch,
+            edgecolor=edge,
+            linewidth=0.5,
+        )
         all_ys += ys
         cut += c
     _finish_log_axis(ax, all_ys, cut)
     if all_ys:  # log bars grow from the lower limit: leave room so the smallest shows
         ax.set_ylim(min(all_ys) / 4, max(all_ys) * 2)
-    ax.set_xticks(range(len(metrics)), metrics, rotation=30 if rotate else 0,
-                  ha="right" if rotate else "center", rotation_mode="anchor")
+    ax.set_xticks(
+        range(len(metrics)),
+        metrics,
+        rotation=30 if rotate else 0,
+        ha="right" if rotate else "center",
+        rotation_mode="anchor",
+    )
     ax.set_xlim(-0.6, len(metrics) - 0.4)
     _legend(fig, [ax], None)
     head = "measured vs perturbation-model prediction"
@@ -394,8 +433,9 @@ def run_overlay(
     metrics = [metric] if isinstance(metric, str) else list(metric)
     if not runs or not metrics:
         raise ValueError("run_overlay: no run or no metric")
-    fig, axes = _new_figure(len(metrics), legend_w=_legend_width(runs, "run"), title_lines=2,
-                            suptitle=bool(title))
+    fig, axes = _new_figure(
+        len(metrics), legend_w=_legend_width(runs, "run"), title_lines=2, suptitle=bool(title)
+    )
     colors = _colors(len(runs), "tab10" if len(runs) <= 10 else "viridis")
     all_xs: list[float] = []
     for ax, m in zip(axes, metrics):

@@ -18,8 +18,10 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def history(layers=("h0", "blocks.0", "penultimate"), epochs=5, metrics=("nc1", "nc1_tilde")):
     return {
-        layer: {m: [(e, (j + 1) * (i + 1) * 0.5 ** e) for e in range(epochs + 1)]
-                for j, m in enumerate(metrics)}
+        layer: {
+            m: [(e, (j + 1) * (i + 1) * 0.5**e) for e in range(epochs + 1)]
+            for j, m in enumerate(metrics)
+        }
         for i, layer in enumerate(layers)
     }
 
@@ -62,7 +64,7 @@ def test_metric_curves_panels_lines_and_log_scale(tmp_path):
     assert all(ax.get_yscale() == "log" for ax in axes)
     assert [line.get_label() for line in axes[0].get_lines()] == ["penultimate", "h0"]
     x, y = axes[0].get_lines()[0].get_data()
-    assert list(x) == list(range(6)) and list(y) == [3 * 0.5 ** e for e in range(6)]
+    assert list(x) == list(range(6)) and list(y) == [3 * 0.5**e for e in range(6)]
     # NaN and non-positive points are dropped, and the drop is said
     nc4 = axes[1].get_lines()[0]
     assert nc4.get_label() == "penultimate"
@@ -95,8 +97,11 @@ def test_nothing_to_draw_raises():
 
 
 def test_depth_profile_follows_the_given_order(tmp_path):
-    values = {"h0": {"nc1": 4.0, "nc1_tilde": 2.0}, "blocks.0": {"nc1": 2.0},
-              "penultimate": {"nc1": 1.0, "nc1_tilde": 0.5}}
+    values = {
+        "h0": {"nc1": 4.0, "nc1_tilde": 2.0},
+        "blocks.0": {"nc1": 2.0},
+        "penultimate": {"nc1": 1.0, "nc1_tilde": 0.5},
+    }
     fig = plotting.depth_profile(values, order=["h0", "blocks.0", "penultimate"], xlabel="depth")
     ax_nc1, ax_tilde = visible_axes(fig)
     assert [t.get_text() for t in ax_nc1.get_xticklabels()] == ["h0", "blocks.0", "penultimate"]
@@ -118,7 +123,10 @@ def test_measured_vs_predicted_bars_and_beta(tmp_path):
     assert ax.get_yscale() == "log" and ax.get_ylim()[0] < 0.07  # the smallest bar shows
     assert "12.5" in ax.get_title() and r"\beta" in ax.get_title()
     assert [t.get_text() for t in fig.legends[0].get_texts()] == [
-        "H0 (measured)", "H (measured)", "H* (model)"]
+        "H0 (measured)",
+        "H (measured)",
+        "H* (model)",
+    ]
     assert_png(plotting.save_figure(fig, tmp_path / "pm.png"))
 
 
@@ -141,8 +149,9 @@ def test_figures_stay_out_of_pyplot(tmp_path):
 
 def test_large_history_is_fast(tmp_path):
     """10 layers x 300 epochs x 6 metrics, figure and PNG; loose bound for shared CPUs."""
-    hist = history(layers=[f"blocks.{i}" for i in range(10)], epochs=300,
-                   metrics=plotting.DEFAULT_METRICS)
+    hist = history(
+        layers=[f"blocks.{i}" for i in range(10)], epochs=300, metrics=plotting.DEFAULT_METRICS
+    )
     plotting.save_figure(plotting.metric_curves(hist), tmp_path / "warm.png")
     start = time.process_time()
     plotting.save_figure(plotting.metric_curves(hist), tmp_path / "big.png")

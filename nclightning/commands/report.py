@@ -305,11 +305,9 @@ def depth_values(rows: Sequence[Row], split: str) -> dict[str, dict[str, float]]
     by_depth: dict[float, dict[str, float]] = {}
     for row in staged:
         for key, value in row.items():
-            if key.startswith(head) and "/" not in key[len(head):]:
-                by_depth.setdefault(float(row["depth"]), {})[key[len(head):]] = value
-    return {
-        (str(int(d)) if d.is_integer() else str(d)): by_depth[d] for d in sorted(by_depth)
-    }
+            if key.startswith(head) and "/" not in key[len(head) :]:
+                by_depth.setdefault(float(row["depth"]), {})[key[len(head) :]] = value
+    return {(str(int(d)) if d.is_integer() else str(d)): by_depth[d] for d in sorted(by_depth)}
 
 
 def stage_history(rows: Sequence[Row], split: str):
@@ -482,8 +480,10 @@ def write_run_report(
         fig = plotting.depth_profile(by_depth, profile, xlabel=xlabel, title=title)
         written.append(plotting.save_figure(fig, out / f"depth_profile_{_safe(split)}.png"))
     else:
-        print(f"{PROG}: {run.label}: no metric logged for two layers, no depth profile",
-              file=sys.stderr)
+        print(
+            f"{PROG}: {run.label}: no metric logged for two layers, no depth profile",
+            file=sys.stderr,
+        )
 
     for pair, pm in pm_summary(run.rows, split).items():
         pm_metrics = [m for m in (metrics or plotting.METRIC_ORDER) if m in pm.h_star]
@@ -491,9 +491,16 @@ def write_run_report(
             continue
         h0_layer, _, h_layer = pair.partition("->")
         fig = plotting.measured_vs_predicted(
-            pm.h0, pm.h, pm.h_star, pm_metrics, beta=pm.beta,
-            labels=(f"H0 = {h0_layer} (measured)", f"H = {h_layer} (measured)",
-                    "H* (perturbation model)"),
+            pm.h0,
+            pm.h,
+            pm.h_star,
+            pm_metrics,
+            beta=pm.beta,
+            labels=(
+                f"H0 = {h0_layer} (measured)",
+                f"H = {h_layer} (measured)",
+                "H* (perturbation model)",
+            ),
             title=f"{run.label}: {pair}, epoch {pm.epoch:g}, {split} split",
         )
         written.append(plotting.save_figure(fig, out / f"pm_{_safe(pair)}_{_safe(split)}.png"))
@@ -554,24 +561,50 @@ def build_parser() -> argparse.ArgumentParser:
         "vs perturbation-model metrics; with several runs, overlays) from runs logged by "
         "the CSV logger or the callback's snapshot directory.",
     )
-    p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
-                   help="directory searched recursively for metrics.csv or epoch_*.pt "
-                   "(or a metrics.csv file)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="output directory (default: RUN_DIR/report for one run, ./report for "
-                   "several)")
-    p.add_argument("--split", default=None,
-                   help="probe split to plot: train, val, test (default: train when logged)")
-    p.add_argument("--metrics", nargs="+", default=None, metavar="METRIC",
-                   help="metrics to plot (default: nc1 nc1_tilde cdnv nc2_etf nc3 nc4, "
-                   "those logged)")
-    p.add_argument("--layers", nargs="+", default=None, metavar="LAYER",
-                   help="layers to plot, in this order (default: all, shallow to deep)")
-    p.add_argument("--overlay-layer", default=None,
-                   help="layer of the multi-run overlays (default: the last of --layers, "
-                   "else penultimate, else the deepest layer all runs share)")
-    p.add_argument("--source", choices=("auto", "csv", "snapshots"), default="auto",
-                   help="what to read (default: metrics.csv with nc/ keys, else snapshots)")
+    p.add_argument(
+        "run_dirs",
+        nargs="+",
+        type=Path,
+        metavar="RUN_DIR",
+        help="directory searched recursively for metrics.csv or epoch_*.pt (or a metrics.csv file)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output directory (default: RUN_DIR/report for one run, ./report for several)",
+    )
+    p.add_argument(
+        "--split",
+        default=None,
+        help="probe split to plot: train, val, test (default: train when logged)",
+    )
+    p.add_argument(
+        "--metrics",
+        nargs="+",
+        default=None,
+        metavar="METRIC",
+        help="metrics to plot (default: nc1 nc1_tilde cdnv nc2_etf nc3 nc4, those logged)",
+    )
+    p.add_argument(
+        "--layers",
+        nargs="+",
+        default=None,
+        metavar="LAYER",
+        help="layers to plot, in this order (default: all, shallow to deep)",
+    )
+    p.add_argument(
+        "--overlay-layer",
+        default=None,
+        help="layer of the multi-run overlays (default: the last of --layers, "
+        "else penultimate, else the deepest layer all runs share)",
+    )
+    p.add_argument(
+        "--source",
+        choices=("auto", "csv", "snapshots"),
+        default="auto",
+        help="what to read (default: metrics.csv with nc/ keys, else snapshots)",
+    )
     return p
 
 
@@ -603,8 +636,12 @@ def _run(args: argparse.Namespace) -> list[Path]:
         wanted = args.overlay_layer or (args.layers[-1] if args.layers else None)
         layer = _overlay_layer(histories, wanted)
     first = args.run_dirs[0]
-    root = args.out if args.out is not None else (
-        Path("report") if several else (first.parent if first.is_file() else first) / "report"
+    root = (
+        args.out
+        if args.out is not None
+        else (
+            Path("report") if several else (first.parent if first.is_file() else first) / "report"
+        )
     )
     written: list[Path] = []
     for run in runs:
@@ -615,8 +652,9 @@ def _run(args: argparse.Namespace) -> list[Path]:
         chosen = args.metrics or [m for m in plotting.DEFAULT_METRICS if m in names]
         runs_by_label = {r.label: h for r, h in zip(runs, histories)}
         for metric in chosen:
-            fig = plotting.run_overlay(runs_by_label, metric, layer,
-                                       title=f"{metric} across runs ({split} split)")
+            fig = plotting.run_overlay(
+                runs_by_label, metric, layer, title=f"{metric} across runs ({split} split)"
+            )
             written.append(
                 plotting.save_figure(fig, root / f"overlay_{_safe(metric)}_{_safe(split)}.png")
             )

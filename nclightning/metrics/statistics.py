@@ -342,9 +342,7 @@ class ClassStatistics(Metric):
                     v["qk"][k].add_(gk)
                     v["q"].add_(gk)
 
-    def _count_nc4(
-        self, x: Tensor, ct: torch.dtype, predictions: Tensor | None = None
-    ) -> None:
+    def _count_nc4(self, x: Tensor, ct: torch.dtype, predictions: Tensor | None = None) -> None:
         assert self._reference is not None
         self.nc4_mismatches += self._reference.mismatches(x, ct, predictions)
         self.nc4_samples += x.shape[0]

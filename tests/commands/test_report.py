@@ -17,8 +17,7 @@ from nclightning.commands import report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LAYERS = ["h0", "blocks.0", "blocks.1", "penultimate"]  # shallow to deep
-METRICS = ["nc1", "nc1_tilde", "cdnv", "nc2_etf", "nc2_equinorm", "nc2_equiangle",
-           "nc2_maxangle"]
+METRICS = ["nc1", "nc1_tilde", "cdnv", "nc2_etf", "nc2_equinorm", "nc2_equiangle", "nc2_maxangle"]
 EPOCHS = 6
 
 
@@ -40,8 +39,9 @@ def callback_rows(epochs: int = EPOCHS, scale: float = 1.0) -> list[dict[str, fl
         if e > 0:
             step += 10
             rows.append({"train/loss": 2.0 / e, "lr-SGD": 0.05, "epoch": e - 1, "step": step})
-            rows.append({"val/acc": 0.5 + 0.05 * e, "val/loss": 1.0 / e, "epoch": e - 1,
-                         "step": step})
+            rows.append(
+                {"val/acc": 0.5 + 0.05 * e, "val/loss": 1.0 / e, "epoch": e - 1, "step": step}
+            )
         row: dict[str, float] = {"epoch": e, "step": step}
         for split in ("train", "val") if e % 2 == 0 else ("train",):
             for i, layer in enumerate(LAYERS):
@@ -65,8 +65,9 @@ def write_csv_logger(root: Path, rows: list[dict[str, float]], version: int | No
     """Log ``rows`` with Lightning's own CSVLogger (saving in chunks, so the header grows)."""
     from lightning.fabric.loggers import CSVLogger
 
-    logger = CSVLogger(root_dir=str(root), name="lightning_logs", version=version,
-                       flush_logs_every_n_steps=10_000)
+    logger = CSVLogger(
+        root_dir=str(root), name="lightning_logs", version=version, flush_logs_every_n_steps=10_000
+    )
     for i, row in enumerate(rows):
         row = dict(row)
         step = int(row.pop("step", i))
@@ -122,9 +123,12 @@ def write_snapshots(directory: Path, epochs: int = 4) -> dict[tuple[int, str], f
             layers[alias] = moments(f, y)
             feats[alias] = torch.from_numpy(f).half()
             expected[(e, alias)] = numpy_nc1_tilde(f, y)
-        snap = {"epoch": e, "split": "train", "layers": layers,
-                "pairs": {"h0->penultimate": {"beta": 3.0,
-                                              "metrics": {"nc1_tilde": 0.5 / (e + 1)}}}}
+        snap = {
+            "epoch": e,
+            "split": "train",
+            "layers": layers,
+            "pairs": {"h0->penultimate": {"beta": 3.0, "metrics": {"nc1_tilde": 0.5 / (e + 1)}}},
+        }
         if e == epochs - 1:  # optional payloads
             snap["features"], snap["labels"] = feats, torch.from_numpy(y)
         torch.save(snap, directory / f"epoch_{e:04d}.pt")
@@ -182,8 +186,11 @@ def test_history_orders_layers_and_keeps_every_point(csv_run):
     hist = report.history(parsed, "train")
     assert list(hist) == LAYERS  # header order is alphabetical; heuristic restores depth order
     nc1 = hist["blocks.1"]["nc1"]
-    assert nc1 == [(float(r["epoch"]), r["nc/train/blocks.1/nc1"]) for r in rows
-                   if "nc/train/blocks.1/nc1" in r]
+    assert nc1 == [
+        (float(r["epoch"]), r["nc/train/blocks.1/nc1"])
+        for r in rows
+        if "nc/train/blocks.1/nc1" in r
+    ]
     assert [e for e, _ in hist["h0"]["cdnv"]] == list(map(float, range(EPOCHS + 1)))
     val = report.history(parsed, "val")
     assert [e for e, _ in val["h0"]["nc1"]] == [0.0, 2.0, 4.0, 6.0]
@@ -195,7 +202,7 @@ def test_history_orders_layers_and_keeps_every_point(csv_run):
 def test_pm_summary_takes_the_last_epoch(csv_run):
     _, path, rows = csv_run
     parsed = report.read_metrics_csv(path)
-    (pair, pm), = report.pm_summary(parsed, "train").items()
+    ((pair, pm),) = report.pm_summary(parsed, "train").items()
     last = rows[-1]
     assert pair == "h0->penultimate" and pm.epoch == EPOCHS and pm.beta == 2.5 + EPOCHS
     assert pm.h_star == {m: last[f"pm/h0->penultimate/{m}"] for m in METRICS}
@@ -224,7 +231,9 @@ def test_depth_values_of_a_layerwise_run():
         {"epoch": 0, "depth": 2, "nc/train/deepest/nc1": 3.0},
     ]
     assert report.depth_values(rows, "train") == {
-        "1": {"nc1": 5.0, "nc1_tilde": 2.0}, "2": {"nc1": 3.0}, "10": {"nc1": 0.5}
+        "1": {"nc1": 5.0, "nc1_tilde": 2.0},
+        "2": {"nc1": 3.0},
+        "10": {"nc1": 0.5},
     }
     assert report.depth_values([*rows[:1], {"epoch": 1, "nc/train/x/nc1": 1.0}], "val") == {}
 
@@ -262,8 +271,7 @@ def test_figures_get_the_logged_values(csv_run, tmp_path, monkeypatch):
         monkeypatch.setattr(plotting, name, spy)
     assert report.main([str(root), "--out", str(tmp_path)]) == 0
     (((hist, metrics), _),) = calls["metric_curves"]
-    assert list(hist) == LAYERS and metrics == ["nc1", "nc1_tilde", "cdnv", "nc2_etf", "nc3",
-                                                "nc4"]
+    assert list(hist) == LAYERS and metrics == ["nc1", "nc1_tilde", "cdnv", "nc2_etf", "nc3", "nc4"]
     assert hist["h0"]["nc1"][-1] == (EPOCHS, rows[-1]["nc/train/h0/nc1"])
     (((values, profile), kwargs),) = calls["depth_profile"]
     assert list(values) == LAYERS and profile == ["nc1", "nc1_tilde", "cdnv", "nc2_etf"]
@@ -272,8 +280,10 @@ def test_figures_get_the_logged_values(csv_run, tmp_path, monkeypatch):
     (((h0, h, h_star, pm_metrics), kwargs),) = calls["measured_vs_predicted"]
     assert pm_metrics == METRICS and kwargs["beta"] == 2.5 + EPOCHS
     assert h_star["nc1"] == rows[-1]["pm/h0->penultimate/nc1"]
-    assert h0["nc1"] == rows[-1]["nc/train/h0/nc1"] and h["nc1"] == rows[-1][
-        "nc/train/penultimate/nc1"]
+    assert (
+        h0["nc1"] == rows[-1]["nc/train/h0/nc1"]
+        and h["nc1"] == rows[-1]["nc/train/penultimate/nc1"]
+    )
 
 
 def test_layerwise_run_depth_profile(tmp_path, monkeypatch, capsys):
@@ -282,35 +292,60 @@ def test_layerwise_run_depth_profile(tmp_path, monkeypatch, capsys):
     rows = []
     for depth in range(1, 5):
         for e in range(3):
-            rows.append({"epoch": e, "depth": depth, "step": 10 * depth + e,
-                         "nc/train/deepest/nc1": 2.0 ** -depth - 0.01 * e,
-                         "nc/train/deepest/nc1_tilde": 3.0 ** -depth})
+            rows.append(
+                {
+                    "epoch": e,
+                    "depth": depth,
+                    "step": 10 * depth + e,
+                    "nc/train/deepest/nc1": 2.0**-depth - 0.01 * e,
+                    "nc/train/deepest/nc1_tilde": 3.0**-depth,
+                }
+            )
     write_csv_logger(tmp_path, rows)
     seen, curves = [], []
     real, real_curves = plotting.depth_profile, plotting.metric_curves
-    monkeypatch.setattr(plotting, "depth_profile",
-                        lambda *a, **k: seen.append((a, k)) or real(*a, **k))
-    monkeypatch.setattr(plotting, "metric_curves",
-                        lambda *a, **k: curves.append(a[0]) or real_curves(*a, **k))
+    monkeypatch.setattr(
+        plotting, "depth_profile", lambda *a, **k: seen.append((a, k)) or real(*a, **k)
+    )
+    monkeypatch.setattr(
+        plotting, "metric_curves", lambda *a, **k: curves.append(a[0]) or real_curves(*a, **k)
+    )
     assert report.main([str(tmp_path)]) == 0
     (stages,) = curves  # one curve per stage, epochs restarting at each
     assert list(stages) == ["depth 1", "depth 2", "depth 3", "depth 4"]
     assert stages["depth 2"]["nc1"] == [(e, 0.25 - 0.01 * e) for e in range(3)]
     (((values, metrics), kwargs),) = seen
     assert list(values) == ["1", "2", "3", "4"] and metrics == ["nc1", "nc1_tilde"]
-    assert values["3"] == {"nc1": 2.0 ** -3 - 0.02, "nc1_tilde": 3.0 ** -3}
+    assert values["3"] == {"nc1": 2.0**-3 - 0.02, "nc1_tilde": 3.0**-3}
     assert kwargs["xlabel"].startswith("depth")
     assert_png(tmp_path / "report" / "depth_profile_train.png")
 
 
 def test_report_through_the_cli_with_options(csv_run, tmp_path, capsys):
     root, _, _ = csv_run
-    rc = cli.main(["report", str(root), "--out", str(tmp_path / "r"), "--split", "val",
-                   "--metrics", "nc1", "nc4", "--layers", "penultimate", "blocks.0"])
+    rc = cli.main(
+        [
+            "report",
+            str(root),
+            "--out",
+            str(tmp_path / "r"),
+            "--split",
+            "val",
+            "--metrics",
+            "nc1",
+            "nc4",
+            "--layers",
+            "penultimate",
+            "blocks.0",
+        ]
+    )
     assert rc == 0
     printed = [Path(p) for p in capsys.readouterr().out.split()]
-    assert {p.name for p in printed} == {"metrics_val.png", "depth_profile_val.png",
-                                         "pm_h0_to_penultimate_val.png"}
+    assert {p.name for p in printed} == {
+        "metrics_val.png",
+        "depth_profile_val.png",
+        "pm_h0_to_penultimate_val.png",
+    }
     for p in printed:
         assert p.parent == tmp_path / "r"
         assert_png(p)
@@ -320,8 +355,11 @@ def test_report_of_a_snapshot_directory(tmp_path, capsys):
     write_snapshots(tmp_path / "run" / "snaps")
     assert cli.main(["report", str(tmp_path / "run")]) == 0
     printed = [Path(p) for p in capsys.readouterr().out.split()]
-    assert {p.name for p in printed} == {"metrics_train.png", "depth_profile_train.png",
-                                         "pm_h0_to_penultimate_train.png"}
+    assert {p.name for p in printed} == {
+        "metrics_train.png",
+        "depth_profile_train.png",
+        "pm_h0_to_penultimate_train.png",
+    }
     for p in printed:
         assert_png(p)
 
@@ -330,8 +368,15 @@ def test_several_runs_give_overlays_labelled_by_directory(tmp_path, capsys, monk
     for name, scale in (("wd_x2_features", 0.5), ("baseline", 1.0)):
         write_csv_logger(tmp_path / "sweep" / name, callback_rows(scale=scale))
     monkeypatch.chdir(tmp_path)
-    rc = report.main([str(tmp_path / "sweep" / "wd_x2_features"), "sweep/baseline",
-                      "--metrics", "nc1", "nc2_etf"])
+    rc = report.main(
+        [
+            str(tmp_path / "sweep" / "wd_x2_features"),
+            "sweep/baseline",
+            "--metrics",
+            "nc1",
+            "nc2_etf",
+        ]
+    )
     assert rc == 0
     printed = [Path(p) for p in capsys.readouterr().out.split()]
     overlays = sorted(p.name for p in printed if p.name.startswith("overlay_"))
