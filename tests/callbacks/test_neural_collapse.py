@@ -348,3 +348,28 @@ def test_missing_class_is_reported_with_the_datamodules_class_name():
     cb = NeuralCollapseCallback(pairs=[], probe=probe, log_figures_every_n_epochs=0)
     with pytest.warns(UserWarning, match=r"1 \(bee\) have no sample"):
         _trainer([cb], epochs=1).fit(_model(), dm)
+
+
+def test_width_mismatch_is_refused_by_default_and_zero_padded_on_request():
+    layers = {"narrow": "head", "wide": "body.5"}  # 4 logits vs 20 features
+    cb = NeuralCollapseCallback(layers=layers, pairs=[("wide", "narrow")], probe=_loader())
+    with pytest.raises(ValueError, match=r"differ in width \(H0 has d=20, H has d=4\)"):
+        _trainer([cb], epochs=1).fit(NamedNet(), _loader(seed=1))
+    logger = RecordingLogger()
+    cb = NeuralCollapseCallback(
+        layers=layers,
+        pairs=[("narrow", "wide")],
+        probe=_loader(),
+        width_mismatch="pad",
+        beta=1.0,
+        log_figures_every_n_epochs=0,
+    )
+    _trainer([cb], epochs=1, logger=logger).fit(NamedNet(), _loader(seed=1))
+    row = logger.probes()[1]
+    assert row["pm/narrow->wide/converged"] == 1.0 and math.isfinite(row["pm/narrow->wide/nc1"])
+    # a wider H0 cannot be padded into a narrower H
+    cb = NeuralCollapseCallback(
+        layers=layers, pairs=[("wide", "narrow")], probe=_loader(), width_mismatch="pad"
+    )
+    with pytest.raises(ValueError, match="differ in width"):
+        _trainer([cb], epochs=1).fit(NamedNet(), _loader(seed=1))
