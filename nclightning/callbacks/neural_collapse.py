@@ -362,14 +362,14 @@ class NeuralCollapseCallback(Callback):
     def _layer_metrics(
         self, alias: str, st: ClassStatistics, epoch: int
     ) -> tuple[ClassMoments | None, dict[str, float]]:
-        m = st.moments()  # synced across ranks
+        m, metrics = st.moments_and_metrics()  # one sync across ranks; NaN on NaN features
         if not (torch.isfinite(m.means).all() and torch.isfinite(m.scatter).all()):
             self._warn_once(
                 f"nonfinite:{alias}",
                 f"NeuralCollapseCallback: layer {alias!r} produced NaN/Inf features at epoch "
                 f"{epoch}; its collapse metrics are logged as NaN (is training diverging?)",
             )
-            return None, dict.fromkeys(METRIC_KEYS, math.nan)
+            return None, metrics
         absent = torch.nonzero(~m.present).flatten().tolist()
         if absent:
             names = self._class_names(absent)
@@ -378,7 +378,7 @@ class NeuralCollapseCallback(Callback):
                 f"NeuralCollapseCallback: class(es) {names} have no sample in the probe set "
                 f"({self.split}); metrics use the {int(m.present.sum())} present classes",
             )
-        return m, st.compute()
+        return m, metrics
 
     def _fit_beta(self, pair: str, m0: ClassMoments, measured: float):
         """``fit_beta`` searching first within a decade of the pair's previous beta.

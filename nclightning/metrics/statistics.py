@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from nclightning.metrics.formulas import EIG_RTOL, metrics_from_moments
+from nclightning.metrics.formulas import EIG_RTOL, METRIC_KEYS, metrics_from_moments
 from nclightning.metrics.moments import ClassMoments
 from nclightning.metrics.ncc import NCCReference, exact_float32_matmul
 
@@ -385,7 +385,25 @@ class ClassStatistics(Metric):
 
     def compute(self) -> dict[str, float]:
         """Collapse metrics (SCIENCE.md §1) as ``dict[str, float]``; see the class docstring."""
-        out = metrics_from_moments(self._moments(), self._weight, eig_rtol=self.eig_rtol)
+        return self._metrics(self._moments())
+
+    def moments_and_metrics(self) -> tuple[ClassMoments, dict[str, float]]:
+        """:meth:`moments` and :meth:`compute` together, under one cross-process sync."""
+        with self.sync_context(
+            dist_sync_fn=self.dist_sync_fn,
+            should_sync=self._to_sync,
+            should_unsync=self._should_unsync,
+        ):
+            m = self._moments()
+            return m, self._metrics(m)
+
+    def _metrics(self, m: ClassMoments) -> dict[str, float]:
+        if not (torch.isfinite(m.means).all() and torch.isfinite(m.scatter).all()):
+            # NaN/Inf features (a diverging run): every metric is NaN, nothing raises
+            keys = (*METRIC_KEYS, *(("nc3",) if self._weight is not None else ()))
+            out = dict.fromkeys(keys, float("nan"))
+        else:
+            out = metrics_from_moments(m, self._weight, eig_rtol=self.eig_rtol)
         if self._reference is not None:
             seen = float(self.nc4_samples)
             out["nc4"] = float(self.nc4_mismatches) / seen if seen > 0 else float("nan")

@@ -187,3 +187,24 @@ def test_pad_equals_moments_of_zero_padded_features():
         torch.testing.assert_close(getattr(m, name), getattr(ref, name), rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="fewer"):
         m.pad(3)
+
+
+def test_non_finite_features_give_nan_metrics_not_an_error():
+    stats = ClassStatistics(3, 4, allow_missing_classes=True)
+    x = torch.randn(30, 4)
+    x[7, 2] = float("nan")
+    stats.update(x, torch.arange(3).repeat(10))
+    m, metrics = stats.moments_and_metrics()
+    assert not torch.isfinite(m.scatter).all()
+    assert set(metrics) == set(METRIC_KEYS) and all(np.isnan(v) for v in metrics.values())
+    assert stats.compute().keys() == metrics.keys()
+
+
+def test_moments_and_metrics_equal_the_separate_calls():
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randn(200, 6, generator=gen), torch.arange(4).repeat(50)
+    stats = ClassStatistics(4, 6)
+    stats.update(x, y)
+    m, metrics = stats.moments_and_metrics()
+    assert metrics == stats.compute()
+    torch.testing.assert_close(m.scatter, stats.moments().scatter, rtol=0, atol=0)
