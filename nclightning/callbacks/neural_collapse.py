@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -34,7 +33,7 @@ from nclightning.callbacks.probe import (
 )
 from nclightning.metrics import METRIC_KEYS, ClassMoments, ClassStatistics
 
-__all__ = ["NeuralCollapseCallback"]
+__all__ = ["NeuralCollapseCallback", "atomic_torch_save"]
 
 ALL_METRICS = (*METRIC_KEYS, "nc3", "nc4")
 
@@ -487,17 +486,12 @@ class NeuralCollapseCallback(Callback):
                 else dataset_targets(dataset)
             )
             return dataset, targets, None
-        loader = {
-            "train": lambda: trainer.train_dataloader,
-            "val": lambda: trainer.val_dataloaders,
-            "test": lambda: trainer.test_dataloaders,
-        }[self.probe]()
+        attr = {"train": "train_dataloader", "val": "val_dataloaders", "test": "test_dataloaders"}
+        loader = getattr(trainer, attr[self.probe])  # the loaders Lightning already built
         if isinstance(loader, (list, tuple)):
             loader = loader[0] if loader else None
-        if loader is None and dm is not None:
-            loader = getattr(
-                dm, f"{self.probe}_dataloader" if self.probe != "val" else "val_dataloader"
-            )()
+        if loader is None and hasattr(dm, f"{self.probe}_dataloader"):
+            loader = getattr(dm, f"{self.probe}_dataloader")()
         if loader is None:
             raise ValueError(
                 f"NeuralCollapseCallback(probe={self.probe!r}) found no {self.probe} data; "
@@ -615,10 +609,5 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
             torch.save(obj, f)
         os.replace(tmp, path)
     except BaseException:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            Path(tmp).unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
         raise
-
-
-__all__ += ["atomic_torch_save"]

@@ -373,3 +373,19 @@ def test_width_mismatch_is_refused_by_default_and_zero_padded_on_request():
     )
     with pytest.raises(ValueError, match="differ in width"):
         _trainer([cb], epochs=1).fit(NamedNet(), _loader(seed=1))
+
+
+def test_without_a_probe_dataset_the_train_loader_is_probed_in_index_order():
+    """No DataModule: the Trainer's own train loader's dataset, in order, with a warning."""
+    train = _loader(seed=1)
+    logger = RecordingLogger()
+    cb = NeuralCollapseCallback(layers={"h": "body.5"}, pairs=[], log_figures_every_n_epochs=0)
+    model = NamedNet()
+    with pytest.warns(UserWarning, match="no probe_dataset"):
+        _trainer([cb], epochs=1, logger=logger).fit(model, train)
+    x, y = train.dataset.tensors
+    assert torch.equal(cb._subset, torch.arange(len(y)))  # every sample, in order
+    model.eval()
+    with torch.no_grad():  # the last probe ran on the final weights
+        expected = float((model(x).argmax(1) == y).double().mean())
+    assert logger.probes()[1]["nc/train/accuracy"] == pytest.approx(expected)
