@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU checks (issue 6), under 5 minutes on one H100: the tests marked `gpu`, then one
+# GPU checks, under 5 minutes on one H100: the tests marked `gpu`, then one
 # CIFAR-shaped ResNet-18 epoch (bf16 autocast, channels_last) with and without the
 # NeuralCollapseCallback, printing samples/s and the callback's overhead ratio.
 #   bash benchmarks/gpu_check.sh            (from a checkout with the package installed)

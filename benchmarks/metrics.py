@@ -1,4 +1,4 @@
-"""Speed and memory of the streaming collapse metrics (issue 3; SCIENCE.md §1). A script.
+"""Speed and memory of the streaming collapse metrics (docs/science.md §1). A script.
 
     python benchmarks/metrics.py [--repeats 5] [--quick]
 

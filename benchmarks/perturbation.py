@@ -1,4 +1,4 @@
-"""Speed of the perturbation-model solver (SCIENCE.md §2), with in-run baselines.
+"""Speed of the perturbation-model solver (docs/science.md §2), with in-run baselines.
 
 Run: ``python benchmarks/perturbation.py [--repeats 5] [--joint-cap 120]``. Float64, CPU, 2
 threads (``--threads``). Three measurements, each a median over ``--repeats`` runs:

@@ -38,7 +38,7 @@ class RecordingLogger(Logger):
 
 
 def reference_metrics(h: np.ndarray, y: np.ndarray, K: int, weight=None) -> dict[str, float]:
-    """Float64 two-pass brute force of SCIENCE.md §1 (independent of nclightning.metrics)."""
+    """Float64 two-pass brute force of docs/science.md §1 (independent of nclightning.metrics)."""
     h = h.astype(np.float64)
     means = np.stack([h[y == k].mean(0) for k in range(K)])
     dev = h - means[y]

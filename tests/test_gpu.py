@@ -35,7 +35,7 @@ def _collapsed(N=20_000, d=256, K=10, seed=0):
 
 
 def test_class_statistics_on_cuda_is_exact_in_the_collapsed_regime():
-    """SCIENCE.md §1: 1e-6 relative against a float64 two-pass reference, on the GPU, with TF32
+    """docs/science.md §1: 1e-6 relative against a float64 two-pass reference, on the GPU, with TF32
     allowed globally (the statistics force full-precision float32 products)."""
     torch.backends.cuda.matmul.allow_tf32 = True
     x, y = _collapsed()

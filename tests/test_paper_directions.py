@@ -1,4 +1,4 @@
-"""The paper's experimental claims, in their small offline versions (SCIENCE.md §6).
+"""The paper's experimental claims, in their small offline versions (docs/science.md §6).
 
 Marked ``slow`` (about 1.5 minutes together on 2 cores); CI runs them.
 """

@@ -1,4 +1,4 @@
-"""``LayerwiseTraining``: grow an MLP one hidden layer per stage (SCIENCE.md §6, paper Fig. 2)."""
+"""``LayerwiseTraining``: grow an MLP one hidden layer per stage (docs/science.md §6, Fig. 2)."""
 
 from __future__ import annotations
 

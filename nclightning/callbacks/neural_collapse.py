@@ -1,7 +1,7 @@
 """``NeuralCollapseCallback``: per-epoch collapse metrics and perturbation-model fits.
 
-The callback composes :mod:`nclightning.metrics` (SCIENCE.md §1) and
-:mod:`nclightning.perturbation` (SCIENCE.md §2); it adds no maths of its own.
+The callback composes :mod:`nclightning.metrics` (docs/science.md §1) and
+:mod:`nclightning.perturbation` (docs/science.md §2); it adds no maths of its own.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ class NeuralCollapseCallback(Callback):
     probe set, collects the outputs of all ``layers`` through forward hooks, and accumulates
     their class statistics (:class:`~nclightning.metrics.ClassStatistics`: O(K d + d^2) memory
     per layer, exact in the collapsed regime, summed across DDP ranks). From them it logs, for
-    each layer, every metric of SCIENCE.md §1, and for each ``(h0_layer, h_layer)`` pair it
-    solves the perturbation model of Tirer, Huang & Niles-Weed (SCIENCE.md §2) with the
+    each layer, every metric of docs/science.md §1, and for each ``(h0_layer, h_layer)`` pair it
+    solves the perturbation model of Tirer, Huang & Niles-Weed (docs/science.md §2) with the
     ``h0_layer``'s features as ``H0``, logging the metrics the model predicts for ``H*``.
 
     Logged keys (through every logger of the Trainer, with ``epoch`` = completed training
@@ -60,7 +60,7 @@ class NeuralCollapseCallback(Callback):
     * ``pm/{h0_layer}->{h_layer}/{metric}``: the model's prediction for ``H*``, and
       ``.../beta``, ``.../objective``, ``.../grad_norm``, ``.../converged``.
 
-    ``nc4`` (NCC mismatch, SCIENCE.md §1) compares, for every probe sample, the nearest class
+    ``nc4`` (NCC mismatch, docs/science.md §1) compares, for every probe sample, the nearest class
     mean of the layer with the network's prediction (for the classifier's input layer this is
     exactly ``argmax(W h + b)``). A single pass cannot know the class means before it ends, so
     the means are those of the **previous probe** (stored, and restored on resume); the first
@@ -73,7 +73,7 @@ class NeuralCollapseCallback(Callback):
             the last same-width block), else an error asking for ``layers``.
         pairs: ``(h0_layer, h_layer)`` pairs of layer aliases for the perturbation model.
             Default: ``[("h0", "penultimate")]`` when both aliases exist, else none.
-        lambda_W, lambda_H: the model's regularisation (SCIENCE.md §2; in the paper's analogy
+        lambda_W, lambda_H: the model's regularisation (docs/science.md §2; in the paper's analogy
             the classifier's and the feature layers' weight decay). Default 5e-4 each, the
             weight decay of the paper's baseline (configs interpolate the model's values).
         beta: the coupling to ``H0``; a number, or ``"fit"`` (default) for the beta whose
@@ -94,7 +94,7 @@ class NeuralCollapseCallback(Callback):
             first stage of layer-wise training, whose ``H0`` is the raw input).
         beta_range: search interval of ``beta="fit"``. Collapse of ``H*`` in the directions
             the classifier does not use needs ``beta`` of the order of ``lambda_H`` or below
-            (``H* = A (W^T Y + beta H0)``, SCIENCE.md §2), hence the wide default.
+            (``H* = A (W^T Y + beta H0)``, docs/science.md §2), hence the wide default.
         log_figures_every_n_epochs: figures to W&B loggers every n probed epochs (0: never).
         snapshot_dir: if set, each probe saves ``epoch_XXXX.pt`` there (written atomically;
             ``torch.load(..., weights_only=True)``): the layers' class moments and the pairs'

@@ -1,6 +1,6 @@
 """``nclightning study wd``: the weight-decay study of the paper's Fig. 3, run in sequence.
 
-SCIENCE.md §6: starting from a config's weight decays (feature layers ``w``, classifier
+docs/science.md §6: starting from a config's weight decays (feature layers ``w``, classifier
 ``c``), train the baseline and four variants — classifier decay x2 and x0, feature-layer
 decay x2 and x0 — for each loss (MSE with a bias-free classifier, CE with a bias). Each run is
 an ordinary ``nclightning fit`` of the config with overrides, so its logs land where the

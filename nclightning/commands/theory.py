@@ -1,10 +1,10 @@
 """``nclightning theory spectrum|flow``: numerical checks of the perturbation theory.
 
-* ``spectrum`` draws the paper's Figure 1 (SCIENCE.md §5, Theorem 4.2): the singular values
+* ``spectrum`` draws the paper's Figure 1 (docs/science.md §5, Theorem 4.2): the singular values
   of the diagonal block ``F_kk`` of the perturbation operator at the collapsed UFM minimiser,
   for ``beta=100, K=4, d=10, n=10, lambda_W=sqrt(2)`` and several ``lambda_H``, against the
   closed-form table (dashed), and prints the largest deviations.
-* ``flow`` integrates the central-path gradient flow (SCIENCE.md §3, Theorem 3.1) from
+* ``flow`` integrates the central-path gradient flow (docs/science.md §3, Theorem 3.1) from
   random non-collapsed features and draws ``nc1_tilde``, ``Tr Sigma_W`` and ``Tr Sigma_B``
   (with the ``exp(2 lambda_H t)``-scaled traces of the theorem), printing whether the
   theorem's monotonicity holds along the computed trajectory.

@@ -1,6 +1,6 @@
-"""Collapse metrics (SCIENCE.md §1): pure tensor maths, no Lightning import.
+"""Collapse metrics (docs/science.md §1): pure tensor maths, no Lightning import.
 
-Features are rows: ``features[N, d]``, ``labels[N]`` (SCIENCE.md writes columns).
+Features are rows: ``features[N, d]``, ``labels[N]`` (docs/science.md writes columns).
 
 * :class:`ClassStatistics`: streaming ``torchmetrics.Metric``, one pass, exact in the collapsed
   regime, reduced across processes by torchmetrics' sync.

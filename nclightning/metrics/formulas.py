@@ -1,7 +1,7 @@
-"""Collapse metrics from class moments (SCIENCE.md §1).
+"""Collapse metrics from class moments (docs/science.md §1).
 
 All functions take a :class:`~nclightning.metrics.moments.ClassMoments` (float64) and return
-Python floats. Conventions (SCIENCE.md §1):
+Python floats. Conventions (docs/science.md §1):
 
 * ``Sigma_B``, ``M`` (NC2) and NC3 centre the class means on the *mean of class means*
   (:attr:`ClassMoments.mean_of_means`); for balanced classes this is the sample mean.
@@ -77,7 +77,7 @@ def nc1(m: ClassMoments, eig_rtol: float = EIG_RTOL) -> float:
 
 
 def nc1_tilde(m: ClassMoments) -> float:
-    """``Tr(Sigma_W) / Tr(Sigma_B)`` (Eq. 3 of Tirer et al.; SCIENCE.md §1)."""
+    """``Tr(Sigma_W) / Tr(Sigma_B)`` (Eq. 3 of Tirer et al.; docs/science.md §1)."""
     if int(m.present.sum()) < 2:
         return _NAN
     tr_b = float(torch.trace(m.sigma_b))
@@ -105,7 +105,7 @@ def _std(x: Tensor) -> float:
 
 
 def nc2(m: ClassMoments) -> dict[str, float]:
-    """ETF distance, equinorm and equiangularity of the centred class means (SCIENCE.md §1).
+    """ETF distance, equinorm and equiangularity of the centred class means (docs/science.md §1).
 
     * ``nc2_etf = || G/||G||_F - (I - 11^T/K)/sqrt(K-1) ||_F`` with ``G = M^T M``;
     * ``nc2_equinorm = std_k ||mu_k - mu_c|| / mean_k ||mu_k - mu_c||``;

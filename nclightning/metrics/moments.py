@@ -1,7 +1,7 @@
-"""Reduced per-class statistics of a feature matrix (SCIENCE.md §1-2).
+"""Reduced per-class statistics of a feature matrix (docs/science.md §1-2).
 
-Every collapse metric of SCIENCE.md §1 and every sufficient statistic the perturbation
-solver needs (SCIENCE.md §2: ``G0 = H0 H0^T``, class sums ``S0 = Y H0^T``, ``D_n = diag(n_k)``)
+Every collapse metric of docs/science.md §1 and every sufficient statistic the perturbation
+solver needs (docs/science.md §2: ``G0 = H0 H0^T``, class sums ``S0 = Y H0^T``, ``D_n = diag(n_k)``)
 is a function of four quantities, held here in float64:
 
 * ``counts[K]``: samples per class ``n_k``;
@@ -14,7 +14,7 @@ is a function of four quantities, held here in float64:
 Optionally ``class_scatter[K, d, d]`` (per-class scatter matrices) when a caller can afford
 ``K d^2`` memory; it makes ``class_ss`` transformable under linear maps (perturbation model).
 
-Features are rows (``features[N, d]``), the PyTorch convention; SCIENCE.md writes columns.
+Features are rows (``features[N, d]``), the PyTorch convention; docs/science.md writes columns.
 """
 
 from __future__ import annotations
@@ -115,10 +115,10 @@ class ClassMoments:
         """Boolean mask ``[K]`` of classes with at least one sample."""
         return self.counts > 0
 
-    # -- derived statistics (SCIENCE.md §1) ------------------------------------------------
+    # -- derived statistics (docs/science.md §1) ------------------------------------------------
     @property
     def class_sums(self) -> Tensor:
-        """``S0^T`` in SCIENCE.md §2 notation, as rows: ``[K, d]`` per-class feature sums."""
+        """``S0^T`` in docs/science.md §2 notation, as rows: ``[K, d]`` per-class feature sums."""
         return self.counts.unsqueeze(1) * self.means
 
     @property
@@ -131,7 +131,7 @@ class ClassMoments:
         """Unweighted mean of the class means of present classes, ``[d]``.
 
         This is the centre used for ``Sigma_B``, ``M`` (NC2) and NC3; it equals
-        :attr:`global_mean` for balanced classes (SCIENCE.md §1).
+        :attr:`global_mean` for balanced classes (docs/science.md §1).
         """
         return self.means[self.present].mean(0)
 
@@ -156,7 +156,7 @@ class ClassMoments:
 
     @property
     def gram(self) -> Tensor:
-        """Uncentred second moment ``sum_i h_i h_i^T`` (``G0 = H0 H0^T`` of SCIENCE.md §2)."""
+        """Uncentred second moment ``sum_i h_i h_i^T`` (``G0 = H0 H0^T`` of docs/science.md §2)."""
         return self.scatter + self.means.T @ (self.counts.unsqueeze(1) * self.means)
 
     # -- utilities --------------------------------------------------------------------------
@@ -164,7 +164,7 @@ class ClassMoments:
         """The moments of the features zero-padded to ``dim`` coordinates (``dim >= d``).
 
         Embeds ``H0`` of a narrower layer in a wider layer's space (the perturbation model
-        needs ``H0`` and ``H`` in one space, SCIENCE.md §2): the extra coordinates are 0.
+        needs ``H0`` and ``H`` in one space, docs/science.md §2): the extra coordinates are 0.
         """
         d = self.dim
         if dim < d:

@@ -1,4 +1,4 @@
-"""NC4, the nearest-class-centre (NCC) mismatch of a classifier (SCIENCE.md §1).
+"""NC4, the nearest-class-centre (NCC) mismatch of a classifier (docs/science.md §1).
 
 ``NC4 = (1/N) #{i : argmax_k (W h_i + b)_k != argmin_k ||h_i - mu_k||}``. Labels play no
 part. The class means ``mu_k`` must be known before the first sample is classified, so a

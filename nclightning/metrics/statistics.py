@@ -1,7 +1,7 @@
-"""Streaming, distributed, collapse-exact class statistics (SCIENCE.md §1).
+"""Streaming, distributed, collapse-exact class statistics (docs/science.md §1).
 
 :class:`ClassStatistics` is a ``torchmetrics.Metric`` that turns one pass over
-``features[B, d]`` (rows, the PyTorch convention; SCIENCE.md writes columns) and
+``features[B, d]`` (rows, the PyTorch convention; docs/science.md writes columns) and
 ``labels[B]`` into :class:`~nclightning.metrics.ClassMoments` and every collapse metric.
 :func:`collapse_metrics` runs the same code on in-memory features.
 
@@ -120,7 +120,7 @@ def merge_packed_states(
 
 
 class ClassStatistics(Metric):
-    """Streaming per-class moments and all collapse metrics of SCIENCE.md §1, in one pass.
+    """Streaming per-class moments and all collapse metrics of docs/science.md §1, in one pass.
 
     ``update(features[B, d], labels[B])`` with features as rows. State: one packed float64
     tensor of ``K (2d + 2) + d^2`` numbers (plus ``K d^2`` with ``per_class_scatter``), never
@@ -152,7 +152,7 @@ class ClassStatistics(Metric):
     :func:`collapse_metrics`). Without a reference, ``nc4`` is absent. ``forward`` only
     accumulates (per-batch collapse metrics are not meaningful) and returns ``None``.
 
-    Conventions (SCIENCE.md §1, see :mod:`nclightning.metrics.formulas`): ``Sigma_B``, ``M``
+    Conventions (docs/science.md §1, see :mod:`nclightning.metrics.formulas`): ``Sigma_B``, ``M``
     (NC2) and NC3 centre on the unweighted mean of class means (the sample mean for balanced
     classes); stds are unbiased (``ddof=1``); the NC1 pseudo-inverse drops eigenvalues of
     ``Sigma_B`` below ``eig_rtol`` times the largest.
@@ -224,7 +224,7 @@ class ClassStatistics(Metric):
         present: Tensor | None = None,
         source: str = "previous_pass",
     ) -> None:
-        """Enable streaming NC4 (SCIENCE.md §1) for the samples of subsequent updates.
+        """Enable streaming NC4 (docs/science.md §1) for the samples of subsequent updates.
 
         Args:
             means: reference class means ``[K, d]``, usually ``moments().means`` of the
@@ -384,7 +384,7 @@ class ClassStatistics(Metric):
             return self._moments()
 
     def compute(self) -> dict[str, float]:
-        """Collapse metrics (SCIENCE.md §1) as ``dict[str, float]``; see the class docstring."""
+        """Collapse metrics (docs/science.md §1) as ``dict[str, float]``."""
         return self._metrics(self._moments())
 
     def moments_and_metrics(self) -> tuple[ClassMoments, dict[str, float]]:

@@ -6,7 +6,7 @@ Every backbone maps an input batch ``x[B, *input_shape]`` to penultimate feature
 * ``out_dim: int``, the feature width ``d``;
 * ``feature_layers: dict[str, str]``, alias -> module name relative to the backbone (``""`` is
   the backbone itself): ``"penultimate"`` always, ``"h0"`` (the input of the last same-width
-  block, SCIENCE.md §2) where the architecture has one.
+  block, docs/science.md §2) where the architecture has one.
 
 =====================  ===============================  ===============================
 name                   options (``backbone_kwargs``)    ``h0``

@@ -1,14 +1,14 @@
-"""Multi-layer perceptron feature backbone (the layer-wise MLP of SCIENCE.md §6, Fig. 2).
+"""Multi-layer perceptron feature backbone (the layer-wise MLP of docs/science.md §6, Fig. 2).
 
 ``x[B, *input_shape]`` is flattened to ``[B, D]`` (``D = prod(input_shape)``) and passed
 through ``depth`` hidden blocks ``blocks.0 .. blocks.{depth-1}``, each
 ``Linear -> [BatchNorm1d] -> activation`` of the same ``width``. The output of the last block
 is the penultimate feature ``H`` ``[B, width]``; its input passes through the identity module
 ``h0`` (a tap for hooks): for ``depth >= 2`` it has the same width and is ``H0`` of the
-perturbation model (SCIENCE.md §2).
+perturbation model (docs/science.md §2).
 
 ``active_depth`` (default ``depth``) runs only the first blocks: layer-wise training
-(SCIENCE.md §6, Fig. 2; :class:`~nclightning.callbacks.LayerwiseTraining`) grows it one block
+(docs/science.md §6, Fig. 2; :class:`~nclightning.callbacks.LayerwiseTraining`) grows it one block
 per stage, and ``h0`` always taps the input of the deepest active block.
 """
 

@@ -6,7 +6,7 @@ Both map images ``x[B, C, H, W]`` to globally average-pooled penultimate feature
 
 ``layer4`` ends with two blocks of equal width at equal resolution, so the output of
 ``layer4.0`` (the input of the last residual block) and the pooled output of ``layer4.1`` live
-in the same space: ``H0`` and ``H`` of the perturbation model (SCIENCE.md §2). Both backbones
+in the same space: ``H0`` and ``H`` of the perturbation model (docs/science.md §2). Both backbones
 declare ``feature_layers = {"penultimate": "", "h0": "layer4.0"}`` (names relative to the
 backbone, ``""`` = the backbone itself); ``h0`` is a 4-D map the callback pools.
 

@@ -1,6 +1,6 @@
-"""The perturbation model of Tirer, Huang & Niles-Weed (ICML 2023), SCIENCE.md §2-5.
+"""The perturbation model of Tirer, Huang & Niles-Weed (ICML 2023), docs/science.md §2-5.
 
-Pure tensor maths (float64), no Lightning import. Features are rows (``[N, d]``); SCIENCE.md
+Pure tensor maths (float64), no Lightning import. Features are rows (``[N, d]``); docs/science.md
 writes them as columns.
 
 * :func:`solve` (§2): minimiser of Eq. 2 from sufficient statistics; :func:`fit_beta`.

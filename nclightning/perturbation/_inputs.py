@@ -49,5 +49,5 @@ def as_moments(
 
 
 def one_hot(labels: Tensor, num_classes: int) -> Tensor:
-    """Float64 one-hot rows ``[N, K]`` (``Y^T`` in SCIENCE.md's column notation)."""
+    """Float64 one-hot rows ``[N, K]`` (``Y^T`` in docs/science.md's column notation)."""
     return torch.nn.functional.one_hot(labels, num_classes).to(torch.float64)

@@ -1,6 +1,6 @@
 """Preconditioned L-BFGS with an approximate-Wolfe line search, on float64 tensors.
 
-Used by :func:`nclightning.perturbation.solve` (SCIENCE.md §2). Generic: it minimises any
+Used by :func:`nclightning.perturbation.solve` (docs/science.md §2). Generic: it minimises any
 ``fun(x) -> Evaluation`` over a tensor ``x``; the caller supplies the stopping measure
 (``Evaluation.rel``) and, optionally, a preconditioner (an approximation of the inverse
 Hessian, refreshed every ``refresh`` iterations).

@@ -1,7 +1,7 @@
-"""Central path of the UFM and its gradient flow (SCIENCE.md §3, Eq. 4, Theorem 3.1).
+"""Central path of the UFM and its gradient flow (docs/science.md §3, Eq. 4, Theorem 3.1).
 
 Features are rows ``H[N, d]``. ``L(H) = f(W*(H), H; 0)`` is Eq. 2 with ``beta = 0`` and ``W``
-at its closed form ``W*(H) = Y H^T (H H^T + (N lambda_W / K) I)^-1`` (SCIENCE.md §2; rows:
+at its closed form ``W*(H) = Y H^T (H H^T + (N lambda_W / K) I)^-1`` (docs/science.md §2; rows:
 ``W* = S (H^T H + N lambda_W/K I)^-1`` with ``S[K, d]`` the class sums). The flow
 ``dH/dt = -N grad L(H)`` (the paper writes ``K n``) is integrated with an adaptive
 Dormand-Prince 5(4) scheme; by the envelope theorem ``N grad L = W*^T (W* H - Y) + lambda_H H``
@@ -43,7 +43,7 @@ def optimal_classifier(
 def central_path_loss(
     H: Tensor, labels: Tensor, lambda_W: float, lambda_H: float, num_classes: int | None = None
 ) -> Tensor:
-    """``L(H) = f(W*(H), H; 0)`` (SCIENCE.md §3) as a differentiable 0-dim tensor."""
+    """``L(H) = f(W*(H), H; 0)`` (docs/science.md §3) as a differentiable 0-dim tensor."""
     y, K = _prepare(H, labels, num_classes)
     N = H.shape[0]
     W = optimal_classifier(H, labels, lambda_W, K)
@@ -59,7 +59,7 @@ class FlowTrajectory:
     """Output of :func:`central_path_flow` at the times ``t[T]``.
 
     ``nc1_tilde = tr_sw / tr_sb`` with ``tr_sw = Tr Sigma_W``, ``tr_sb = Tr Sigma_B``
-    (SCIENCE.md §1; ``Sigma_B`` centred on the mean of class means). ``H[T, N, d]`` if kept.
+    (docs/science.md §1; ``Sigma_B`` centred on the mean of class means). ``H[T, N, d]`` if kept.
     """
 
     t: Tensor
@@ -119,7 +119,7 @@ def central_path_flow(
     num_classes: int | None = None,
     max_steps: int = 100_000,
 ) -> FlowTrajectory:
-    """Integrate ``dH/dt = -N grad L(H)`` (Eq. 4, SCIENCE.md §3) from ``H0[N, d]`` to ``t_end``.
+    """Integrate ``dH/dt = -N grad L(H)`` (Eq. 4, docs/science.md §3) from ``H0[N, d]``.
 
     Adaptive Dormand-Prince 5(4) (error per step ``<= atol + rtol |H|``, RMS norm), landing
     exactly on each output time: ``t_eval`` (increasing, from 0) or ``num_points`` equally

@@ -1,4 +1,4 @@
-"""Fit ``beta`` of Eq. 2 to a measured collapse metric of a deeper layer (SCIENCE.md §2-3).
+"""Fit ``beta`` of Eq. 2 to a measured collapse metric of a deeper layer (docs/science.md §2-3).
 
 ``beta -> inf`` gives ``H* = H0`` (the metric of ``H0``); ``beta -> 0`` the collapsed UFM
 minimiser (``nc1_tilde -> 0``, Theorem 2.1 and Corollary 3.2). In between the metric of ``H*``

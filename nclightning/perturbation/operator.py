@@ -1,4 +1,4 @@
-"""Linearised perturbation operator F (SCIENCE.md §5, Theorems 4.1 and 4.2, Eq. 5).
+"""Linearised perturbation operator F (docs/science.md §5, Theorems 4.1 and 4.2, Eq. 5).
 
 Paper convention: ``H`` is ``d x N``, ``vec`` stacks columns, samples are ordered class by
 class (labels ``0..K-1``, stable within a class), ``vec(W)`` stacks the columns of ``W[K, d]``.
@@ -7,7 +7,7 @@ sorted by class. To first order ``vec(dH) = F vec(dH0)`` with::
 
     F = (beta/N) (Hess_HH f - Hess_HW f (Hess_WW f)^-1 Hess_WH f)^-1     (exact, Thm 4.1)
 
-at the minimiser of Eq. 2. In closed form (SCIENCE.md §5, ``R = W H - Y``)::
+at the minimiser of Eq. 2. In closed form (docs/science.md §5, ``R = W H - Y``)::
 
     N Hess_HH = I_N kron W^T W + (lambda_H + beta) I_dN
     N Hess_WW = H H^T kron I_K + (N lambda_W / K) I_dK
@@ -79,7 +79,7 @@ def perturbation_operator(
 
     Args:
         h0: ``[N, d]`` features of the earlier layer (rows); labels ``[N]``.
-        lambda_W, lambda_H, beta: Eq. 2 (SCIENCE.md §2).
+        lambda_W, lambda_H, beta: Eq. 2 (docs/science.md §2).
         form: ``"exact"`` (Schur complement of the Hessians, inverted) or ``"eq5"``.
         minimizer: ``(W[K, d], H[N, d])`` (rows in input order) to use instead of
             :func:`~nclightning.perturbation.solve` at tolerance ``tol``.
@@ -115,7 +115,7 @@ def perturbation_operator(
 
 
 def operator_blocks(F: Tensor, counts: Tensor | Sequence[int], d: int) -> list[list[Tensor]]:
-    """Blocks ``F_kl`` (``[d n_k, d n_l]``) of ``F`` in class-major order (SCIENCE.md §5).
+    """Blocks ``F_kl`` (``[d n_k, d n_l]``) of ``F`` in class-major order (docs/science.md §5).
 
     ``counts`` are the class sizes ``n_k`` (e.g. ``torch.bincount(labels)``); ``F_kl`` maps
     the perturbation of the class-``l`` features to the change of the class-``k`` features.
@@ -140,7 +140,7 @@ def block_singular_values(F: Tensor, counts: Tensor | Sequence[int], d: int) -> 
 def theorem_spectrum(
     K: int, d: int, n: int, lambda_W: float, lambda_H: float, beta: float
 ) -> list[tuple[float, int, str]]:
-    """SCIENCE.md §5 table: ``(singular value, multiplicity, singular vectors)`` of ``F_kk``.
+    """docs/science.md §5 table: ``(singular value, multiplicity, singular vectors)`` of ``F_kk``.
 
     Eq. 5 form at the collapsed UFM minimiser (Theorem 4.2: ``lambda_H lambda_W < 1``,
     ``d > K``).

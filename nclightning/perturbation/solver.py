@@ -1,13 +1,13 @@
-"""Minimiser of the perturbation model, Eq. 2 (SCIENCE.md §2), from sufficient statistics.
+"""Minimiser of the perturbation model, Eq. 2 (docs/science.md §2), from sufficient statistics.
 
-Features are rows here: ``H0[N, d]``, ``H[N, d]`` (SCIENCE.md writes ``d x N`` columns);
+Features are rows here: ``H0[N, d]``, ``H[N, d]`` (docs/science.md writes ``d x N`` columns);
 ``W[K, d]``; ``Y^T`` is the one-hot ``[N, K]``. The objective is the generalised Eq. 2::
 
     f(W, H) = 1/(2N) ||W H - Y||^2 + lambda_W/(2K) ||W||^2
             + lambda_H/(2N) ||H||^2 + beta/(2N) ||H - H0||^2
 
 **H eliminated.** For fixed ``W`` the minimiser is ``H*(W) = A (W^T Y + beta H0)`` with
-``A = (W^T W + c I_d)^-1``, ``c = lambda_H + beta`` (SCIENCE.md §2). It is affine per class:
+``A = (W^T W + c I_d)^-1``, ``c = lambda_H + beta`` (docs/science.md §2). It is affine per class:
 class means ``m_k = A (w_k + beta mu0_k)`` and within-class deviations
 ``h_i - m_k = beta A (h0_i - mu0_k)``. So ``g(W) = min_H f(W, H)`` and its gradient
 (envelope theorem: ``grad g = df/dW`` at ``H*(W)``) need only the class counts ``n_k``, the
@@ -66,7 +66,7 @@ class ConvergenceWarning(RuntimeWarning):
 
 @dataclass(frozen=True, eq=False)
 class SolveResult:
-    """Minimiser of Eq. 2 (SCIENCE.md §2) and its diagnostics.
+    """Minimiser of Eq. 2 (docs/science.md §2) and its diagnostics.
 
     Attributes:
         W: ``[K, d]`` classifier weights.
@@ -203,7 +203,7 @@ class _Model:
     def feature_moments(
         self, W: Tensor, features: Tensor | None = None, labels: Tensor | None = None
     ) -> tuple[ClassMoments, Tensor | None]:
-        """Moments of ``H*(W)`` (SCIENCE.md §2) and, given raw features, ``H*`` itself.
+        """Moments of ``H*(W)`` (docs/science.md §2) and, given raw features, ``H*`` itself.
 
         ``means* = (W + beta mu0) A`` (rows), ``scatter* = beta^2 A Sw0 A``. ``class_ss*``: exact
         from ``H*`` with raw features; ``beta^2 <A^2, C_k>`` from per-class scatters ``C_k``
@@ -280,7 +280,7 @@ def solve(
     memory: int = 10,
     warn: bool = True,
 ) -> SolveResult:
-    """Minimise Eq. 2 (SCIENCE.md §2) for the features ``h0`` of an earlier layer.
+    """Minimise Eq. 2 (docs/science.md §2) for the features ``h0`` of an earlier layer.
 
     Args:
         h0: ``Tensor[N, d]`` (rows, with ``labels[N]``), a

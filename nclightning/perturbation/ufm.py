@@ -1,4 +1,4 @@
-"""Global minimisers of the unconstrained features model (SCIENCE.md §4, Theorem 2.1).
+"""Global minimisers of the unconstrained features model (docs/science.md §4, Theorem 2.1).
 
 The UFM is Eq. 2 with ``beta = 0`` (``H0`` irrelevant), balanced classes ``N = K n``.
 """
@@ -28,7 +28,7 @@ def ufm_minimizer(
     With ``c = sqrt(lambda_H lambda_W) <= 1``: ``rho = (1 - c) sqrt(lambda_W / lambda_H)``,
     ``R[d, K]`` with orthonormal columns, every feature of class ``k`` equals
     ``sqrt(rho) r_k`` and ``w_k = sqrt(lambda_H / lambda_W) sqrt(rho) r_k``
-    (SCIENCE.md §4; ``H`` here is the transpose of the paper's, rows ordered class by class).
+    (docs/science.md §4; ``H`` here is the transpose of the paper's, rows ordered class by class).
     With ``c > 1`` the minimiser is ``(0, 0)``.
 
     ``R`` is the first ``K`` columns of the identity when ``seed`` is ``None``, otherwise a

@@ -1,4 +1,4 @@
-"""LayerwiseTraining (paper Fig. 2 protocol, SCIENCE.md §6)."""
+"""LayerwiseTraining (paper Fig. 2 protocol, docs/science.md §6)."""
 
 from __future__ import annotations
 

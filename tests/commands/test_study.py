@@ -1,4 +1,4 @@
-"""``nclightning study wd`` (paper Fig. 3 protocol, SCIENCE.md §6): the runs it plans."""
+"""``nclightning study wd`` (paper Fig. 3 protocol, docs/science.md §6): the runs it plans."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Independent float64 two-pass reference for the collapse metrics (SCIENCE.md §1).
+"""Independent float64 two-pass reference for the collapse metrics (docs/science.md §1).
 
 Written with numpy and explicit per-class loops, sharing no code with
 ``nclightning.metrics``. Features are rows ``x[N, d]``. The NC1 pseudo-inverse is
@@ -34,7 +34,7 @@ def reference_moments(x, y, K):
         sw += dev.T @ dev
         v.append(np.mean(np.sum(dev**2, axis=1)))
     sw /= x.shape[0]
-    centre = means.mean(axis=0)  # mean of class means (SCIENCE.md §1, imbalanced convention)
+    centre = means.mean(axis=0)  # mean of class means (docs/science.md §1, imbalanced convention)
     M = (means - centre).T  # d x K
     sb = M @ M.T / len(classes)
     return SimpleNamespace(
@@ -49,7 +49,7 @@ def reference_moments(x, y, K):
 
 
 def reference_metrics(x, y, K, weight=None):
-    """``{nc1, nc1_tilde, cdnv, nc2_*, [nc3]}`` by the textbook formulas of SCIENCE.md §1."""
+    """``{nc1, nc1_tilde, cdnv, nc2_*, [nc3]}`` by the textbook formulas of docs/science.md §1."""
     r = reference_moments(x, y, K)
     Kp = len(r.classes)
     out = {

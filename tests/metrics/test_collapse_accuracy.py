@@ -1,4 +1,4 @@
-"""One-pass accuracy in the collapsed regime (SCIENCE.md §1, issue 3).
+"""One-pass accuracy in the collapsed regime (docs/science.md §1).
 
 Every value is compared with the independent float64 two-pass reference of ``conftest.py``.
 """

@@ -1,4 +1,4 @@
-"""Defined behaviour at the edges (issue 3): absent classes, K > d, d = 1, validation."""
+"""Defined behaviour at the edges: absent classes, K > d, d = 1, validation."""
 
 from __future__ import annotations
 

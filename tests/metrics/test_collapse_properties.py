@@ -1,4 +1,4 @@
-"""Property tests (hypothesis): batch order/split independence, invariances (SCIENCE.md §1)."""
+"""Property tests (hypothesis): batch order/split independence, invariances (docs/science.md §1)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """2-process DDP on CPU (gloo): torchmetrics' sync of ClassStatistics equals one process on
-the union of the shards (issue 3; exact merge of the per-rank shifts, SCIENCE.md §1)."""
+the union of the shards (exact merge of the per-rank shifts, docs/science.md §1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""NC4, the NCC mismatch (SCIENCE.md §1): exact in memory, streaming with reference means."""
+"""NC4, the NCC mismatch (docs/science.md §1): exact in memory, streaming with reference means."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def test_exact_nc4_in_memory_matches_brute_force(problem, ref, dtype):
     assert 0.05 < expected < 0.95
     got = collapse_metrics(_t(x), _t(y), _t(w), _t(b))
     assert got["nc4"] == pytest.approx(expected, abs=0.5 / N)  # same count of mismatches
-    # bias-free classifier (MSE setting of SCIENCE.md §6)
+    # bias-free classifier (MSE setting of docs/science.md §6)
     assert collapse_metrics(_t(x), _t(y), _t(w))["nc4"] == pytest.approx(
         ref.nc4(x, means, w), abs=0.5 / N
     )

@@ -1,4 +1,4 @@
-"""Independent references for the perturbation-model tests (SCIENCE.md §2-5).
+"""Independent references for the perturbation-model tests (docs/science.md §2-5).
 
 Nothing here uses ``nclightning.perturbation``: Eq. 2 is written out densely over ``(W, H)``
 with features as columns (the paper's convention), derivatives come from autograd, and the

@@ -1,4 +1,4 @@
-"""fit_beta: the beta of Eq. 2 reproducing a measured metric (SCIENCE.md §2-3)."""
+"""fit_beta: the beta of Eq. 2 reproducing a measured metric (docs/science.md §2-3)."""
 
 from __future__ import annotations
 

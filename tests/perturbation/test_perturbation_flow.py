@@ -1,4 +1,4 @@
-"""Central path and its gradient flow: Eq. 4, Theorem 3.1 (SCIENCE.md §3)."""
+"""Central path and its gradient flow: Eq. 4, Theorem 3.1 (docs/science.md §3)."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def test_theorem_3_1_monotonicity(ref, lambda_H, seed):
     sw, sb = scale * tr.tr_sw, scale * tr.tr_sb
     assert bool((sw.diff() <= 1e-12 * sw[:-1]).all())
     assert bool((sb.diff() > 0).all())
-    # the traces are those of SCIENCE.md §1 (nc1_tilde = Tr Sw / Tr Sb)
+    # the traces are those of docs/science.md §1 (nc1_tilde = Tr Sw / Tr Sb)
     assert torch.allclose(tr.nc1_tilde, tr.tr_sw / tr.tr_sb)
 
 

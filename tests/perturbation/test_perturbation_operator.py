@@ -22,7 +22,7 @@ K, D, N_PER = 4, 10, 10  # the paper's Figure 1 setting
 
 
 def _table(lambda_H, beta):
-    """SCIENCE.md §5, transcribed independently: sorted singular values of F_kk."""
+    """docs/science.md §5, transcribed independently: sorted singular values of F_kk."""
     c = math.sqrt(lambda_H * LW)
     rows = [
         (1.0, D - K),
@@ -103,7 +103,7 @@ def test_exact_operator_matches_table_to_second_order(lambda_H):
         err_diag, err_off = _table_error(F, lambda_H, beta)
         assert err_diag <= 0.5 / beta**2 and err_off <= 0.5 / beta**2
         errs.append(err_diag)
-    # error at beta=100, lambda_H=0.1: ~7e-6 (SCIENCE.md §5)
+    # error at beta=100, lambda_H=0.1: ~7e-6 (docs/science.md §5)
     for a, b in itertools.pairwise(errs):
         assert 3.6 <= a / b <= 4.4
     assert errs[0] > 1e-7  # the exact operator is not the Eq. 5 one

@@ -1,4 +1,4 @@
-"""The statistics-based solver of Eq. 2 (SCIENCE.md §2) and Corollary 3.2 (§3)."""
+"""The statistics-based solver of Eq. 2 (docs/science.md §2) and Corollary 3.2 (§3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``nclightning theory spectrum|flow`` writes valid, non-trivial PNGs (SCIENCE.md §3, §5)."""
+"""``nclightning theory spectrum|flow`` writes valid, non-trivial PNGs (docs/science.md §3, §5)."""
 
 from __future__ import annotations
 

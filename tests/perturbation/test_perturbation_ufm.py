@@ -1,4 +1,4 @@
-"""Theorem 2.1 and Corollary 2.2 (SCIENCE.md §4): UFM minimisers and collapsed H0."""
+"""Theorem 2.1 and Corollary 2.2 (docs/science.md §4): UFM minimisers and collapsed H0."""
 
 from __future__ import annotations
 
