@@ -32,6 +32,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from nclightning.errors import ConfigurationError
+
 COMMANDS = {
     "theory": ("nclightning.commands.theory", "numerical checks of the perturbation theory"),
     "report": ("nclightning.commands.report", "PNG figures from logged runs"),
@@ -139,7 +141,7 @@ def finish_wandb_runs(trainer: Any) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-class ConfigError(ValueError):
+class ConfigError(ConfigurationError):
     """A configuration that parses but describes something that cannot be built."""
 
 
@@ -238,9 +240,9 @@ def run_trainer_cli(argv: list[str], run: bool = True):
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    from nclightning.data import DataError
+    from nclightning.errors import UserError
 
-    return (DataError, ConfigError)
+    return (UserError,)
 
 
 def _print_help() -> None:

@@ -23,6 +23,8 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from nclightning.errors import DataError
+
 __all__ = [
     "SPLITS",
     "ArrayDataset",
@@ -44,8 +46,6 @@ _STAGE_SPLITS = {
 }
 
 
-class DataError(RuntimeError):
-    """A data set cannot be found, fetched, read or subset; the message says how to fix it."""
 
 
 class ImageTransform:
