@@ -1,5 +1,11 @@
 """``CollapseClassifier``: feature backbone + linear classifier, trained into the terminal phase.
 
+This module owns the LightningModule (losses, weight-decay groups, schedules, logging) and the
+accessors the callbacks use to find things without guessing: ``get_classifier()`` (the final
+``nn.Linear``), ``feature_layers`` and ``feature_info`` (:mod:`nclightning.models.protocols`),
+and, with the ``mlp`` backbone, the :class:`~nclightning.models.protocols.LayerwiseModel`
+methods of layer-wise training (docs/science.md §6).
+
 ``forward(x)``: ``x[B, *input_shape] -> logits[B, K]``, ``logits = W h + b`` with
 ``h = features(x)`` ``[B, d]`` and ``W = classifier.weight [K, d]``, ``b = classifier.bias [K]``.
 
@@ -45,7 +51,9 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from nclightning.errors import ConfigurationError
 from nclightning.models.backbones import build_backbone
+from nclightning.models.protocols import FeatureInfo, prefixed
 
 __all__ = ["CollapseClassifier", "EpochLR", "mse_loss"]
 
@@ -174,6 +182,38 @@ class CollapseClassifier(LightningModule):
             alias: f"backbone.{name}" if name else "backbone"
             for alias, name in self.backbone.feature_layers.items()
         }
+
+    @property
+    def feature_info(self) -> list[FeatureInfo]:
+        """The backbone's ``feature_info`` with module names as in ``named_modules()``.
+
+        Every distinct feature layer in forward order, widths known before any forward; the
+        last entry is ``"backbone"`` (alias ``"penultimate"``), the classifier's input.
+        """
+        return prefixed(self.backbone.feature_info, "backbone")
+
+    def get_classifier(self) -> nn.Linear:
+        """The final linear classifier ``W[K, d], b[K]`` (timm's accessor name)."""
+        return self.classifier
+
+    def layerwise_blocks(self) -> nn.Sequential:
+        """The MLP's hidden blocks (:class:`~nclightning.models.protocols.LayerwiseModel`).
+
+        Raises :class:`~nclightning.errors.ConfigurationError` for another backbone.
+        """
+        blocks = getattr(self.backbone, "layerwise_blocks", None)
+        if blocks is None:
+            raise ConfigurationError(
+                "layer-wise training grows the 'mlp' backbone one block per stage; this "
+                f"CollapseClassifier has backbone {self.hparams.backbone!r}: use backbone 'mlp', "
+                "or a LightningModule that implements nclightning.models.LayerwiseModel"
+            )
+        return blocks()
+
+    def set_layerwise_depth(self, depth: int) -> None:
+        """Run the first ``depth`` MLP blocks, then the classifier (``LayerwiseModel``)."""
+        self.layerwise_blocks()  # the same clear error for a backbone that cannot grow
+        self.backbone.set_layerwise_depth(depth)
 
     def features(self, x: Tensor) -> Tensor:
         """Penultimate features ``[B, d]`` of ``x[B, *input_shape]``."""
