@@ -41,7 +41,7 @@ def _collapsed(N=20_000, d=256, K=10, seed=0):
 
 
 def test_class_statistics_on_cuda_is_exact_in_the_collapsed_regime(tf32_allowed):
-    """docs/science.md §10: 1e-6 relative against a float64 two-pass reference, on the GPU,
+    """docs/science.md §10.1: 1e-6 relative against a float64 two-pass reference, on the GPU,
     with TF32 allowed globally (the statistics force full-precision float32 products)."""
     x, y = _collapsed()
     st = ClassStatistics(10, x.shape[1]).cuda()

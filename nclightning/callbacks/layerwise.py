@@ -1,4 +1,4 @@
-"""``LayerwiseTraining``: grow any model one stage at a time (docs/science.md §6, Fig. 2).
+"""``LayerwiseTraining``: grow any model one stage at a time (docs/science.md §6.2, Fig. 2).
 
 This module owns the schedule of layer-wise training (which depth runs in which epoch), the
 freezing of the earlier blocks, the fresh head of each stage and the ``depth`` annotation of

@@ -4,7 +4,7 @@ This module owns the LightningModule (losses, weight-decay groups, schedules, lo
 accessors the callbacks use to find things without guessing: ``get_classifier()`` (the final
 ``nn.Linear``), ``feature_layers`` and ``feature_info`` (:mod:`nclightning.models.protocols`),
 and, with the ``mlp`` backbone, the :class:`~nclightning.models.protocols.LayerwiseModel`
-methods of layer-wise training (docs/science.md §6).
+methods of layer-wise training (docs/science.md §6.2).
 
 ``forward(x)``: ``x[B, *input_shape] -> logits[B, K]``, ``logits = W h + b`` with
 ``h = features(x)`` ``[B, d]`` and ``W = classifier.weight [K, d]``, ``b = classifier.bias [K]``.
@@ -20,10 +20,10 @@ Losses (``loss``):
       L = 1/(2B) * sum_i [ k (z_{i,y_i} - M)^2 + sum_{c != y_i} z_{i,c}^2 ]
 
   With ``M = k = 1`` this is ``1/(2N) ||W H + b 1^T - Y||_F^2``, the data term of the paper's
-  Eq. 2 (docs/science.md §2; features as columns there). Unlike Hui & Belkin there is no extra
-  ``1/K`` averaging over the classes.
+  Eq. 2 (docs/science.md §2.1, §9.8; features as columns there). Unlike Hui & Belkin there is
+  no extra ``1/K`` averaging over the classes.
 
-Weight decay (docs/science.md §6, Fig. 3 of Tirer et al.) is applied to *all* parameters, in two
+Weight decay (docs/science.md §6.1, Fig. 3 of Tirer et al.) is applied to *all* parameters, in two
 groups: every backbone parameter (conv/linear weights, biases, BN affine parameters) gets
 ``weight_decay`` (lambda_H in the paper's analogy), every classifier parameter (weight and
 bias) gets ``classifier_weight_decay`` (lambda_W; ``None`` means the same as
@@ -266,7 +266,7 @@ class CollapseClassifier(LightningModule):
 
         Each is ``{"name", "params", "weight_decay"}``; only trainable parameters
         (``requires_grad``) are included and empty groups are dropped, so frozen layers (e.g.
-        layer-wise training, docs/science.md §6 Fig. 2) are left out.
+        layer-wise training, docs/science.md §6.2, Fig. 2) are left out.
         """
         hp = self.hparams
         classifier_wd = (

@@ -1,4 +1,4 @@
-"""Multi-layer perceptron feature backbone (the layer-wise MLP of docs/science.md §6, Fig. 2).
+"""Multi-layer perceptron feature backbone (the layer-wise MLP of docs/science.md §6.2, Fig. 2).
 
 ``x[B, *input_shape]`` is flattened to ``[B, D]`` (``D = prod(input_shape)``) and passed
 through ``depth`` hidden blocks ``blocks.0 .. blocks.{depth-1}``, each
@@ -8,7 +8,7 @@ is the penultimate feature ``H`` ``[B, width]``; its input passes through the id
 perturbation model (docs/science.md §2).
 
 ``active_depth`` (default ``depth``) runs only the first blocks: layer-wise training
-(docs/science.md §6, Fig. 2; :class:`~nclightning.callbacks.LayerwiseTraining`) grows it one block
+(docs/science.md §6.2, Fig. 2; :class:`~nclightning.callbacks.LayerwiseTraining`) grows it one block
 per stage, and ``h0`` always taps the input of the deepest active block. The MLP implements the
 block half of :class:`~nclightning.models.protocols.LayerwiseModel` (``layerwise_blocks``,
 ``set_layerwise_depth``); the classifier that owns it supplies the head.

@@ -3,9 +3,10 @@
 This module owns the *interfaces* between models and callbacks, not their implementations:
 
 * :class:`FeatureInfo`: one entry of a model's ``feature_info`` (timm's convention, with an
-  ``alias``): a layer whose output is a feature space, its width known before any forward;
+  ``alias``): a layer whose output is a feature space, its width known before any forward
+  (docs/science.md §9.7);
 * :class:`LayerwiseModel`: the three methods :class:`~nclightning.callbacks.LayerwiseTraining`
-  needs to grow a network one stage at a time (docs/science.md §6, Fig. 2).
+  needs to grow a network one stage at a time (docs/science.md §6.2, Fig. 2).
 
 :class:`~nclightning.models.CollapseClassifier` (with the ``mlp`` backbone) implements both; a
 user's own ``LightningModule`` implements :class:`LayerwiseModel` by defining its methods (no

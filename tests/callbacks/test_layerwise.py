@@ -1,4 +1,4 @@
-"""LayerwiseTraining (the paper's Fig. 2 protocol, docs/science.md §6) on any LayerwiseModel.
+"""LayerwiseTraining (the paper's Fig. 2 protocol, docs/science.md §6.2) on any LayerwiseModel.
 
 Every check runs on :class:`CollapseClassifier` (``mlp`` backbone) and on a user's own
 LightningModule that implements :class:`nclightning.models.LayerwiseModel` and nothing else
