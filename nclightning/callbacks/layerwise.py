@@ -10,6 +10,8 @@ with the ``mlp`` backbone implements it, and so can any ``LightningModule``.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
@@ -50,6 +52,10 @@ class LayerwiseTraining(Callback):
       the same weights) and the optimizer state (momentum) of the head and of the new block is
       cleared.
 
+    The depth is part of the callback's checkpoint state: a resumed run, and ``validate`` or
+    ``test`` from a checkpoint (``nclightning measure``), run the network at the depth it was
+    trained to, as does ``validate``/``test`` right after ``fit``.
+
     The model must implement :class:`~nclightning.models.protocols.LayerwiseModel`
     (:class:`~nclightning.models.CollapseClassifier` does with the ``mlp`` backbone). The
     optimizer must hold the parameters of every block (frozen ones get no gradient). Every row
@@ -67,7 +73,7 @@ class LayerwiseTraining(Callback):
         self.epochs_per_stage, self.start_depth, self.seed = epochs_per_stage, start_depth, seed
         self.depth: int | None = None
         """The depth the model runs now (``None`` before ``setup``)."""
-        self._restored_depth: int | None = None
+        self._module: weakref.ref[LightningModule] | None = None
 
     @staticmethod
     def _model(pl_module: LightningModule) -> LayerwiseModel:
@@ -90,28 +96,31 @@ class LayerwiseTraining(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # Only the depth here: the optimizer (built after setup) must hold every block, so
-        # freezing waits for the first training epoch.
+        # freezing waits for the first training epoch. A fit starts at its first stage (a
+        # checkpoint's depth replaces it in load_state_dict); validate/test after a fit keep
+        # the depth the network was trained to.
         model = self._model(pl_module)
         max_depth = len(model.layerwise_blocks())
         if self.start_depth > max_depth:
             raise ConfigurationError(
                 f"start_depth {self.start_depth} exceeds the model's {max_depth} blocks"
             )
-        self._set_depth(model, self.depth_at(trainer.current_epoch, max_depth))
-
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # A resumed run: the depth of the checkpoint's last epoch, before any callback's
-        # on_train_start probes (the epoch counter is restored only after this hook).
-        if self._restored_depth is not None:
-            self._set_depth(self._model(pl_module), self._restored_depth)
-            self._restored_depth = None
+        self._module = weakref.ref(pl_module)
+        keep = stage != "fit" and self.depth is not None
+        self._set_depth(
+            model, self.depth if keep else self.depth_at(trainer.current_epoch, max_depth)
+        )
 
     def state_dict(self) -> dict[str, int | None]:
         return {"depth": self.depth}
 
     def load_state_dict(self, state_dict: dict[str, int | None]) -> None:
+        """Restore the checkpoint's depth, applied at once: Lightning restores callbacks after
+        ``setup`` and before any probe (``on_train_start``, a ``validate`` pass) runs."""
         depth = state_dict.get("depth")
-        self._restored_depth = None if depth is None else int(depth)
+        module = self._module() if self._module is not None else None
+        if depth is not None and module is not None:
+            self._set_depth(self._model(module), int(depth))
 
     def _set_depth(self, model: LayerwiseModel, depth: int) -> None:
         model.set_layerwise_depth(depth)

@@ -69,6 +69,10 @@ class Tower(LightningModule):
         x, y = batch
         return F.cross_entropy(self(x), y)
 
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val/loss", F.cross_entropy(self(x), y))
+
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
@@ -212,31 +216,70 @@ def test_rows_carry_the_probed_depth(kind):
         assert _pair(probes[4], "beta") == 1.0
 
 
+def _running_depth(model) -> int:
+    """The number of blocks ``model.features`` runs, found by composing blocks by hand."""
+    blocks, x = model.layerwise_blocks(), torch.randn(4, 8)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    with torch.no_grad():
+        out = model.features(x)
+        (depth,) = [
+            d for d in range(1, len(blocks) + 1) if torch.equal(out, _composed(blocks, d, x))
+        ]
+    for m, training in modes:
+        m.training = training
+    return depth
+
+
+class DepthAt(Callback):
+    """The depth the network runs (and the callback reports) when a probe would start."""
+
+    def __init__(self, layerwise: LayerwiseTraining):
+        self.layerwise, self.seen = layerwise, {}
+
+    def _record(self, hook, model):
+        self.seen[hook] = (_running_depth(model), self.layerwise.depth)
+
+    def on_train_start(self, trainer, model):
+        self._record("train", model)
+
+    def on_validation_start(self, trainer, model):
+        if not trainer.sanity_checking:
+            self._record("validate", model)
+
+
+def _four_epochs_then_checkpoint(kind, tmp_path):
+    """Four epochs at two per stage: the last ran depth 2 of 3 (the next epoch would run 3)."""
+    layerwise, model = LayerwiseTraining(2), _model(kind)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    _trainer([layerwise, ckpt], max_epochs=4, enable_checkpointing=True).fit(model, _data())
+    return layerwise, model, tmp_path / "last.ckpt"
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_resumed_run_probes_at_the_depth_it_stopped(kind, tmp_path):
-    """The depth before the first epoch of a resumed run is the checkpoint's, not start_depth."""
-    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    _trainer([LayerwiseTraining(2), ckpt], max_epochs=3, enable_checkpointing=True).fit(
-        _model(kind), _data()
-    )
+    """Before the first epoch of a resumed run the depth is the checkpoint's, not start_depth."""
+    _, _, path = _four_epochs_then_checkpoint(kind, tmp_path)
     layerwise = LayerwiseTraining(2)
-
-    class AtTrainStart(Callback):
-        def on_train_start(self, trainer, model):
-            blocks = model.layerwise_blocks()
-            x = torch.randn(4, 8)
-            model.eval()
-            with torch.no_grad():
-                self.runs_two = torch.equal(model.features(x), _composed(blocks, 2, x))
-            model.train()
-            self.depth = layerwise.depth
-
-    probe = AtTrainStart()
+    spy = DepthAt(layerwise)
     resumed = ModelCheckpoint(dirpath=tmp_path / "resumed", save_last=True)
-    _trainer([probe, layerwise, resumed], max_epochs=4, enable_checkpointing=True).fit(
-        _model(kind), _data(), ckpt_path=str(tmp_path / "last.ckpt")
+    _trainer([spy, layerwise, resumed], max_epochs=5, enable_checkpointing=True).fit(
+        _model(kind), _data(), ckpt_path=str(path)
     )
-    assert probe.depth == 2 and probe.runs_two  # epoch 2 (0-based) ran stage 2
+    assert spy.seen["train"] == (2, 2)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_validate_measures_the_network_at_its_trained_depth(kind, tmp_path):
+    """After fit, and from a checkpoint in a fresh process, validate runs depth 2, not 3 or 1."""
+    layerwise, model, path = _four_epochs_then_checkpoint(kind, tmp_path)
+    spy = DepthAt(layerwise)
+    _trainer([layerwise, spy], limit_val_batches=1.0).validate(model, _data())
+    assert spy.seen["validate"] == (2, 2)
+    fresh = LayerwiseTraining(2)
+    spy = DepthAt(fresh)
+    _trainer([fresh, spy], limit_val_batches=1.0).validate(_model(kind), _data(), ckpt_path=path)
+    assert spy.seen["validate"] == (2, 2)
 
 
 class NotLayerwise(LightningModule):
