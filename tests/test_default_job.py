@@ -1,8 +1,9 @@
 """The embedded default job, end to end: ``nclightning fit --config digits_mlp.yaml``.
 
-One run (about 30 s on 2 cores) serves the acceptance checks of the foundation (100% train
-accuracy, checkpoint, logs), of the callback (NC1 falls at least 10x, keys in the CSV) and of
-the report (figures).
+It trains the whole default job (150 epochs, about 30 s on 2 cores), so it is marked
+``slow``: CI runs it, ``pytest -m 'not slow'`` leaves it out. One run serves the acceptance
+checks of the foundation (100% train accuracy, checkpoint, logs), of the callback (NC1 falls
+at least 10x, keys in the CSV) and of the report (figures).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from matplotlib.image import imread
 
 from nclightning.cli import main
 from nclightning.metrics import METRIC_KEYS
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

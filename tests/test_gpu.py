@@ -1,7 +1,8 @@
-"""Checks that need a CUDA device (``pytest -m gpu``; run by ``benchmarks/gpu_check.sh``).
+"""Checks that need a CUDA device: exactness on the GPU, bf16 inputs, solver, callback.
 
-Deselected by default (``-m 'not gpu'`` in pyproject). On a machine without CUDA they fail
-with a message instead of passing silently.
+Every test here is ``RunIf(min_cuda_gpus=1)`` (``runif.py``): collected everywhere, reported
+as skipped (with the reason) on a machine without CUDA, selected by ``pytest -m gpu``
+(``benchmarks/gpu_check.sh`` runs them on a GPU machine).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch import Trainer
+from runif import RunIf
 from support import RecordingLogger, reference_metrics
 
 from nclightning import NeuralCollapseCallback, perturbation
@@ -17,12 +19,16 @@ from nclightning.data import SyntheticDataModule
 from nclightning.metrics import ClassStatistics
 from nclightning.models import CollapseClassifier
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, RunIf(min_cuda_gpus=1)]
 
 
-@pytest.fixture(autouse=True)
-def _cuda():
-    assert torch.cuda.is_available(), "tests marked gpu need a CUDA device"
+@pytest.fixture
+def tf32_allowed():
+    """TF32 matmuls allowed globally for one test (as many Lightning users set), then restored."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def _collapsed(N=20_000, d=256, K=10, seed=0):
@@ -34,10 +40,9 @@ def _collapsed(N=20_000, d=256, K=10, seed=0):
     return x, y
 
 
-def test_class_statistics_on_cuda_is_exact_in_the_collapsed_regime():
-    """docs/science.md §1: 1e-6 relative against a float64 two-pass reference, on the GPU, with TF32
-    allowed globally (the statistics force full-precision float32 products)."""
-    torch.backends.cuda.matmul.allow_tf32 = True
+def test_class_statistics_on_cuda_is_exact_in_the_collapsed_regime(tf32_allowed):
+    """docs/science.md §10.1: 1e-6 relative against a float64 two-pass reference, on the GPU,
+    with TF32 allowed globally (the statistics force full-precision float32 products)."""
     x, y = _collapsed()
     st = ClassStatistics(10, x.shape[1]).cuda()
     for xb, yb in zip(torch.from_numpy(x).split(137), torch.from_numpy(y).split(137)):
@@ -48,6 +53,7 @@ def test_class_statistics_on_cuda_is_exact_in_the_collapsed_regime():
         assert got[key] == pytest.approx(value, rel=1e-6), key
 
 
+@RunIf(min_cuda_gpus=1, bf16_cuda=True)
 def test_bfloat16_features_are_accepted_and_upcast():
     x, y = _collapsed(N=4000, d=64)
     xb = torch.from_numpy(x).cuda().bfloat16()
@@ -61,8 +67,9 @@ def test_solver_on_cuda_matches_cpu():
     x, y = _collapsed(N=5000, d=64)
     x = torch.from_numpy(x).double() + torch.randn(5000, 64, dtype=torch.float64)
     y = torch.from_numpy(y)
-    cpu = perturbation.solve(x, y, 5e-4, 5e-4, 1.0)
-    gpu = perturbation.solve(x.cuda(), y.cuda(), 5e-4, 5e-4, 1.0)
+    params = {"lambda_W": 5e-4, "lambda_H": 5e-4, "beta": 1.0}
+    cpu = perturbation.solve(x, y, **params)
+    gpu = perturbation.solve(x.cuda(), y.cuda(), **params)
     assert gpu.objective == pytest.approx(cpu.objective, rel=1e-9)
     assert gpu.metrics["nc1_tilde"] == pytest.approx(cpu.metrics["nc1_tilde"], rel=1e-6)
 
