@@ -348,9 +348,13 @@ class NeuralCollapseCallback(Callback):
             raise ConfigurationError(error)
 
     def _claim_snapshots(self, trainer) -> Path | None:
-        if self.snapshot_dir is False or (self.snapshot_dir is None and not trainer.loggers):
+        if self.snapshot_dir is False:
             return None
-        folder = self.snapshot_dir or Path(trainer.log_dir) / "snapshots" / self.name
+        if self.snapshot_dir is None:  # the run's own version folder, when it has one
+            if not trainer.loggers or trainer.log_dir is None:
+                return None
+            return claim_directory(Path(trainer.log_dir) / "snapshots" / self.name, self._token)
+        folder = self.snapshot_dir
         return claim_directory(folder, self._token)
 
     def _write_outputs(self, trainer, result, row, epochs_trained: int, step: int) -> None:

@@ -234,19 +234,24 @@ def _second_sweep(batches: _Batches, pass_plan, means, refs, K, device, has_head
     moments, nc4, nc4_ref = {}, {}, {}
     for lp in pass_plan.layers:
         m = means[lp.alias]
-        basis = span_basis(m) if lp.scatter == "span" else None
+        finite = bool(torch.isfinite(m.means).all())  # NaN features: NaN metrics, same keys
+        basis = None
+        if lp.scatter == "span":
+            basis = m.mean_span() if finite else m.means.new_zeros(lp.dim, 0)
         st = ClassStatistics(
             K,
             lp.dim,
-            scatter="none" if basis is not None else lp.scatter,
+            scatter="span" if basis is not None else lp.scatter,
             scatter_basis=basis,
-            shift=m.means,
+            shift=m.means if finite else None,
             allow_missing_classes=True,
             validate_args=False,
         ).to(device)
-        ncc = NCCMismatch(m.means, m.present).to(device) if has_head else None
+        ncc = NCCMismatch(m.means, m.present).to(device) if has_head and finite else None
         ref = refs.get(lp.alias)
         ncc_ref = NCCMismatch(ref.means, ref.present).to(device) if has_head and ref else None
+        if has_head and not finite:
+            nc4[lp.alias] = math.nan
         for h, y, pred in zip(batches.features[lp.alias], batches.labels, _preds(batches)):
             h = h.float()
             st.update(h, y)
@@ -271,7 +276,8 @@ def _nc4_pass(taps, loader, moments, refs, device, forward_context, has_head):
     """Streamed mode: a second forward pass counting NCC mismatches against the final means."""
     if not has_head:
         return {}, {}
-    ncc = {a: NCCMismatch(m.means, m.present).to(device) for a, m in moments.items()}
+    finite = {a: bool(torch.isfinite(m.means).all()) for a, m in moments.items()}
+    ncc = {a: NCCMismatch(m.means, m.present).to(device) for a, m in moments.items() if finite[a]}
     ncc_ref = {a: NCCMismatch(r.means, r.present).to(device) for a, r in refs.items()}
     for batch in loader:
         x, _ = split_batch(batch)
@@ -283,19 +289,9 @@ def _nc4_pass(taps, loader, moments, refs, device, forward_context, has_head):
         for alias, counter in ncc_ref.items():
             counter.update(features[alias].float(), pred)
     return (
-        {a: float(c.compute()) for a, c in ncc.items()},
+        {a: float(ncc[a].compute()) if a in ncc else math.nan for a in moments},
         {a: float(c.compute()) for a, c in ncc_ref.items()},
     )
-
-
-def span_basis(m: ClassMoments) -> Tensor:
-    """Orthonormal basis ``[d, r]`` of the centred class means (the directions NC1 weighs)."""
-    mt = m.centered_means
-    if mt.shape[0] < 2:
-        return torch.zeros(m.dim, 0, dtype=_F64, device=mt.device)
-    _, s, vh = torch.linalg.svd(mt, full_matrices=False)
-    keep = s > s.max() * 1e-12 if s.numel() else s > 0
-    return vh[keep].T.contiguous()
 
 
 def _zeros(device, n: int) -> list[Tensor]:

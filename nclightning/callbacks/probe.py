@@ -276,17 +276,17 @@ class Probe:
         moments = result.moments
         self._warn_about(moments, warn)
         weight = self.weight()
+        self.feeding = self.feeding or result.feeding  # decided on the first probe's batch
         row = analysis.layer_row(
             self.settings.name,
             moments,
             weight=weight,
-            feeding=result.feeding,
+            feeding=self.feeding,
             nc4=result.nc4,
             nc4_train_means=result.nc4_train_means,
             ood_means=ood,
             accuracy=result.accuracy,
         )
-        self.feeding = result.feeding or self.feeding
         for h0, h in self.pairs:  # a width error must stop every rank, not only rank 0
             analysis.match_width(moments[h0], moments[h], self.pair_settings.width_mismatch)
         fits, pair_row = self._fit_pairs(moments, weight, couplings)

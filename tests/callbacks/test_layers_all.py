@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -79,24 +80,21 @@ def _fit(cb, count=None, logger=None):
     ).fit(UserResNet(), train_dataloaders=loader)
 
 
-def test_all_probes_the_stem_every_residual_block_and_the_pooled_features_in_one_pass(capfd):
+def test_all_probes_the_stem_every_residual_block_and_the_pooled_features_in_one_pass(caplog):
     logger, count = RecordingLogger(), CountForwards()
     cb = NeuralCollapseCallback(
-        layers="all", probe=_loader(), name="train", log_figures_every_n_probes=0
+        layers="all", probe=_loader(), name="train", batch_size=8, log_figures_every_n_probes=0
     )
-    _fit(cb, count, logger)
-    printed = capfd.readouterr()
+    with caplog.at_level(logging.INFO):
+        _fit(cb, count, logger)
     row = logger.probes()[0]
     probed = [k.split("/")[1] for k in row if k.endswith("/nc1")]
     assert probed == RESNET_BLOCKS
     assert all(math.isfinite(row[layer_key("train", layer, "nc1")]) for layer in probed)
     assert layer_key("train", "net.avgpool", "nc3") in row  # the pooled features feed fc
-    assert count.at_baseline == 1 + 3  # one traced example batch, then one pass of 3 batches
-    plan = [
-        ln
-        for ln in (printed.out + printed.err).splitlines()
-        if "NeuralCollapseCallback[train]" in ln
-    ]
+    # two forwards of a 2-sample example (find the blocks, then their widths), then ONE pass
+    assert count.at_baseline == 2 + 3
+    plan = [r.getMessage() for r in caplog.records if "NeuralCollapseCallback[" in r.getMessage()]
     assert plan and "10 layer(s)" in plan[0] and "MiB" in plan[0]  # the memory estimate
 
 

@@ -294,12 +294,14 @@ def test_snapshots_are_atomic_loadable_and_match_the_logged_values(tmp_path):
     assert snap["epochs_trained"] == 2 and snap["probe"] == "train"
     row = logger.probes()[2]
     assert snap["row"] == {k: v for k, v in row.items() if k != "epochs_trained"}
-    layer = snap["layers"]["h0"]  # a layer with its full scatter
+    layer = snap["layers"]["h0"]  # its scatter projected on the span of the class means
     m = ClassMoments(
         counts=layer["counts"],
         means=layer["means"],
-        scatter=layer["scatter"],
+        scatter=layer.get("scatter"),
         class_ss=layer["class_ss"],
+        span_basis=layer.get("span_basis"),
+        span_scatter=layer.get("span_scatter"),
         norm_sums=layer["norm_sums"],
     )
     for key, value in metrics_from_moments(m).items():
