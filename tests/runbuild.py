@@ -44,9 +44,11 @@ def value(probe: str, layer: str, metric: str, epoch: int, scale: float = 1.0) -
     return scale * held_out * (j + 1) * (1.5 - 0.3 * i) * math.exp(-epoch * (0.2 + 0.1 * i))
 
 
-def accuracy(probe: str, epoch: int) -> float:
-    """Probe accuracy: the train probe reaches 1.0 at ``epochs_trained`` = 4."""
-    return min(1.0, 0.4 + 0.15 * epoch) if probe == "train" else min(0.9, 0.3 + 0.1 * epoch)
+def accuracy(probe: str, epoch: int, zero_at: int = 4) -> float:
+    """Probe accuracy: the train probe reaches 1.0 at ``epochs_trained`` = ``zero_at``."""
+    if probe == "train":
+        return 1.0 if epoch >= zero_at else 0.4 + 0.5 * epoch / zero_at
+    return min(0.9, 0.3 + 0.1 * epoch)
 
 
 def lr(epoch: int) -> float:
@@ -58,7 +60,7 @@ def coupling(epoch: int) -> float:
     return math.inf if epoch == 0 else 2.5 + epoch
 
 
-def probe_row(epoch: int, probes=("train",), scale: float = 1.0, pairs=True) -> dict:
+def probe_row(epoch: int, probes=("train",), scale: float = 1.0, pairs=True, zero_at=4) -> dict:
     """One probe's row (``epochs_trained`` = epoch) for each probe in ``probes``."""
     row: dict[str, float] = {keys.EPOCHS_TRAINED: epoch, keys.STEP: STEPS * epoch}
     for probe in probes:
@@ -67,7 +69,7 @@ def probe_row(epoch: int, probes=("train",), scale: float = 1.0, pairs=True) -> 
                 if m in ("nc3", "nc4") and layer != "penultimate":
                     continue
                 row[keys.layer_key(probe, layer, m)] = value(probe, layer, m, epoch, scale)
-        row[keys.accuracy_key(probe)] = accuracy(probe, epoch)
+        row[keys.accuracy_key(probe)] = accuracy(probe, epoch, zero_at)
         if probe != "train":
             row[keys.layer_key(probe, "penultimate", "nc4_train_means")] = 0.05 * (4 - epoch) ** 2
     if pairs:
@@ -101,19 +103,19 @@ def pair_cells(epoch: int, scale: float = 1.0) -> dict[str, float]:
 
 
 def training_rows(
-    epochs: int, probes=("train",), scale: float = 1.0, every: int = 1, start: int = 0
+    epochs: int, probes=("train",), scale=1.0, every=1, start=0, zero_at=4
 ) -> list[dict]:
     """The rows of a fit from epoch ``start`` to ``epochs`` (a resumed part: start > 0)."""
-    rows = [probe_row(0, probes, scale)] if start == 0 else []
+    rows = [probe_row(0, probes, scale, zero_at=zero_at)] if start == 0 else []
     for e in range(start, epochs):
         rows.append({"lr-SGD": lr(e), keys.STEP: STEPS * e})
         rows.append({"train/loss_step": 1.0 / (e + 1), "epoch": e, keys.STEP: STEPS * e + 5})
         end = STEPS * (e + 1)
-        train_acc = min(1.0, 0.3 + 0.15 * e)
+        train_acc = accuracy("train", e + 1, zero_at) - 0.05 * (e + 1 < zero_at)
         rows.append({"train/acc": train_acc, "train/loss": 2.0 / (e + 1), "epoch": e, "step": end})
         rows.append({"val/acc": 0.5 + 0.04 * e, "epoch": e, keys.STEP: end})
         if (e + 1) % every == 0:
-            rows.append(probe_row(e + 1, probes, scale))
+            rows.append(probe_row(e + 1, probes, scale, zero_at=zero_at))
     return rows
 
 

@@ -242,14 +242,16 @@ def zero_error_epoch(
 ) -> tuple[float, str] | None:
     """``(completed epochs, key)`` when training error first reached zero, else None.
 
-    The first probe whose ``nc-{probe}/accuracy`` is 1, else the first epoch whose
-    Lightning ``train/acc`` is 1 (at ``epoch + 1`` completed epochs).
+    The first probe whose ``nc-{probe}/accuracy`` is 1; only in a run whose train probe
+    logged no accuracy, the first epoch whose Lightning ``train/acc`` is 1 (at ``epoch + 1``
+    completed epochs; measured while the weights move, so a later signal).
     """
+    xs = _xs(rows, x)
     for key in (keys.accuracy_key(probe), TRAIN_ACCURACY):
-        hits = [xv for xv, r in zip(_xs(rows, x), rows) if r.get(key, 0.0) >= 1.0]
-        hits = [h for h in hits if math.isfinite(h)]
-        if hits:
-            return min(hits), key
+        logged = [(xv, r[key]) for xv, r in zip(xs, rows) if key in r and math.isfinite(xv)]
+        if logged:
+            hits = [xv for xv, v in logged if v >= 1.0]
+            return (min(hits), key) if hits else None
     return None
 
 

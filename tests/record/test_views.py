@@ -45,7 +45,9 @@ def test_learning_rate_and_zero_training_error(rows):
     # without a train probe, Lightning's train/acc (epoch e at e + 1 completed epochs)
     lightning_only = [r for r in rows if keys.EPOCHS_TRAINED not in r]
     x2 = history.completed_epochs(lightning_only)
-    assert views.zero_error_epoch(lightning_only, x2) == (6.0, "train/acc")
+    assert views.zero_error_epoch(lightning_only, x2) == (4.0, "train/acc")
+    never = [{**r, "nc-train/accuracy": 0.5} if "nc-train/accuracy" in r else r for r in rows]
+    assert views.zero_error_epoch(never, x) is None  # the probe decides when it is logged
     assert views.zero_error_epoch(rows[:3], x[:3]) is None
 
 
