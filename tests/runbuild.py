@@ -119,6 +119,25 @@ def training_rows(
     return rows
 
 
+def layerwise_rows(depths: int, epochs_per_stage: int) -> list[dict]:
+    """Probe rows of a layer-wise run (``LayerwiseTraining``): one stage per depth, the
+    deepest layer's ``nc1 = 2^-depth - 0.01 e`` and ``nc1_tilde = 3^-depth`` in stage epoch e."""
+    rows = []
+    for depth in range(1, depths + 1):
+        for e in range(epochs_per_stage):
+            epoch = epochs_per_stage * (depth - 1) + e
+            rows.append(
+                {
+                    keys.EPOCHS_TRAINED: epoch,
+                    keys.STEP: STEPS * epoch,
+                    keys.DEPTH: depth,
+                    "nc-train/deepest/nc1": 2.0**-depth - 0.01 * e,
+                    "nc-train/deepest/nc1_tilde": 3.0**-depth,
+                }
+            )
+    return rows
+
+
 def write_csv(save_dir: Path, rows: list[dict], name: str = "run", version=None) -> Path:
     """Log ``rows`` with Lightning's CSVLogger (saving in chunks: the header grows)."""
     from lightning.pytorch.loggers import CSVLogger

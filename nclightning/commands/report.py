@@ -31,6 +31,70 @@ __all__ = ["build_parser", "main"]
 PROG = "nclightning report"
 
 
+_OPTIONS = (
+    (
+        "--out",
+        dict(
+            type=Path,
+            default=None,
+            help="output folder (default: RUN_DIR/report for one run, ./report for several)",
+        ),
+    ),
+    (
+        "--probe",
+        dict(
+            default=None,
+            help="probe to draw: train, val, test or a named one "
+            "(default: every probe; --split is the same option)",
+        ),
+    ),
+    (
+        "--metrics",
+        dict(
+            nargs="+",
+            default=None,
+            metavar="METRIC",
+            help="metrics to draw (default: nc1 nc1_tilde cdnv nc2_etf nc3 nc4, those logged)",
+        ),
+    ),
+    (
+        "--layers",
+        dict(
+            nargs="+",
+            default=None,
+            metavar="LAYER",
+            help="layers to draw, in this order (default: all, shallow to deep)",
+        ),
+    ),
+    (
+        "--overlay-layer",
+        dict(
+            default=None,
+            help="layer of the multi-run overlays (default: the "
+            "last of --layers, else penultimate, else the deepest shared layer)",
+        ),
+    ),
+    (
+        "--group",
+        dict(
+            choices=("config", "parent", "none"),
+            default="config",
+            help="which runs are seeds of one setting, drawn as mean and band: 'config' "
+            "(saved configs equal apart from seeds and ckpt_path; the default), 'parent' "
+            "(the same logger folder), 'none'",
+        ),
+    ),
+    (
+        "--epoch",
+        dict(
+            type=int,
+            default=None,
+            help="epochs_trained of the snapshot for the class figures (default: last)",
+        ),
+    ),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
@@ -46,54 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="folder searched for runs (version folders), or a metrics.csv file",
     )
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="output folder (default: RUN_DIR/report for one run, ./report for several)",
-    )
-    p.add_argument(
-        "--probe",
-        "--split",
-        dest="probe",
-        default=None,
-        help="probe to draw: train, val, test or a named one (default: every probe)",
-    )
-    p.add_argument(
-        "--metrics",
-        nargs="+",
-        default=None,
-        metavar="METRIC",
-        help="metrics to draw (default: nc1 nc1_tilde cdnv nc2_etf nc3 nc4, if logged)",
-    )
-    p.add_argument(
-        "--layers",
-        nargs="+",
-        default=None,
-        metavar="LAYER",
-        help="layers to draw, in this order (default: all, shallow to deep)",
-    )
-    p.add_argument(
-        "--overlay-layer",
-        default=None,
-        help="layer of the multi-run overlays (default: the last of --layers, else "
-        "penultimate, else the deepest layer every run has)",
-    )
-    p.add_argument(
-        "--group",
-        choices=("config", "parent", "none"),
-        default="config",
-        help="which runs are seeds of one setting, drawn as mean and band: 'config' "
-        "(saved configs identical apart from seeds and ckpt_path), 'parent' (the same "
-        "logger folder), 'none' (default: config)",
-    )
-    p.add_argument(
-        "--epoch",
-        type=int,
-        default=None,
-        help="epochs_trained of the snapshot for the class figures (default: last)",
-    )
-    return p  # fmt: skip
+    for name, kwargs in _OPTIONS:
+        names = (name, "--split") if name == "--probe" else (name,)
+        p.add_argument(*names, **kwargs)
+    return p
 
 
 def main(argv: list[str]) -> int:

@@ -104,9 +104,9 @@ def _version_at(folder: Path) -> Version | None:
 def find_versions(root: str | Path) -> list[Version]:
     """Every version folder under ``root`` (``root`` included), in natural path order.
 
-    A ``metrics.csv`` file given as ``root`` stands for its folder. Snapshot folders inside a
-    version's ``snapshots/`` belong to that version; a snapshot folder elsewhere is a version
-    of its own (its probe named by the folder).
+    A ``.csv`` file given as ``root`` is read as its folder's metrics. Snapshot folders inside
+    a version's ``snapshots/`` belong to that version; a snapshot folder elsewhere
+    (``snapshot_dir=path``) is a version of its own, its probe named by its files.
     """
     root = Path(root)
     if not root.exists():
@@ -114,7 +114,9 @@ def find_versions(root: str | Path) -> list[Version]:
     if root.is_file():
         if root.name != METRICS_FILE and root.suffix != ".csv":
             raise DataError(f"{root} is not a directory (expected a run directory or a .csv)")
-        return [Version(root.parent, root, _config_beside(root), {})]
+        beside = _version_at(root.parent)
+        snaps = beside.snapshot_dirs if beside is not None else {}
+        return [Version(root.parent, root, _config_beside(root), snaps)]
     folders = {root} | {p.parent for p in root.rglob(METRICS_FILE)}
     for snap in {p.parent for p in root.rglob("probe-*.pt")}:
         # snapshots/{probe}/ belongs to the version folder above it
@@ -174,7 +176,10 @@ def _continues(later: Version, earlier: Version) -> bool:
 
 def _chains(versions: Sequence[Version]) -> list[list[Version]]:
     """Resume chains among sibling versions: each leaf version with its ancestors, in order."""
-    order = sorted(versions, key=lambda v: (str(v.path.parent), v.number or -1, v.path.name))
+    order = sorted(
+        versions,
+        key=lambda v: (str(v.path.parent), -1 if v.number is None else v.number, v.path.name),
+    )
     parent: dict[Path, Version] = {}
     for i, later in enumerate(order):
         for earlier in reversed(order[:i]):

@@ -197,19 +197,7 @@ def test_grouping_can_be_switched_off(tmp_path, spy, capsys):
 
 
 def test_a_layerwise_run_is_drawn_per_stage_and_by_depth(tmp_path, spy):
-    rows = []
-    for depth in range(1, 5):
-        for e in range(3):
-            epoch = 3 * (depth - 1) + e
-            rows.append(
-                {
-                    "epochs_trained": epoch,
-                    "step": 10 * epoch,
-                    "depth": depth,
-                    "nc-train/deepest/nc1": 2.0**-depth - 0.01 * e,
-                    "nc-train/deepest/nc1_tilde": 3.0**-depth,
-                }
-            )
+    rows = rb.layerwise_rows(4, 3)
     rb.write_csv(tmp_path, rows)
     assert report.main([str(tmp_path)]) == 0
     ((stages, _), kw), *_ = spy["metric_curves"]

@@ -71,22 +71,11 @@ def test_pair_view_at_the_last_fitted_epoch(rows):
 
 
 def test_layerwise_depth_values_and_stages():
-    rows = []
-    for depth in range(1, 4):
-        for e in range(2):
-            epoch = 2 * (depth - 1) + e
-            rows.append(
-                {
-                    "epochs_trained": epoch,
-                    "step": 10 * epoch,
-                    "depth": depth,
-                    "nc-train/deepest/nc1": 2.0**-depth - 0.01 * e,
-                }
-            )
+    rows = rb.layerwise_rows(3, 2)
     assert views.depth_values(rows, "train") == {
-        "1": {"nc1": 0.49},
-        "2": {"nc1": 0.24},
-        "3": {"nc1": 2.0**-3 - 0.01},
+        "1": {"nc1": 0.49, "nc1_tilde": 1 / 3},
+        "2": {"nc1": 0.24, "nc1_tilde": 1 / 9},
+        "3": {"nc1": 2.0**-3 - 0.01, "nc1_tilde": 1 / 27},
     }
     stages = views.stage_history(rows, "train")
     assert list(stages) == ["depth 1", "depth 2", "depth 3"]
