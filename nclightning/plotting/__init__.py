@@ -12,7 +12,7 @@ Data shapes shared by every function here:
   axis NaN breaks a line, a value ``<= 0`` breaks it and is marked on a grey band at the
   bottom of the panel, ``+inf`` on one at the top.
 * ``History``: ``{line: {metric: Series}}``, a line being a layer (shallow to deep, in the
-  dict's order) or a probe.
+  dict's order) or a probe; metrics are those of docs/science.md §1 and §8.
 * Matrices: array-likes ``[K, K]``; per-class values: ``[K]``.
 
 Modules: :mod:`.curves` (metrics over epochs, overlays and seed bands, the learning-rate

@@ -1,9 +1,10 @@
 """Curves over training: collapse metrics per layer (or per probe), overlays of runs with bands.
 
 Owns the figures whose x-axis is training time (completed epochs, or epochs since zero
-training error): :func:`metric_curves` (one panel per metric, one line per layer or probe,
-the learning rate in a strip under the panels) and :func:`overlay` (one metric of several
-runs; a group of seeds as its mean and the band from its lowest to its highest run).
+training error; docs/science.md §6 for the paper's curves, §1 and §8 for the metrics):
+:func:`metric_curves` (one panel per metric, one line per layer or probe, the learning rate
+in a strip under the panels) and :func:`overlay` (one metric of several runs; a group of
+seeds as its mean and the band from its lowest to its highest run).
 ``History`` is ``{line: {metric: [(x, value), ...]}}``; see :mod:`nclightning.plotting`.
 """
 

@@ -14,8 +14,9 @@ those of :mod:`nclightning.record.keys`; snapshots those of :mod:`nclightning.re
   or when a snapshot folder of B carries the owner token of one of A's
   (:func:`~nclightning.record.snapshots.claim_directory`). :func:`find_runs` chains them.
 * **One history.** The rows of a chain are stitched into one and put on one x-axis of
-  completed epochs by the rules of :mod:`nclightning.record.history`; snapshot files follow
-  the same rule, one file per ``(probe, epochs_trained)``, the later version's winning.
+  completed epochs by the rules of :mod:`nclightning.record.history` (docs/science.md §9);
+  snapshot files follow the same rule, one file per ``(probe, epochs_trained)``, the later
+  version's winning.
 * **Seeds of one setting** (:func:`group_runs`): runs whose saved configs are equal apart
   from their seeds.
 """

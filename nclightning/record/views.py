@@ -2,7 +2,8 @@
 
 Owns the meaning of the keys of :mod:`nclightning.record.keys` for readers: which probes,
 layers and pairs a history holds, a metric's series, the epoch of zero training error, the
-learning rate, a pair fit at its last epoch, per-class quantities from a snapshot. Every
+learning rate, a pair fit at its last epoch (docs/science.md §7), per-class quantities from
+a snapshot (docs/science.md §8). Every
 function takes ``rows`` (``dict[str, float]``, empty cells absent) and ``x``, the completed
 epochs of each row (:func:`nclightning.record.runs.completed_epochs`; ``None``: each row's
 ``epochs_trained``, as for the callback's own probe rows). A ``Series`` is a list of
