@@ -140,7 +140,9 @@ def _draw_band(ax: Axes, runs: Sequence[Series], color, label: str) -> L.LogData
     stats = band_stats(runs)
     data = L.log_line(ax, [(x, m) for x, m, *_ in stats], color=color, label=label)
     xs = [x for x, *_ in stats]
-    lows = [lo if lo > 0 else math.nan for _, _, lo, _, _ in stats]
+    positive = band_stats([[(x, v) for x, v in s if v > 0] for s in runs])
+    low_at = {x: lo for x, _, lo, _, _ in positive}  # a run at 0 sits on the zero band
+    lows = [low_at.get(x, math.nan) for x in xs]
     highs = [hi if hi > 0 else math.nan for _, _, _, hi, _ in stats]
     ax.fill_between(xs, lows, highs, color=color, alpha=0.22, lw=0, gid=f"band:{label}")
     data.ys += [v for v in lows + highs if math.isfinite(v)]
@@ -162,14 +164,15 @@ def overlay(
 
     ``curves[label]`` holds one series per run of that label: one run is a line; several
     (seeds of one setting) are their mean (arithmetic, over the runs with a finite value at
-    each x) and a band from the lowest to the highest run, labelled with the run count.
+    each x) and a band from the lowest to the highest run (the lowest positive one where a
+    run is at 0, that run marked on the zero band), labelled with the run count.
     Labels without a finite value are left out and named in the caption.
     """
     kept = {k: v for k, v in curves.items() if any(math.isfinite(y) for s in v for _, y in s)}
     notes = [k for k in curves if k not in kept]
     if not kept:
         raise ValueError(f"overlay: no run has a finite {metric}")
-    labels = [k if len(v) == 1 else f"{k}: mean, min-max of {len(v)}" for k, v in kept.items()]
+    labels = [k if len(v) == 1 else f"{k}: mean, min-max of {len(v)} runs" for k, v in kept.items()]
     grid = L.new_figure(
         1, legend_w=L.legend_width([*labels, *(marks or {})], "run"), title_lines=2,
         suptitle=bool(title), caption_lines=bool(notes),

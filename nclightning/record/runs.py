@@ -392,7 +392,7 @@ def group_runs(runs: Sequence[Run], by: str = "config") -> dict[str, list[Run]]:
     ``seed_everything`` entry and ``ckpt_path`` (a run without a saved config is its own
     group); ``by="parent"``: runs in the same logger folder (``runs/NAME/version_*``);
     ``by="none"``: every run alone. A group of several runs is labelled by their common
-    logger folder when they share one, else by its first run's label and the count.
+    logger folder when they share one, else by its first run's label and ``+N``.
     """
     if by not in ("config", "parent", "none"):
         raise ValueError(f"group_runs: by must be 'config', 'parent' or 'none', got {by!r}")
@@ -416,5 +416,5 @@ def _group_label(members: Sequence[Run]) -> str:
         return members[0].label
     parents = {m.path.parent for m in members}
     if len(parents) == 1 and all(m.versions[0].number is not None for m in members):
-        return f"{members[0].path.parent.name} ({len(members)} runs)"
-    return f"{members[0].label} +{len(members) - 1} ({len(members)} runs)"
+        return members[0].path.parent.name
+    return f"{members[0].label} +{len(members) - 1}"

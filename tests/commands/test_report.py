@@ -167,18 +167,16 @@ def test_three_seeds_are_one_band_and_align_at_zero_training_error(tmp_path, spy
     assert out == {"overlay_nc1_train.png", "overlay_nc1_train_since_zero_error.png"}
     plain, aligned = spy["overlay"]
     curves = plain[0][0]
-    assert list(curves) == ["wd (3 runs)", "wd_x2 (3 runs)"]
-    assert [s[-1] for s in curves["wd (3 runs)"]] == [
+    assert list(curves) == ["wd", "wd_x2"]
+    assert [s[-1] for s in curves["wd"]] == [
         (6.0, rb.value("train", "penultimate", "nc1", 6, scale=1 + 0.2 * s)) for s in (1, 2, 3)
     ]
-    shifted = aligned[0][0]["wd (3 runs)"]
+    shifted = aligned[0][0]["wd"]
     assert [s[0][0] for s in shifted] == [-3.0, -4.0, -5.0]  # x = epochs - zero-error epoch
-    assert list(aligned[0][0]) == ["wd (3 runs)"] and aligned[1]["xlabel"].startswith(
-        "epochs since"
-    )
+    assert list(aligned[0][0]) == ["wd"] and aligned[1]["xlabel"].startswith("epochs since")
     fig = plotting.overlay(curves, metric="nc1")  # the drawn figure has the band
     assert any(
-        c.get_gid() == "band:wd (3 runs): mean, min-max of 3" for c in panels(fig)[0].collections
+        c.get_gid() == "band:wd: mean, min-max of 3 runs" for c in panels(fig)[0].collections
     )
     assert "never reached zero training error (left out of the aligned overlays): wd_x2" in (
         captured.err

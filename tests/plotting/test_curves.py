@@ -106,15 +106,15 @@ def test_overlay_draws_a_group_of_seeds_as_mean_and_band():
     single = [[(e, 3.0 * 0.6**e) for e in range(4)]]
     fig = plotting.overlay({"wd 5e-4": seeds, "wd 1e-3": single}, metric="nc1", subtitle="h")
     (ax,) = panels(fig)
-    mean = lines(ax)["wd 5e-4: mean, min-max of 3"]
+    mean = lines(ax)["wd 5e-4: mean, min-max of 3 runs"]
     want = [(1 + 2 + 4) / 3 * 0.5**e for e in range(3)] + [(1 + 2) * 0.125 / 3]
     np.testing.assert_allclose(ydata(mean), want, rtol=1e-15)
     assert ydata(lines(ax)["wd 1e-3"]) == [3.0 * 0.6**e for e in range(4)]
-    (band,) = [c for c in ax.collections if c.get_gid() == "band:wd 5e-4: mean, min-max of 3"]
+    (band,) = [c for c in ax.collections if c.get_gid() == "band:wd 5e-4: mean, min-max of 3 runs"]
     vertices = band.get_paths()[0].vertices
-    for e in range(3):
-        ys = vertices[np.isclose(vertices[:, 0], e), 1]
-        np.testing.assert_allclose([ys.min(), ys.max()], [0.5**e, 4 * 0.5**e], rtol=1e-12)
+    for e, (lo, hi) in enumerate([(1.0, 4.0), (0.5, 2.0), (0.25, 1.0), (0.125, 0.25)]):
+        ys = vertices[np.isclose(vertices[:, 0], e), 1]  # at 3: the lowest positive run
+        np.testing.assert_allclose([ys.min(), ys.max()], [lo, hi], rtol=1e-12)
     assert band_xs(ax, "bottom") == [3.0]
     assert "h" in ax.get_title()
 
