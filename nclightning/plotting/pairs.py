@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 from nclightning.plotting import _layout as L
 
@@ -103,15 +104,24 @@ def _coupling_panel(ax: Axes, coupling: Series, status, perturbative: Series) ->
     regime = {x: v for x, v in perturbative}
     finite = [(x, c) for x, c in coupling if math.isfinite(c) and c > 0]
     data = L.log_line(ax, finite, color="C2", marker="none", label="_coupling")
-    for flag, fill, gid in ((1.0, "C2", "perturbative"), (0.0, "white", "not_perturbative")):
+    handles = []
+    for flag, fill, gid, text in (
+        (1.0, "C2", "perturbative", "fitted, perturbative (Thms 4.1-4.2 apply)"),
+        (0.0, "white", "not_perturbative", "fitted, outside that regime"),
+    ):
         pts = [(x, c) for x, c in finite if regime.get(x) == flag]
         if pts:
             ax.plot(*zip(*pts), ls="none", marker="o", ms=5, mec="C2", mfc=fill, gid=gid)
+            handles.append(Line2D([], [], ls="none", marker="o", mec="C2", mfc=fill, label=text))
     if finite:
         L.finish_log_axis(ax, data)
     else:  # every fit at an infinite coupling: nothing on a log scale, only the band
         ax.set_ylim(0.0, 1.0)
         ax.set_yticks([])
+        ax.text(0.5, 0.45, "no finite coupling", transform=ax.transAxes, ha="center",
+                color="0.4", fontsize="small")  # fmt: skip
+    if all(float(x).is_integer() for x, _ in coupling):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     infinite = [(x, names.get(x, "fitted")) for x, c in coupling if c == math.inf]
     for name, (colour, mark) in STATUS_STYLE.items():
         xs = [x for x, n in infinite if n == name]
@@ -121,12 +131,6 @@ def _coupling_panel(ax: Axes, coupling: Series, status, perturbative: Series) ->
             ax.lines[-1].set_gid(f"status-{name}")
     ax.set_xlabel("completed epochs")
     ax.set_title("coupling = beta / lambda_H (scale free)", fontsize="medium")
-    handles = [
-        Line2D([], [], ls="none", marker="o", mec="C2", mfc="C2",
-               label="fitted, perturbative (Thms 4.1-4.2 apply)"),
-        Line2D([], [], ls="none", marker="o", mec="C2", mfc="white",
-               label="fitted, outside that regime"),
-    ]  # fmt: skip
     used = {n for _, n in infinite}
     for name, (colour, mark) in STATUS_STYLE.items():
         if name in used:

@@ -174,3 +174,16 @@ def test_pair_figure_without_values():
         plotting.measured_vs_predicted({}, {}, {"nc1": math.nan})
     fig = plotting.measured_vs_predicted({"nc1": 1.0}, {"nc1": 0.5}, {"nc1": 0.4, "x": math.nan})
     assert len(panels(fig)) == 1 and "x" in caption(fig)
+
+
+def test_a_pair_never_fitted_shows_only_its_statuses():
+    fig = pair_figure(
+        coupling=[(0, math.inf), (1, math.inf)],
+        status=[(0, "identical"), (1, "not_more_collapsed")],
+        perturbative=[(0, 0.0), (1, 0.0)],
+    )
+    *_, cpl = panels(fig)
+    assert [t.get_text() for t in cpl.texts if t.get_gid() is None] == ["no finite coupling"]
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert not any(t.startswith("fitted") for t in legend)
+    assert {"identical (inf)", "not_more_collapsed (inf)"} <= set(legend)
