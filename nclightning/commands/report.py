@@ -247,9 +247,9 @@ def _overlay_plan(runs, probes, args, notes: list[str]) -> dict[str, str]:
 
 def _write_overlays(runs, plan: dict[str, str], root: Path, args, notes: list[str]) -> list[Path]:
     from nclightning.record import figures, views
-    from nclightning.record import runs as records
+    from nclightning.record.groups import group_runs
 
-    groups = records.group_runs(runs, args.group)
+    groups = group_runs(runs, args.group)
     members = {label: [(r.rows, r.x) for r in group] for label, group in groups.items()}
     written = []
     for probe, layer in plan.items():

@@ -17,8 +17,7 @@ those of :mod:`nclightning.record.keys`; snapshots those of :mod:`nclightning.re
   completed epochs by the rules of :mod:`nclightning.record.history` (docs/science.md §9);
   snapshot files follow the same rule, one file per ``(probe, epochs_trained)``, the later
   version's winning.
-* **Seeds of one setting** (:func:`group_runs`): runs whose saved configs are equal apart
-  from their seeds.
+* Which runs are seeds of one setting: :mod:`nclightning.record.groups`.
 """
 
 from __future__ import annotations
@@ -42,7 +41,6 @@ __all__ = [
     "completed_epochs",
     "find_runs",
     "find_versions",
-    "group_runs",
     "load_run",
     "read_metrics_csv",
     "run_labels",
@@ -362,59 +360,3 @@ def run_labels(paths: Sequence[Path]) -> list[str]:
         seen[lab] = seen.get(lab, 0) + 1
         out.append(lab if seen[lab] == 1 else f"{lab}-{seen[lab]}")
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# grouping runs of one setting
-# ---------------------------------------------------------------------------------------------
-
-_SEED_KEYS = frozenset({"seed", "seed_everything"})
-_RUN_KEYS = frozenset({"ckpt_path"})
-
-
-def _setting(config: Any) -> Any:
-    """A config without its seeds (any ``seed``/``seed_everything`` entry) and ``ckpt_path``."""
-    if isinstance(config, dict):
-        return {
-            k: _setting(v)
-            for k, v in sorted(config.items(), key=lambda kv: str(kv[0]))
-            if k not in _SEED_KEYS and k not in _RUN_KEYS
-        }
-    if isinstance(config, list):
-        return [_setting(v) for v in config]
-    return config
-
-
-def group_runs(runs: Sequence[Run], by: str = "config") -> dict[str, list[Run]]:
-    """Runs of one setting together: ``{group label: [runs]}`` in first-seen order.
-
-    ``by="config"``: runs whose saved configs are identical apart from every ``seed`` /
-    ``seed_everything`` entry and ``ckpt_path`` (a run without a saved config is its own
-    group); ``by="parent"``: runs in the same logger folder (``runs/NAME/version_*``);
-    ``by="none"``: every run alone. A group of several runs is labelled by their common
-    logger folder when they share one, else by its first run's label and ``+N``.
-    """
-    if by not in ("config", "parent", "none"):
-        raise ValueError(f"group_runs: by must be 'config', 'parent' or 'none', got {by!r}")
-    groups: dict[Any, list[Run]] = {}
-    for i, run in enumerate(runs):
-        if by == "config" and run.config is not None:
-            key: Any = ("config", repr(_setting(run.config)))
-        elif by == "parent":
-            key = ("parent", str(run.path.parent))
-        else:
-            key = ("alone", i)
-        groups.setdefault(key, []).append(run)
-    out = {}
-    for members in groups.values():
-        out[_group_label(members)] = members
-    return out
-
-
-def _group_label(members: Sequence[Run]) -> str:
-    if len(members) == 1:
-        return members[0].label
-    parents = {m.path.parent for m in members}
-    if len(parents) == 1 and all(m.versions[0].number is not None for m in members):
-        return members[0].path.parent.name
-    return f"{members[0].label} +{len(members) - 1}"

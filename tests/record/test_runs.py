@@ -9,7 +9,7 @@ import runbuild as rb
 from runbuild import crashed_part, floats, same_rows
 
 from nclightning.errors import DataError
-from nclightning.record import keys, runs
+from nclightning.record import groups, keys, runs
 
 
 def uninterrupted(tmp_path, epochs=6):
@@ -115,14 +115,14 @@ def test_seeds_of_one_setting_are_grouped_by_their_config(tmp_path):
     seed_runs(tmp_path / "runs", seeds=(1,), wd=1e-3)  # another setting: its own group
     rb.write_csv(tmp_path / "runs", rb.training_rows(2), name="digits")  # no config
     found = runs.find_runs(tmp_path / "runs")
-    groups = runs.group_runs(found)
-    assert [len(g) for g in groups.values()] == [3, 1, 1]
-    assert next(iter(groups)) == "digits"
-    assert [r.label for r in groups["digits"]] == ["version_0", "version_1", "version_2"]
-    assert [len(g) for g in runs.group_runs(found, "parent").values()] == [5]
-    assert [len(g) for g in runs.group_runs(found, "none").values()] == [1] * 5
+    by_config = groups.group_runs(found)
+    assert [len(g) for g in by_config.values()] == [3, 1, 1]
+    assert next(iter(by_config)) == "digits"
+    assert [r.label for r in by_config["digits"]] == ["version_0", "version_1", "version_2"]
+    assert [len(g) for g in groups.group_runs(found, "parent").values()] == [5]
+    assert [len(g) for g in groups.group_runs(found, "none").values()] == [1] * 5
     with pytest.raises(ValueError, match="by must be"):
-        runs.group_runs(found, "seed")
+        groups.group_runs(found, "seed")
 
 
 def test_labels_grow_until_unique(tmp_path):
