@@ -14,6 +14,7 @@ from typing import Any
 
 from nclightning import plotting
 from nclightning.callbacks.outputs import MAX_TABLE_CLASSES, matrix_table
+from nclightning.metrics.names import METRIC_KEYS
 from nclightning.record import keys
 
 __all__ = ["history_of", "probe_media"]
@@ -53,7 +54,7 @@ def probe_media(probe: str, rows, result, probe_obj) -> tuple[dict[str, Any], di
         if fit is None:
             continue
         h0, h = keys.split_pair(name)
-        metrics = [m for m in plotting.METRIC_ORDER if m in fit.predicted]
+        metrics = [m for m in (*METRIC_KEYS, "norm_ratio") if m in fit.predicted]
         if metrics:
             images[keys.pair_key(probe, name, "figure")] = plotting.measured_vs_predicted(
                 _measured(result, probe, h0),
