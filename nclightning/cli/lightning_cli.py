@@ -75,32 +75,45 @@ class SaveRunConfig(SaveConfigCallback):
     """Save the config beside the first logger's files, never over another run's.
 
     A second run into the same folder writes ``config-2.yaml`` (then ``-3`` ...) instead of
-    failing or clobbering the first run's config; a resumed run whose config is unchanged
-    writes nothing new. The resolved config is also logged to every W&B run's config.
+    failing or clobbering the first run's config; a resumed run whose config differs only in
+    ``ckpt_path`` writes nothing new. The resolved config is also logged to every W&B run's
+    config.
     """
 
     def setup(self, trainer, pl_module, stage) -> None:
         if self.already_saved:
             return
         log_dir = trainer.log_dir
-        if log_dir is not None:
-            name = self._free_name(log_dir) if trainer.is_global_zero else None
-            self.config_filename = trainer.strategy.broadcast(name)
-            self.overwrite = trainer.strategy.broadcast(self.overwrite)
-        super().setup(trainer, pl_module, stage)
+        if log_dir is not None and self.save_to_log_dir:
+            path = self._target(log_dir) if trainer.is_global_zero else None
+            path = trainer.strategy.broadcast(path)
+            if trainer.is_global_zero and path is not None:
+                os.makedirs(log_dir, exist_ok=True)
+                self.parser.save(self.config, path, skip_none=False, overwrite=True)
+        if trainer.is_global_zero:
+            self.save_config(trainer, pl_module, stage)
+            self.already_saved = True
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)
 
-    def _free_name(self, log_dir: str) -> str:
+    def _target(self, log_dir: str) -> str | None:
+        """A free ``config[-k].yaml`` path, or None when this run's config is already there."""
+        import yaml
+
+        def essentials(text: str):
+            config = yaml.safe_load(text) or {}
+            config.pop("ckpt_path", None)
+            return config
+
+        mine = essentials(self.parser.dump(self.config, skip_none=False))
         stem, suffix = os.path.splitext(self.config_filename)
-        text = self.parser.dump(self.config, skip_none=False)
         name, k = self.config_filename, 1
         while os.path.exists(os.path.join(log_dir, name)):
             with open(os.path.join(log_dir, name)) as f:
-                if f.read() == text:  # the same run resumed: rewrite it unchanged
-                    self.overwrite = True
-                    return name
+                if essentials(f.read()) == mine:
+                    return None
             k += 1
             name = f"{stem}-{k}{suffix}"
-        return name
+        return os.path.join(log_dir, name)
 
     def save_config(self, trainer, pl_module, stage) -> None:
         import json

@@ -46,8 +46,6 @@ _STAGE_SPLITS = {
 }
 
 
-
-
 class ImageTransform:
     """Per-sample transform of a ``[C, H, W]`` (or any-shape) tensor.
 

@@ -117,7 +117,10 @@ def wandb_service_problem(url: str | None = None, timeout: float = 5.0) -> str |
             result.append(None)
         except Exception as err:
             reason = getattr(err, "reason", err)
-            result.append(f"{url} unreachable: {reason}")
+            if isinstance(reason, TimeoutError):
+                result.append(f"{url} did not answer within {timeout:g} s")
+            else:
+                result.append(f"{url} unreachable: {reason}")
 
     thread = threading.Thread(target=probe, daemon=True, name="nclightning-wandb-probe")
     thread.start()
@@ -206,10 +209,13 @@ class WandbLogger(_LightningWandbLogger):
             problem = wandb_service_problem(timeout=self.connect_timeout)
         if problem is None:
             folders = _run_folders(Path(self._wandb_init.get("dir") or "."))
+            attempt = time.monotonic()
             try:
                 return wandb.init(**self._wandb_init, **self._timeout_settings())
             except Exception as err:  # wandb raises CommError, AuthenticationError, UsageError
                 problem = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+                if time.monotonic() - attempt >= self.init_timeout:
+                    problem = f"wandb.init took more than {self.init_timeout:g} s: {problem}"
                 self._remove_failed_attempt(folders)
         self.fallback_reason = problem
         _say(

@@ -81,6 +81,37 @@ def rejecting_server():
     server.server_close()
 
 
+class _AnswerThenHang(BaseHTTPRequestHandler):
+    """``GET`` (the reachability probe) is answered; ``POST`` (the W&B API) never is."""
+
+    release = threading.Event()
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_POST(self) -> None:
+        self.release.wait()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def hanging_api_server():
+    """A loopback HTTP server that answers a health check but never answers an API call."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _AnswerThenHang)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    _AnswerThenHang.release.set()
+    server.shutdown()
+    server.server_close()
+    _AnswerThenHang.release.clear()
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     """The environment of a CLI subprocess: this worktree first on the path, one thread."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
