@@ -207,8 +207,9 @@ class CSVLogger(_LightningCSVLogger):
     @rank_zero_experiment
     def experiment(self) -> _Writer:
         if self._experiment is None:
+            log_dir = self.log_dir  # reserves the folder (and notes the parents it creates)
             self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _Writer(self.log_dir, self._resume)
+            self._experiment = _Writer(log_dir, self._resume)
         return self._experiment
 
     def rows_on_disk(self) -> int:
