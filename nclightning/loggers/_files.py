@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "file_mode", "remove_created"]
+__all__ = ["atomic_write_bytes", "file_mode", "remove_created", "remove_stale_temporaries"]
 
 
 def file_mode() -> int:
@@ -15,6 +15,16 @@ def file_mode() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return 0o666 & ~mask
+
+
+def remove_stale_temporaries(path: str | Path) -> None:
+    """Delete ``.{name}.*`` files beside ``path``: temporaries of writes a crash interrupted.
+
+    Only for files one process writes at a time (a run's own ``metrics.csv``, checkpoints).
+    """
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.*"):
+        stale.unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

@@ -4,7 +4,8 @@ Lightning writes a checkpoint to a temporary file in the system's temporary fold
 it into place; when that folder is on another file system (a ``tmpfs`` ``/tmp``) the move is
 a copy, and a crash during it leaves a truncated ``last.ckpt``. This plug-in writes local
 checkpoints next to their destination and renames them into place (atomic on POSIX), with
-the permissions of any other file the process writes; remote paths (``s3://`` ...) keep
+the permissions of any other file the process writes (temporaries a crash left are
+removed at the next save); remote paths (``s3://`` ...) keep
 Lightning's behaviour. ``Trainer(plugins=[AtomicCheckpointIO()])``; the ``nclightning``
 command installs it.
 """
@@ -15,6 +16,7 @@ from typing import Any
 
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from nclightning.loggers._files import remove_stale_temporaries
 from nclightning.record.snapshots import atomic_save
 
 __all__ = ["AtomicCheckpointIO"]
@@ -28,4 +30,5 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> None:
         if storage_options is not None or "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
+        remove_stale_temporaries(path)  # left by a crash during an earlier save
         atomic_save(checkpoint, path)

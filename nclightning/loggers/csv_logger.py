@@ -34,7 +34,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_warn
 
-from nclightning.loggers._files import atomic_write_bytes, remove_created
+from nclightning.loggers._files import atomic_write_bytes, remove_created, remove_stale_temporaries
 
 __all__ = ["CSVLogger", "ResumePoint", "rows_to_keep"]
 
@@ -103,6 +103,7 @@ class _Writer(ExperimentWriter):
             if self._resume.rows:
                 rank_zero_warn(f"resuming: {path} is missing; it will hold the new rows only")
             return
+        remove_stale_temporaries(path)
         rows = rows_to_keep(_read_rows(path), self._resume)
         self.metrics_keys = sorted(set().union(*rows)) if rows else []
         atomic_write_bytes(path, _csv_bytes(rows, self.metrics_keys, header=bool(rows)))
