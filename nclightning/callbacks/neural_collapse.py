@@ -308,14 +308,22 @@ class NeuralCollapseCallback(Callback):
 
     def _train_reference(self, trainer, pl_module, epochs_trained: int):
         """The train probe's class means of this epoch, for a held-out probe's nc4_train_means."""
+        cb = self._train_sibling(trainer)
+        if cb is None:
+            return None
+        if cb._last_probed != epochs_trained and cb._due(epochs_trained, trainer):
+            cb.probe_now(trainer, pl_module, epochs_trained)  # catch up: the same epoch
+        if cb._last_probed == epochs_trained and cb._last is not None:
+            return cb._last.moments
+        return None
+
+    def _train_sibling(self, trainer) -> NeuralCollapseCallback | None:
+        """The instance probing ``train`` in the same Trainer (for a held-out probe)."""
         if self.name == "train":
             return None
         for cb in trainer.callbacks:
             if isinstance(cb, NeuralCollapseCallback) and cb is not self and cb.name == "train":
-                if cb._last_probed != epochs_trained and cb._due(epochs_trained, trainer):
-                    cb.probe_now(trainer, pl_module, epochs_trained)  # catch up: same epoch
-                if cb._last_probed == epochs_trained and cb._last is not None:
-                    return cb._last.moments
+                return cb
         return None
 
     def _due(self, epoch: int, trainer: Trainer) -> bool:
@@ -377,8 +385,24 @@ class NeuralCollapseCallback(Callback):
         if n > 0 and (len(self._history) % n == 0 or last or trainer.state.fn != "fit"):
             from nclightning.callbacks.figures import probe_media
 
-            images, tables = probe_media(self.name, self._history, result, self._probe)
+            images, tables = probe_media(
+                self.name,
+                self._rows_with_train(trainer),
+                result,
+                self._probe.class_names,
+                epochs_trained,
+            )
             self._wandb.media(trainer, images, tables, epochs_trained)
+
+    def _rows_with_train(self, trainer) -> list[dict[str, float]]:
+        """This probe's rows, merged with the train probe's (same epochs) for split figures."""
+        train = self._train_sibling(trainer)
+        if train is None:
+            return self.history
+        by_epoch = {r[keys.EPOCHS_TRAINED]: dict(r) for r in train.history}
+        for r in self._history:
+            by_epoch.setdefault(r[keys.EPOCHS_TRAINED], {}).update(r)
+        return [by_epoch[e] for e in sorted(by_epoch)]
 
     # -- settings records -----------------------------------------------------------------------
     def _settings_record(self) -> dict[str, Any]:

@@ -50,7 +50,7 @@ class WandbOutputs:
     def setup(self, trainer, settings: Mapping[str, Any]) -> None:
         for run in wandb_runs(trainer):
             run.define_metric(keys.EPOCHS_TRAINED)
-            for pattern in (f"nc-{self.probe}/*", f"pm-{self.probe}-*"):
+            for pattern in (f"nc-{self.probe}/*", f"pm-{self.probe}-*", "figures/*", "tables/*"):
                 run.define_metric(pattern, step_metric=keys.EPOCHS_TRAINED)
             run.config.update(
                 {f"neural_collapse/{self.probe}": dict(settings)}, allow_val_change=True
