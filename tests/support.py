@@ -37,7 +37,7 @@ class RecordingLogger(Logger):
             if "epochs_trained" not in row:
                 continue
             if probe is None or any(k.startswith((f"nc-{probe}/", f"pm-{probe}-")) for k in row):
-                out[int(row["epochs_trained"])] = row
+                out.setdefault(int(row["epochs_trained"]), {}).update(row)  # probes of one epoch
         return out
 
 

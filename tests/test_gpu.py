@@ -18,6 +18,7 @@ from nclightning import NeuralCollapseCallback, perturbation
 from nclightning.data import SyntheticDataModule
 from nclightning.metrics import ClassStatistics
 from nclightning.models import CollapseClassifier
+from nclightning.record.keys import layer_key, pair_key
 
 pytestmark = [pytest.mark.gpu, RunIf(min_cuda_gpus=1)]
 
@@ -50,7 +51,7 @@ def test_class_statistics_on_cuda_is_exact_in_the_collapsed_regime(tf32_allowed)
     got = st.compute()
     expected = reference_metrics(x, y, 10)
     for key, value in expected.items():
-        assert got[key] == pytest.approx(value, rel=1e-6), key
+        assert float(got[key]) == pytest.approx(value, rel=1e-6), key
 
 
 @RunIf(min_cuda_gpus=1, bf16_cuda=True)
@@ -60,7 +61,7 @@ def test_bfloat16_features_are_accepted_and_upcast():
     st = ClassStatistics(10, 64).cuda()
     st.update(xb, torch.from_numpy(y).cuda())
     expected = reference_metrics(xb.float().cpu().numpy(), y, 10)
-    assert st.compute()["nc1_tilde"] == pytest.approx(expected["nc1_tilde"], rel=1e-5)
+    assert float(st.compute()["nc1_tilde"]) == pytest.approx(expected["nc1_tilde"], rel=1e-5)
 
 
 def test_solver_on_cuda_matches_cpu():
@@ -84,7 +85,7 @@ def test_callback_under_bf16_mixed_precision_and_channels_last():
         channels_last=True,
     )
     logger = RecordingLogger()
-    cb = NeuralCollapseCallback(log_figures_every_n_epochs=0)
+    cb = NeuralCollapseCallback(layers="all", log_figures_every_n_probes=0)
     Trainer(
         accelerator="gpu",
         devices=1,
@@ -97,6 +98,31 @@ def test_callback_under_bf16_mixed_precision_and_channels_last():
         num_sanity_val_steps=0,
     ).fit(model, dm)
     row = logger.probes()[2]
-    for layer in ("penultimate", "h0"):
-        assert np.isfinite(row[f"nc/train/{layer}/nc1"])
-    assert row["pm/h0->penultimate/converged"] == 1.0
+    layers = [k.split("/")[1] for k in row if k.endswith("/nc1")]
+    assert len(layers) == 10  # stem, 8 blocks, pooled features, all in one bf16 pass
+    for layer in layers:
+        assert np.isfinite(row[layer_key("train", layer, "nc1")])
+        assert 0.0 <= row[layer_key("train", layer, "nc4")] <= 1.0  # exact NC4 on the GPU
+
+
+def test_pair_fit_of_a_probe_on_cuda():
+    dm = SyntheticDataModule(num_classes=4, samples_per_class=64, shape=(3, 32, 32), batch_size=64)
+    model = CollapseClassifier(
+        num_classes=4, input_shape=(3, 32, 32), backbone="resnet18", backbone_kwargs={"width": 16}
+    )
+    logger = RecordingLogger()
+    cb = NeuralCollapseCallback(log_figures_every_n_probes=0)
+    Trainer(
+        accelerator="gpu",
+        devices=1,
+        precision="bf16-mixed",
+        max_epochs=1,
+        logger=logger,
+        callbacks=[cb],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+    ).fit(model, dm)
+    row = logger.probes()[1]
+    assert row[pair_key("train", "h0->penultimate", "converged")] == 1.0
+    assert np.isfinite(row[pair_key("train", "h0->penultimate", "coupling")])

@@ -195,7 +195,6 @@ class NeuralCollapseCallback(Callback):
     # -- Lightning hooks ----------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._reset()
-        self._check_unique(trainer)
         self._probe = Probe(self.settings, trainer, pl_module, self.pair_settings)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -429,18 +428,6 @@ class NeuralCollapseCallback(Callback):
             "every_n_epochs": self.every_n_epochs,
             "pool": self.settings.pool,
         }
-
-    def _check_unique(self, trainer: Trainer) -> None:
-        same = [
-            cb
-            for cb in trainer.callbacks
-            if isinstance(cb, NeuralCollapseCallback) and cb.name == self.name
-        ]
-        if len(same) > 1:
-            raise ConfigurationError(
-                f"{len(same)} NeuralCollapseCallback instances probe {self.name!r}; give each a "
-                "different probe, or a DataLoader probe its own name="
-            )
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -123,15 +123,14 @@ class PassResult:
 
     ``moments[alias]``: :class:`ClassMoments` (float64); ``nc4[alias]``: NCC mismatch against
     this probe's means; ``nc4_train_means[alias]``: against given reference means;
-    ``accuracy``: of the classifier (``None`` without one); ``feeding``: aliases whose features
-    are the classifier's input; ``kept``: the first raw features (rank 0, for snapshots).
+    ``accuracy``: of the classifier (``None`` without one); ``kept``: the first raw features
+    (rank 0, for snapshots).
     """
 
     moments: dict[str, ClassMoments]
     nc4: dict[str, float] = field(default_factory=dict)
     nc4_train_means: dict[str, float] = field(default_factory=dict)
     accuracy: float | None = None
-    feeding: list[str] = field(default_factory=list)
     kept: dict[str, Tensor] | None = None
 
 
@@ -144,7 +143,6 @@ class _Batches:
     labels: list[Tensor]
     correct: Tensor
     seen: Tensor
-    feeding: list[str]
     kept: dict[str, list[Tensor]]
 
 
@@ -186,7 +184,6 @@ def run_pass(
         nc4=nc4,
         nc4_train_means=nc4_ref,
         accuracy=(correct / seen if seen > 0 else math.nan) if has_head else None,
-        feeding=batches.feeding,
         kept=kept,
     )
 
@@ -199,16 +196,14 @@ def _stats(K: int, dim: int, device, scatter: str, **kwargs) -> ClassStatistics:
 
 
 def _first_pass(taps, loader, stats, cached, device, forward_context, keep) -> _Batches:
-    out = _Batches({a: [] for a in stats}, [], [], *_zeros(device, 2), [], {})
+    out = _Batches({a: [] for a in stats}, [], [], *_zeros(device, 2), {})
     kept = 0
-    for i, batch in enumerate(loader):
+    for batch in loader:
         x, y = split_batch(batch)
         x = _to(x, device)
         y = y.to(device=device, dtype=torch.long)
         with forward_context():
             features, logits = taps.forward(x)
-        if i == 0:
-            out.feeding = taps.feeding(features)
         for alias, st in stats.items():
             h = features[alias]
             st.update(h.float(), y)

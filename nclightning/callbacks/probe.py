@@ -119,6 +119,7 @@ class Probe:
         self.projections: dict[str, Tensor] = {}
         self.feeding: list[str] = []
         self.kept: dict[str, Tensor] | None = None
+        self._example = None
 
     # -- resolution -----------------------------------------------------------------------------
     def _named_layers(self, module) -> dict[str, str]:
@@ -183,28 +184,32 @@ class Probe:
 
     # -- first probe: samples, loader, trace, plan ---------------------------------------------
     def _prepare(self, subset: Tensor, warn) -> None:
-        if self.loader is not None:
-            return
+        """Loader and example batch (first probe), blocks (``"all"``), widths and plan."""
         source, t = self._source(), self.trainer
-        if source.note:
-            warn("no-probe-dataset", source.note)
-        dm = t.datamodule
-        batch = self.settings.batch_size or getattr(dm, "eval_batch_size", None) or 256
-        workers = getattr(dm, "num_workers", 0) or 0
-        self.loader = source.loader(shard(subset, t.global_rank, t.world_size), batch, workers)
-        example = layers.example_batch(torch.utils.data.Subset(source.dataset, subset[:2].tolist()))
-        x = passes._to(split_batch(example)[0], self.device)
-        if self.settings.layers == "all":
-            self._discover(x)
-        widths, itemsize = self._widths(x)
-        h0 = [h0 for h0, _ in self.pairs] if self.pairs else []
-        budget = self.settings.cache_budget
-        budget = passes.default_budget(self.device) if budget == "auto" else int(budget)
-        self.pass_plan = passes.plan(
-            widths, itemsize, len(self.loader.dataset), source.num_classes, h0, budget, self.device
-        )
-        if t.is_global_zero:
-            rank_zero_info(self.pass_plan.describe(self.settings.name, len(subset)))
+        if self.loader is None:
+            if source.note:
+                warn("no-probe-dataset", source.note)
+            dm = t.datamodule
+            batch = self.settings.batch_size or getattr(dm, "eval_batch_size", None) or 256
+            workers = getattr(dm, "num_workers", 0) or 0
+            self.loader = source.loader(shard(subset, t.global_rank, t.world_size), batch, workers)
+            first = torch.utils.data.Subset(source.dataset, subset[:2].tolist())
+            self._example = passes._to(split_batch(layers.example_batch(first))[0], self.device)
+            if self.settings.layers == "all":
+                self._discover(self._example)
+        # widths can change between probes (layer-wise training grows the network)
+        widths, itemsize = self._widths(self._example)
+        plan = self.pass_plan
+        if plan is None or {lp.alias: lp.dim for lp in plan.layers} != widths:
+            h0 = [h0 for h0, _ in self.pairs]
+            budget = self.settings.cache_budget
+            budget = passes.default_budget(self.device) if budget == "auto" else int(budget)
+            samples = len(self.loader.dataset)
+            self.pass_plan = passes.plan(
+                widths, itemsize, samples, source.num_classes, h0, budget, self.device
+            )
+            if t.is_global_zero:
+                rank_zero_info(self.pass_plan.describe(self.settings.name, len(subset)))
 
     def _discover(self, x) -> None:
         calls = layers.trace_order(self.module, lambda: self._forward(x))
@@ -224,10 +229,14 @@ class Probe:
             return self.module(x)
 
     def _widths(self, x) -> tuple[dict[str, int], int]:
+        """Each layer's width (after ``max_dim``) and the largest itemsize, from ``x``; which
+        layers feed the classifier (kept from the last probe when ``x`` gives NaN features)."""
         with self._taps(projections={}) as taps:
             with self.trainer.precision_plugin.forward_context():
                 features, _ = taps.forward(x)
-            self.feeding = taps.feeding(features)
+            finite = all(bool(torch.isfinite(h).all()) for h in features.values())
+            if finite or not self.feeding:
+                self.feeding = taps.feeding(features)
         missing = [a for a in self.layers if a not in features]
         if missing:
             raise ConfigurationError(
@@ -276,7 +285,6 @@ class Probe:
         moments = result.moments
         self._warn_about(moments, warn)
         weight = self.weight()
-        self.feeding = self.feeding or result.feeding  # decided on the first probe's batch
         row = analysis.layer_row(
             self.settings.name,
             moments,
@@ -288,7 +296,14 @@ class Probe:
             accuracy=result.accuracy,
         )
         for h0, h in self.pairs:  # a width error must stop every rank, not only rank 0
-            analysis.match_width(moments[h0], moments[h], self.pair_settings.width_mismatch)
+            policy = self.pair_settings.width_mismatch
+            if analysis.match_width(moments[h0], moments[h], policy) is None:
+                warn(
+                    f"width:{h0}->{h}:{moments[h0].dim}",
+                    f"NeuralCollapseCallback: pair {h0}->{h}: the layers differ in width (d="
+                    f"{moments[h0].dim} vs {moments[h].dim}); its fit is NaN while they do "
+                    "(width_mismatch='skip')",
+                )
         fits, pair_row = self._fit_pairs(moments, weight, couplings)
         row.update(pair_row)
         per_class = analysis.per_class(moments) if self.trainer.is_global_zero else {}

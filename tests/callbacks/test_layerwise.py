@@ -200,8 +200,8 @@ def test_rows_carry_the_probed_depth(kind):
         pairs=pairs,
         every_n_epochs=2,
         width_mismatch="skip",
-        beta=1.0,
-        log_figures_every_n_epochs=0,
+        coupling=1.0,
+        log_figures_every_n_probes=0,
     )
     trainer = _trainer([LayerwiseTraining(2), cb], logger=logger)
     if pairs:
@@ -212,8 +212,8 @@ def test_rows_carry_the_probed_depth(kind):
     probes = logger.probes()
     assert {e: r["depth"] for e, r in probes.items()} == {0: 1.0, 2: 1.0, 4: 2.0, 6: 3.0}
     if pairs:  # stage 1: H0 is the 8-wide input, H 12-wide: skipped (NaN); then fitted
-        assert math.isnan(_pair(probes[2], "beta"))
-        assert _pair(probes[4], "beta") == 1.0
+        assert math.isnan(_pair(probes[2], "coupling"))
+        assert _pair(probes[4], "coupling") == 1.0
 
 
 def _running_depth(model) -> int:

@@ -131,8 +131,10 @@ def test_resuming_with_other_layers_or_another_probe_is_refused(tmp_path):
 
 
 def test_two_instances_with_the_same_probe_are_refused(tmp_path):
+    """Their state keys (Lightning's convention: one per probe name) would collide."""
     twins = [NeuralCollapseCallback(coupling=1.0), NeuralCollapseCallback(coupling=1.0)]
-    with pytest.raises(ConfigurationError, match="instances probe 'train'"):
+    assert twins[0].state_key == "NeuralCollapseCallback{'probe': 'train'}"
+    with pytest.raises(RuntimeError, match="state_key` must be unique"):
         _fit(tmp_path, 1, callbacks=twins)
 
 
