@@ -175,6 +175,17 @@ class NeuralCollapseCallback(Callback):
         return [dict(r) for r in self._history]
 
     @property
+    def plan(self):
+        """How the latest probe ran (:class:`~nclightning.callbacks.passes.PassPlan`: cached
+        or streamed, each layer's width and statistics, the memory they take)."""
+        return self._probe.pass_plan if self._probe is not None else None
+
+    @property
+    def projections(self) -> dict:
+        """The fixed ``[d, max_dim]`` projections of layers wider than ``max_dim``."""
+        return dict(self._probe.projections) if self._probe is not None else {}
+
+    @property
     def last_result(self) -> analysis.ProbeResult | None:
         """The latest probe's :class:`~nclightning.callbacks.analysis.ProbeResult`."""
         return self._last
@@ -220,9 +231,6 @@ class NeuralCollapseCallback(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.is_global_zero and self._history:
             self._wandb.summary(trainer, self._history[-1])
-
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._probe = None
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from nclightning.callbacks.sources import split_batch
 from nclightning.callbacks.taps import LayerTaps
+from nclightning.errors import ConfigurationError
 from nclightning.metrics import ClassMoments, ClassStatistics, NCCMismatch
 
 __all__ = ["LayerPlan", "PassPlan", "PassResult", "plan", "run_pass"]
@@ -95,25 +96,38 @@ def plan(
     h0_layers: Iterable[str],
     budget: int,
     device: torch.device,
+    limit: int | None = None,
 ) -> PassPlan:
     """The :class:`PassPlan` for layers of ``widths`` over ``samples`` samples on one rank.
 
-    ``h0_layers`` need the full scatter (per class when ``K d^2`` float64 numbers fit the
-    budget, for cdnv of ``H*``).
+    The features are cached when they fit ``budget`` bytes. ``h0_layers`` need the full
+    scatter (per class, for cdnv of ``H*``, when ``K d^2`` float64 numbers fit ``limit``,
+    the memory the statistics may take: default :func:`default_budget`). A probe whose
+    statistics exceed ``limit`` is refused with the ways out.
     """
     K, h0 = num_classes, set(h0_layers)
+    limit = default_budget(device) if limit is None else limit
     cache = samples * (sum(widths.values()) * itemsize + 8)
     cached = cache <= budget
     layers, stats = [], 0
     for alias, d in widths.items():
         if alias in h0:
-            scatter = "per_class" if K * d * d * 8 <= budget else "full"
+            scatter = "per_class" if K * d * d * 8 <= limit // 2 else "full"
         else:
             scatter = "span" if cached else "full"
         stats += 8 * (
             K * (2 * d + 3) + {"per_class": (K + 1) * d * d, "full": d * d}.get(scatter, K * K)
         )
         layers.append(LayerPlan(alias, d, scatter))
+    if stats > limit:
+        widest = ", ".join(f"{a}: {d}" for a, d in sorted(widths.items(), key=lambda t: -t[1])[:5])
+        raise ConfigurationError(
+            f"the probe does not fit in memory: its feature cache needs {_mib(cache)} and the "
+            f"statistics {_mib(stats)} (d x d per streamed layer), over the {_mib(limit)} "
+            f"they may take. Widest layers: {widest}. Set max_dim (a fixed projection of wide "
+            "layers), exclude layers, or probe fewer samples (max_samples) so that the "
+            "features fit cache_budget"
+        )
     return PassPlan(tuple(layers), cached, cache, stats, str(device))
 
 

@@ -244,6 +244,8 @@ class Probe:
                 "used in forward()?"
             )
         self.projections = self._projections({a: h.shape[1] for a, h in features.items()})
+        # a projected layer is no longer the classifier's input: no nc3/unc3 for it
+        self.feeding = [a for a in self.feeding if a not in self.projections]
         widths = {
             a: self.projections[a].shape[1] if a in self.projections else h.shape[1]
             for a, h in features.items()
