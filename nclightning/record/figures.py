@@ -29,6 +29,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from nclightning import plotting
+from nclightning.metrics.names import METRIC_KEYS
 from nclightning.record import keys, views
 
 __all__ = [
@@ -107,7 +108,7 @@ def pair_figures(
         if view is None:
             notes.append(f"{pair} on {probe}: no predicted metric logged, no pair figure")
             continue
-        order = [*views.METRIC_KEYS, "norm_ratio"]
+        order = [*METRIC_KEYS, "norm_ratio"]
         shown = [m for m in order if m in view.predicted]
         shown += [m for m in view.predicted if m not in shown]
         if metrics:
