@@ -167,8 +167,10 @@ def class_figures(
 ) -> dict[str, Figure]:  # fmt: skip
     """Cosine-vs-ETF and CDNV heatmaps per layer, variance bars, from a snapshot's moments.
 
-    ``snapshot`` needs ``"layers"`` (``{alias: {counts, means, class_ss}}`` or objects with
-    those attributes); ``"class_names"`` and ``"epochs_trained"`` are used when present.
+    ``snapshot`` needs ``"layers"``: ``{alias: moments}`` as a snapshot file holds them
+    (``counts``, ``means``, ``class_ss``), ``ClassMoments``, or the per-class arrays already
+    computed (``class_var``, ``cdnv_matrix``, ``cosine_matrix``); ``"class_names"`` and
+    ``"epochs_trained"`` are used when present.
     """
     notes = [] if notes is None else notes
     moments = snapshot["layers"]

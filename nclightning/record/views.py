@@ -341,13 +341,17 @@ def per_class(layer: Mapping[str, Any] | Any) -> dict[str, Any]:
     """``class_var [K]``, ``cdnv_matrix [K, K]``, ``cosine_matrix [K, K]`` as numpy float64.
 
     ``layer`` is one entry of a snapshot's ``"layers"`` (``counts``, ``means``, ``class_ss``
-    tensors, optional ``scatter``) or a :class:`~nclightning.metrics.ClassMoments`; the
-    arrays are :func:`nclightning.metrics.class_quantities` (docs/science.md §8).
+    tensors, optional ``scatter``), a :class:`~nclightning.metrics.ClassMoments`, or the
+    arrays themselves (the callback's ``per_class`` of a probe); the arrays are
+    :func:`nclightning.metrics.class_quantities` (docs/science.md §8).
     """
+    import numpy as np
     import torch
 
-    from nclightning.metrics import ClassMoments, class_quantities
+    from nclightning.metrics import PER_CLASS_KEYS, ClassMoments, class_quantities
 
+    if isinstance(layer, Mapping) and all(k in layer for k in PER_CLASS_KEYS):
+        return {k: np.asarray(torch.as_tensor(layer[k]).cpu(), dtype=float) for k in PER_CLASS_KEYS}
     if not isinstance(layer, ClassMoments):
         missing = [k for k in ("counts", "means", "class_ss") if layer.get(k) is None]
         if missing:
