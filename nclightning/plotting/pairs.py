@@ -1,12 +1,12 @@
-"""The perturbation-model figure of a layer pair (docs/science.md §2, §7).
+"""The perturbation-model figure of a layer pair (docs/science.md §2, §7.4, §7.5, §7.6).
 
 Owns :func:`measured_vs_predicted`: per metric, H0 and H measured beside H* predicted by the
 model fitted to the pair; the residual ``log10(predicted / measured)`` of each metric the fit
-was not fitted to (the test of the model: the coupling is chosen so that H* has H's
+was not fitted to (the test of the model, §7.6: the coupling is chosen so that H* has H's
 ``nc1_tilde``, so that metric matches by construction); and the coupling over epochs with its
 status (fitted; ``not_more_collapsed`` and ``identical``, where the coupling is infinite, on
 a band at the top) and whether it lies in the perturbative regime where Theorems 4.1-4.2 may
-be read into it (filled markers) or not (hollow).
+be read into it (§5.3; filled markers) or not (hollow).
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from nclightning import plotting
+from nclightning.metrics.names import METRIC_KEYS
 from nclightning.record import keys, views
 
 __all__ = [
@@ -107,7 +108,7 @@ def pair_figures(
         if view is None:
             notes.append(f"{pair} on {probe}: no predicted metric logged, no pair figure")
             continue
-        order = [*views.METRIC_KEYS, "norm_ratio"]
+        order = [*METRIC_KEYS, "norm_ratio"]
         shown = [m for m in order if m in view.predicted]
         shown += [m for m in view.predicted if m not in shown]
         if metrics:
@@ -166,8 +167,10 @@ def class_figures(
 ) -> dict[str, Figure]:  # fmt: skip
     """Cosine-vs-ETF and CDNV heatmaps per layer, variance bars, from a snapshot's moments.
 
-    ``snapshot`` needs ``"layers"`` (``{alias: {counts, means, class_ss}}`` or objects with
-    those attributes); ``"class_names"`` and ``"epochs_trained"`` are used when present.
+    ``snapshot`` needs ``"layers"``: ``{alias: moments}`` as a snapshot file holds them
+    (``counts``, ``means``, ``class_ss``), ``ClassMoments``, or the per-class arrays already
+    computed (``class_var``, ``cdnv_matrix``, ``cosine_matrix``); ``"class_names"`` and
+    ``"epochs_trained"`` are used when present.
     """
     notes = [] if notes is None else notes
     moments = snapshot["layers"]

@@ -19,11 +19,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from nclightning.metrics.names import METRIC_KEYS
 from nclightning.record import keys
 
 __all__ = [
     "DEFAULT_METRICS",
-    "METRIC_KEYS",
     "TRAIN_ACCURACY",
     "PairView",
     "depth_values",
@@ -39,26 +39,6 @@ __all__ = [
     "stage_history",
     "zero_error_epoch",
 ]
-
-# Local copy of the display order of ``nclightning.metrics.names.METRIC_KEYS`` (docs/science.md
-# §1, §8); replace by that import once the module exists. Nothing else here lists metrics.
-METRIC_KEYS = (
-    "nc1",
-    "nc1_tilde",
-    "cdnv",
-    "nc2_etf",
-    "nc2_equinorm",
-    "nc2_equiangle",
-    "nc2_maxangle",
-    "gnc2_log",
-    "nc3",
-    "unc3",
-    "nc4",
-    "nc4_train_means",
-    "nc5",
-    "feature_norm",
-    "class_mean_norm",
-)
 
 DEFAULT_METRICS = ("nc1", "nc1_tilde", "cdnv", "nc2_etf", "nc3", "nc4")
 """Metrics drawn when the caller does not choose (those not logged are skipped)."""
@@ -357,16 +337,31 @@ def pair_view(
 # ---------------------------------------------------------------------------------------------
 
 
-def per_class(layer: Mapping[str, Any]) -> dict[str, Any]:
+def per_class(layer: Mapping[str, Any] | Any) -> dict[str, Any]:
     """``class_var [K]``, ``cdnv_matrix [K, K]``, ``cosine_matrix [K, K]`` as numpy float64.
 
     ``layer`` is one entry of a snapshot's ``"layers"`` (``counts``, ``means``, ``class_ss``
-    tensors) or any object with those attributes (a ``ClassMoments``); docs/science.md §8.
+    tensors, optional ``scatter``), a :class:`~nclightning.metrics.ClassMoments`, or the
+    arrays themselves (the callback's ``per_class`` of a probe); the arrays are
+    :func:`nclightning.metrics.class_quantities` (docs/science.md §8).
     """
-    from nclightning.record._perclass import class_quantities
+    import numpy as np
+    import torch
 
-    get = layer.get if isinstance(layer, Mapping) else lambda k: getattr(layer, k, None)
-    parts = [get(k) for k in ("counts", "means", "class_ss")]
-    if any(p is None for p in parts):
-        raise ValueError("per-class quantities need counts, means and class_ss")
-    return {k: v.numpy() for k, v in class_quantities(*parts).items()}
+    from nclightning.metrics import PER_CLASS_KEYS, ClassMoments, class_quantities
+
+    if isinstance(layer, Mapping) and all(k in layer for k in PER_CLASS_KEYS):
+        return {k: np.asarray(torch.as_tensor(layer[k]).cpu(), dtype=float) for k in PER_CLASS_KEYS}
+    if not isinstance(layer, ClassMoments):
+        missing = [k for k in ("counts", "means", "class_ss") if layer.get(k) is None]
+        if missing:
+            raise ValueError(f"per-class quantities need counts, means and class_ss; no {missing}")
+        f64 = {k: layer[k].to(torch.float64) for k in ("counts", "means", "class_ss")}
+        scatter = layer.get("scatter")
+        layer = ClassMoments(
+            f64["counts"],
+            f64["means"],
+            None if scatter is None else scatter.double(),
+            f64["class_ss"],
+        )
+    return {k: v.cpu().numpy() for k, v in class_quantities(layer).items()}

@@ -78,3 +78,25 @@ def test_a_figure_with_a_left_out_metric_says_so():
         r["nc-train/penultimate/nc4"] = float("nan")
     fig = figures.curve_figures(rows, "train", metrics=["nc1", "nc4"])["metrics_train"]
     assert "nc4 (no finite value)" in caption(fig)
+
+
+def test_class_figures_from_arrays_the_callback_already_computed():
+    from nclightning.metrics import class_quantities
+
+    m = moments(2)["penultimate"]
+    arrays = class_quantities(m)
+    from_arrays = figures.class_figures({"layers": {"penultimate": arrays}}, "train")
+    from_moments = figures.class_figures({"layers": {"penultimate": m}}, "train")
+    assert (
+        set(from_arrays)
+        == set(from_moments)
+        == {
+            "class_cosine_train_penultimate",
+            "class_cdnv_train_penultimate",
+            "class_variance_train",
+        }
+    )
+    a = panels(from_arrays["class_cosine_train_penultimate"])[0].images[0].get_array()
+    b = panels(from_moments["class_cosine_train_penultimate"])[0].images[0].get_array()
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(a, arrays["cosine_matrix"].numpy(), rtol=0, atol=0)

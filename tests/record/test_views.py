@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from runbuild import floats
 
+from nclightning.metrics import ClassMoments
 from nclightning.record import history, keys, views
 
 
@@ -144,7 +145,7 @@ def test_per_class_quantities_match_a_brute_force(K, d, seed, absent, spread):
     np.testing.assert_allclose(got["cosine_matrix"], cos, rtol=1e-9, atol=1e-12, equal_nan=True)
 
 
-def test_per_class_of_a_simplex_etf_and_of_an_object():
+def test_per_class_of_a_simplex_etf_and_of_class_moments():
     K = 5
     means = torch.eye(K, dtype=torch.float64)  # centred: a simplex ETF
     layer = {"counts": torch.full((K,), 3.0), "means": means, "class_ss": torch.zeros(K)}
@@ -153,9 +154,7 @@ def test_per_class_of_a_simplex_etf_and_of_an_object():
     np.testing.assert_allclose(q["cosine_matrix"][off], -1 / (K - 1), rtol=1e-14)
     assert np.all(q["class_var"] == 0) and np.all(q["cdnv_matrix"][off] == 0)
 
-    class Moments:  # any object with the attributes, e.g. a ClassMoments
-        counts, means, class_ss = layer["counts"], layer["means"], layer["class_ss"]
-
-    np.testing.assert_array_equal(views.per_class(Moments())["class_var"], q["class_var"])
+    moments = ClassMoments(layer["counts"], means, None, layer["class_ss"])  # the callback's
+    np.testing.assert_array_equal(views.per_class(moments)["class_var"], q["class_var"])
     with pytest.raises(ValueError, match="class_ss"):
         views.per_class({"counts": layer["counts"], "means": means})
