@@ -30,7 +30,7 @@ def probe_media(
     for the split comparison); ``result`` the latest probe's ``ProbeResult``.
     """
     snapshot = {
-        "layers": result.moments,
+        "layers": result.per_class,  # the per-class arrays, computed once per probe
         "class_names": list(class_names) if class_names else None,
         "epochs_trained": epochs_trained,
     }
