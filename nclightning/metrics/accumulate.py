@@ -41,13 +41,21 @@ class Accumulator:
         shift_dtype: precision shifts are stored in (float32 unless the compute precision
             is float64), so that they are exact in the precision they are used in.
         fixed_shift: the shifts were given and never move.
+        host_checks: whether shift updates may read device values on the host (re-centring,
+            see :meth:`update_shifts`); default ``None``: on CPU only, where it is free.
     """
 
     def __init__(
-        self, layout: Layout, basis: Tensor | None, shift_dtype: torch.dtype, fixed_shift: bool
+        self,
+        layout: Layout,
+        basis: Tensor | None,
+        shift_dtype: torch.dtype,
+        fixed_shift: bool,
+        host_checks: bool | None = None,
     ) -> None:
         self.layout, self.basis = layout, basis
         self.shift_dtype, self.fixed_shift = shift_dtype, fixed_shift
+        self.host_checks = host_checks
         self.scatter_key = {"full": "q", "per_class": "qk", "span": "qs"}.get(layout.mode)
         self.drop()
 
@@ -88,12 +96,13 @@ class Accumulator:
         this batch, rounded to :attr:`shift_dtype`. On CPU this happens whenever the batch
         holds more samples of ``k`` than all earlier ones (at most ``log2 n_k`` times), the
         state moving exactly to the new shift (:func:`shift_increments`). On accelerators
-        only new classes get a shift, by a masked update without host synchronisation.
+        (``host_checks`` false) only new classes get a shift, by a masked update without
+        host synchronisation.
         """
         n, c, t = v["n"], v["c"], v["t"]
-        cpu = x.device.type == "cpu"
-        grow = (nb > n) if cpu else (n == 0) & (nb > 0)
-        if cpu:
+        host = self.host_checks if self.host_checks is not None else x.device.type == "cpu"
+        grow = (nb > n) if host else (n == 0) & (nb > 0)
+        if host:
             if not bool(grow.any()):
                 return
             self.flush(v)  # pending sums are taken around the current shifts
@@ -102,7 +111,7 @@ class Accumulator:
         sums = torch.zeros(c.shape, dtype=_F64, device=x.device).index_add_(0, y, x.to(_F64))
         total = (n + nb).clamp_min(1).unsqueeze(1)
         mean = ((n.unsqueeze(1) * c + t + sums) / total).to(self.shift_dtype).to(_F64)
-        if not cpu:
+        if not host:
             c.copy_(torch.where(grow.unsqueeze(1), mean, c))
         else:
             idx = grow.nonzero().flatten()

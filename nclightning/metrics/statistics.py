@@ -59,7 +59,7 @@ from nclightning.errors import ConfigurationError
 from nclightning.metrics.accumulate import Accumulator
 from nclightning.metrics.formulas import EIG_RTOL, metrics_from_moments
 from nclightning.metrics.moments import ClassMoments
-from nclightning.metrics.state import Float64States, Layout, merge_packed_states
+from nclightning.metrics.state import Float64States, Layout, merge_packed_states, state_moments
 
 __all__ = ["ClassStatistics"]
 
@@ -280,30 +280,13 @@ class ClassStatistics(Float64States, Metric):
     def _moments(self) -> ClassMoments:
         self._flush()
         v = self._views()
-        n, c, t = v["n"], v["c"], v["t"]
-        present = n > 0
-        missing = (~present).nonzero().flatten().tolist()
+        missing = (v["n"] == 0).nonzero().flatten().tolist()
         if missing and not self.allow_missing_classes:
             raise ValueError(
                 f"class {missing[0]} has no sample in the whole pass (classes without samples: "
                 f"{missing}); pass allow_missing_classes=True to use the present classes only"
             )
-        off = t / n.clamp_min(1).unsqueeze(1)  # mu_k - c_k
-        means = torch.where(present.unsqueeze(1), c + off, 0.0)
-        class_ss = (v["r"] - (off * t).sum(1)).clamp_min(0.0)
-        scatter = class_scatter = basis = span = None
-        mode = self.scatter_mode
-        if mode == "full":
-            scatter = _symmetric(v["q"] - off.T @ t)
-        elif mode == "per_class":
-            class_scatter = _symmetric(v["qk"] - off.unsqueeze(2) * t.unsqueeze(1))
-            scatter = class_scatter.sum(0)
-        elif mode == "span":
-            basis = self._basis.to(n.device)  # type: ignore[union-attr]
-            span = _symmetric(v["qs"] - (off @ basis).T @ (t @ basis))
-        return ClassMoments(
-            n.clone(), means, scatter, class_ss, class_scatter, basis, span, v["a"].clone()
-        )
+        return state_moments(v, self._layout, self._basis)
 
     def _synced(self):
         return self.sync_context(
@@ -345,7 +328,3 @@ class ClassStatistics(Float64States, Metric):
         state = super().__getstate__()
         state["_cache"] = {}  # views and casts are rebuilt on the copy's own state
         return state
-
-
-def _symmetric(a: Tensor) -> Tensor:
-    return 0.5 * (a + a.transpose(-1, -2))
