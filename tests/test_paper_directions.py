@@ -1,6 +1,9 @@
 """The paper's experimental claims, in their small offline versions (docs/science.md §6).
 
-Marked ``slow`` (about 1.5 minutes together on 2 cores); CI runs them.
+Each test trains the bundled offline config of one figure and asserts the *direction* of the
+paper's claim (docs/science.md §6.5): Fig. 2, layer-wise training (§6.2), and Fig. 3, the
+weight-decay study (§6.3). They train whole jobs, so they are marked ``slow`` (about 1.5
+minutes together on 2 cores); CI runs them, ``pytest -m 'not slow'`` leaves them out.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ def _in_tmp(tmp_path, monkeypatch):
 
 
 def test_fig2_nc1_of_the_deepest_features_decreases_as_layers_are_added(tmp_path):
-    """Layer-wise training: nc1 and nc1_tilde of the deepest features after each stage."""
+    """§6.2: nc1 and nc1_tilde of the deepest features fall at every added layer."""
     assert (
         main(
             [
@@ -59,7 +62,7 @@ def test_fig2_nc1_of_the_deepest_features_decreases_as_layers_are_added(tmp_path
 
 
 def test_fig3_feature_weight_decay_moves_collapse_more_than_classifier_weight_decay(tmp_path):
-    """WD study: |log nc1 change| summed over the x2/x0 variants, features vs classifier."""
+    """§6.3: |log nc1 change| summed over the x2/x0 variants, features vs classifier."""
     assert (
         main(
             [

@@ -1,0 +1,129 @@
+"""Run files: distinct version folders under a race, resume-in-place rows, permissions."""
+
+from __future__ import annotations
+
+import csv
+import multiprocessing as mp
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+from nclightning.loggers import AtomicCheckpointIO, CSVLogger, ResumePoint, rows_to_keep
+
+
+def _reserve(args) -> int:
+    root, barrier = args
+    barrier.wait()  # every process asks for the next folder at the same moment
+    return CSVLogger(root, name="exp").version
+
+
+def test_simultaneous_loggers_reserve_distinct_folders(tmp_path):
+    ctx = mp.get_context("fork")
+    n = 8
+    with ctx.Manager() as manager:
+        barrier = manager.Barrier(n)
+        with ctx.Pool(n) as pool:
+            versions = pool.map(_reserve, [(str(tmp_path), barrier)] * n)
+    assert sorted(versions) == list(range(n))
+    assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == sorted(
+        f"version_{v}" for v in range(n)
+    )
+
+
+def test_the_next_folder_follows_existing_ones_and_a_prefix(tmp_path):
+    (tmp_path / "exp" / "version_3").mkdir(parents=True)
+    (tmp_path / "exp" / "measure_0").mkdir()
+    assert CSVLogger(tmp_path, name="exp").version == 4
+    m = CSVLogger(tmp_path, name="exp", version_prefix="measure_")
+    assert m.version == "measure_1" and Path(m.log_dir) == tmp_path / "exp" / "measure_1"
+
+
+def test_discard_removes_only_what_this_logger_created(tmp_path):
+    other = tmp_path / "exp" / "version_0"
+    other.mkdir(parents=True)
+    logger = CSVLogger(tmp_path / "a" / "b", name="exp")
+    logger.log_metrics({"x": 1.0}, step=0)
+    assert Path(logger.log_dir, "metrics.csv").is_file()
+    assert logger.discard()
+    assert not (tmp_path / "a").exists()  # the folders it made are gone, parents included
+    assert other.is_dir()
+    assert CSVLogger(tmp_path, name="exp").discard() is False  # it created nothing yet
+
+
+def test_rows_to_keep_is_the_rule_of_the_docstring():
+    rows = [{"step": str(s), "v": str(i)} for i, s in enumerate([0, 2, 3, 5, 5, 6, 7])]
+    # checkpoint at step 6 with 4 rows on disk: rows 0-3 stay; of the later rows, the one at
+    # step 5 (< 6: never logged again) stays, those at steps 6 and 7 (logged again) go
+    kept = rows_to_keep(rows, ResumePoint(rows=4, step=6))
+    assert [r["v"] for r in kept] == ["0", "1", "2", "3", "4"]
+    assert rows_to_keep(rows, ResumePoint(rows=0, step=0)) == []
+
+
+def _csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with open(path, newline="") as f:
+        r = csv.DictReader(f)
+        return list(r.fieldnames or []), list(r)
+
+
+def test_resume_into_keeps_rows_drops_a_partial_line_and_appends(tmp_path):
+    folder = tmp_path / "exp" / "version_0"
+    folder.mkdir(parents=True)
+    (folder / "metrics.csv").write_text(
+        "a,b,step\n1.5,,0\n,2.5,3\n7,,4\n,9,9\n3,4,1"  # no newline at the end: a torn write
+    )
+    logger = CSVLogger(tmp_path, name="exp")
+    logger.resume_into(0, ResumePoint(rows=2, step=4))
+    logger.log_metrics({"c": 8.0}, step=4)
+    header, rows = _csv(folder / "metrics.csv")
+    assert header == ["a", "b", "c", "step"]
+    assert rows == [
+        {"a": "1.5", "b": "", "c": "", "step": "0"},
+        {"a": "", "b": "2.5", "c": "", "step": "3"},
+        {"a": "", "b": "", "c": "8.0", "step": "4"},
+    ]
+    assert logger.rows_on_disk() == 3 and logger.created_folder is None
+
+
+def test_every_row_is_on_disk_when_logged(tmp_path):
+    logger = CSVLogger(tmp_path, name="exp")
+    for step in range(3):
+        logger.log_metrics({"loss": float(step)}, step=step)
+        assert len(_csv(Path(logger.log_dir) / "metrics.csv")[1]) == step + 1
+    logger.log_metrics({"acc": 0.5}, step=3)  # a new key: the header is rewritten
+    header, rows = _csv(Path(logger.log_dir) / "metrics.csv")
+    assert header == ["acc", "loss", "step"] and len(rows) == 4
+    assert not [p for p in Path(logger.log_dir).iterdir() if p.name.startswith(".")]
+
+
+@pytest.fixture
+def umask_027():
+    old = os.umask(0o027)
+    yield 0o640
+    os.umask(old)
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_files_get_the_permissions_of_lightnings_files(tmp_path, umask_027):
+    from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    theirs = LightningCSVLogger(tmp_path / "l", name="exp")
+    theirs.log_metrics({"x": 1.0}, step=0)
+    theirs.save()
+    TorchCheckpointIO().save_checkpoint({"w": torch.ones(2)}, tmp_path / "l" / "c.ckpt")
+    ours = CSVLogger(tmp_path / "n", name="exp")
+    ours.log_metrics({"x": 1.0}, step=0)
+    ours.log_metrics({"y": 1.0}, step=1)  # header rewrite: a temporary file renamed into place
+    AtomicCheckpointIO().save_checkpoint({"w": torch.ones(2)}, tmp_path / "n" / "c.ckpt")
+    lightning_files = [Path(theirs.log_dir) / "metrics.csv", tmp_path / "l" / "c.ckpt"]
+    our_files = [Path(ours.log_dir) / "metrics.csv", tmp_path / "n" / "c.ckpt"]
+    assert {_mode(p) for p in lightning_files} == {umask_027}
+    assert {_mode(p) for p in our_files} == {umask_027}
+    assert _mode(ours.log_dir) == _mode(theirs.log_dir)
+    assert torch.load(tmp_path / "n" / "c.ckpt")["w"].tolist() == [1.0, 1.0]
