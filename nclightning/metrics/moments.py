@@ -22,6 +22,7 @@ Features are rows (``features[N, d]``), the PyTorch convention; docs/science.md 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -167,12 +168,13 @@ class ClassMoments:
 
     @property
     def within_ss(self) -> float:
-        """``Tr(scatter) = sum_k class_ss_k``: from ``scatter`` when held (exact also when
-        ``class_ss`` is unknown, e.g. the perturbation model's ``H*``), else from ``class_ss``
-        (so every scatter mode has it)."""
-        if self.scatter is not None:
+        """``Tr(scatter) = sum_k class_ss_k``: from ``class_ss`` (every scatter mode has it;
+        streamed, it is the more accurate of the two), or from ``scatter`` when ``class_ss``
+        is not finite (the perturbation model's ``H*`` without per-class scatter)."""
+        total = float(self.class_ss.sum())
+        if not math.isfinite(total) and self.scatter is not None:
             return float(torch.trace(self.scatter))
-        return float(self.class_ss.sum())
+        return total
 
     def _full_scatter(self, what: str) -> Tensor:
         if self.scatter is None:

@@ -37,27 +37,6 @@ METRIC_KEYS = (
 )
 """Every per-layer scalar, in display order (tables, figures, W&B panels)."""
 
-MOMENT_KEYS = (
-    "nc1",
-    "nc1_tilde",
-    "cdnv",
-    "nc2_etf",
-    "nc2_equinorm",
-    "nc2_equiangle",
-    "nc2_maxangle",
-    "gnc2_log",
-    "feature_norm",
-    "class_mean_norm",
-)
-"""Scalars computed from class moments alone (:func:`~nclightning.metrics.metrics_from_moments`).
-
-``nc1`` needs the within-class scatter (full, or projected on the span of the class means)
-and ``feature_norm`` the per-class norm sums; each is left out when its statistic was not
-accumulated (see :data:`SCATTER_KEYS`)."""
-
-SCATTER_KEYS = ("nc1",)
-"""Moment keys that need the within-class scatter (``ClassMoments.within_quadratic``)."""
-
 CLASSIFIER_KEYS = ("nc3", "unc3")
 """Scalars that also need the classifier weight ``W[K, d]`` of the layer's features."""
 
@@ -68,6 +47,16 @@ the same probe's final class means (``nc4``, Papyan's NC4) or against the TRAIN 
 
 OOD_KEYS = ("nc5",)
 """Scalars that need the mean feature of an out-of-distribution probe."""
+
+MOMENT_KEYS = tuple(k for k in METRIC_KEYS if k not in (*CLASSIFIER_KEYS, *NCC_KEYS, *OOD_KEYS))
+"""Scalars computed from class moments alone (:func:`~nclightning.metrics.metrics_from_moments`).
+
+``nc1`` needs the within-class scatter (full, or projected on the span of the class means)
+and ``feature_norm`` the per-class norm sums; each is left out when its statistic was not
+accumulated (see :data:`SCATTER_KEYS`)."""
+
+SCATTER_KEYS = ("nc1",)
+"""Moment keys that need the within-class scatter (``ClassMoments.within_quadratic``)."""
 
 PER_CLASS_KEYS = ("class_var", "cdnv_matrix", "cosine_matrix")
 """Per-class arrays of :func:`~nclightning.metrics.class_quantities` (not scalars):

@@ -16,7 +16,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["SCATTER_MODES", "Float64States", "Layout", "merge_packed_states", "shift_increments"]
+from nclightning.metrics.moments import ClassMoments
+
+__all__ = [
+    "SCATTER_MODES",
+    "Float64States",
+    "Layout",
+    "merge_packed_states",
+    "shift_increments",
+    "state_moments",
+]
 
 SCATTER_MODES = ("full", "per_class", "span", "none")
 
@@ -110,6 +119,39 @@ def merge_packed_states(stacked: Tensor, layout: Layout, basis: Tensor | None = 
         if name != "c":
             o[name].copy_((v[name] + inc[name] if name in inc else v[name]).sum(0))
     return out
+
+
+def _half_sym(a: Tensor) -> Tensor:
+    return 0.5 * (a + a.transpose(-1, -2))
+
+
+def state_moments(
+    v: dict[str, Tensor], layout: Layout, basis: Tensor | None = None
+) -> ClassMoments:
+    """:class:`ClassMoments` of the state views ``v`` (float64, absent classes: mean 0).
+
+    ``mu_k = c_k + t_k / n_k``, scatter ``= q - sum_k t_k t_k^T / n_k`` (per class for
+    ``qk``, in basis coordinates for ``qs``), ``class_ss_k = r_k - ||t_k||^2 / n_k``.
+    """
+    n, c, t = v["n"], v["c"], v["t"]
+    present = n > 0
+    off = t / n.clamp_min(1).unsqueeze(1)  # mu_k - c_k
+    means = torch.where(present.unsqueeze(1), c + off, 0.0)
+    class_ss = (v["r"] - (off * t).sum(1)).clamp_min(0.0)
+    scatter = class_scatter = span_basis = span = None
+    if layout.mode == "full":
+        scatter = _half_sym(v["q"] - off.T @ t)
+    elif layout.mode == "per_class":
+        class_scatter = _half_sym(v["qk"] - off.unsqueeze(2) * t.unsqueeze(1))
+        scatter = class_scatter.sum(0)
+    elif layout.mode == "span":
+        assert basis is not None
+        span_basis = basis.to(device=n.device, dtype=n.dtype)
+        span = _half_sym(v["qs"] - (off @ span_basis).T @ (t @ span_basis))
+    norm_sums = v["a"].clone()
+    return ClassMoments(
+        n.clone(), means, scatter, class_ss, class_scatter, span_basis, span, norm_sums
+    )
 
 
 class Float64States:

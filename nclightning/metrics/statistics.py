@@ -13,10 +13,14 @@ float32). Instead each class ``k`` has a *shift* ``c_k`` close to its mean and t
 sums the shifted deviations ``e = h - c_k`` (layout in :mod:`nclightning.metrics.state`).
 
 * The shift is either given (``shift=``, e.g. exact means from a first sweep: the merge is
-  then a plain sum) or set from the first batch holding the class: the float64 mean of that
-  class's rows in the batch, rounded to float32 (to float64 with ``compute_dtype=float64``),
-  so ``e = h - c_k`` is exact in float32 (Sterbenz) and ``|mean(e)|`` is at most the
-  sampling error of that batch's mean plus half an ulp of ``m``, whatever the batch size.
+  then a plain sum) or set from the data: when a class first appears, the float64 mean of
+  its rows in that batch; on CPU also whenever a batch holds more samples of the class
+  than all earlier batches (at most ``log2 n_k`` times), the mean of all its samples so far,
+  the state moving to it exactly in float64. Shifts are rounded to float32 (float64 with
+  ``compute_dtype=float64``), so ``e = h - c_k`` is exact in float32 (Sterbenz) and
+  ``|mean(e)|`` stays of the order of the sampling error of a class mean, whatever the
+  batch sizes. On accelerators only the first batch sets the shift (a masked update: no
+  host synchronisation per batch).
 * Deviations are formed and multiplied in the compute precision (float32 for
   float16/bfloat16/float32 features; float64 for float64 features or
   ``compute_dtype=torch.float64``); every float32 sum (``t``, the scatter GEMM) has at most
@@ -27,13 +31,14 @@ sums the shifted deviations ``e = h - c_k`` (layout in :mod:`nclightning.metrics
   ``class_ss_k = r_k - ||t_k||^2 / n_k``.
 
 What holds: every statistic, hence every metric, carries only float32 rounding relative to
-the within-class spread, never to the mean: measured against a float64 two-pass reference
-on float32 features (mean norm 10, within-class RMS deviation 1e-4, 1e-5 and 2e-6 of it,
-d = 256, K = 10, N = 50,000), NC1, NC1-tilde, CDNV, the NC2 values and Sigma_W agree to
-<= 1e-6 relative for one 50,000-row batch, for batches of random sizes 1..200 and for
-batches of 512 (``tests/metrics/test_collapse_accuracy.py``; docs/science.md §10). Features
-that drift by much more than their spread within one pass (a shift far from the final mean)
-lose that margin: pass float64 features or a ``shift``.
+the within-class spread, never to the mean. Measured against a float64 two-pass reference
+on the same float32 features (mean norm 10, within-class RMS deviation 1e-4, 1e-5 and 2e-6
+of it, d = 256, K = 10, N = 50,000): every scalar of :func:`metrics_from_moments` agrees to
+<= 1e-6 relative (worst 2.5e-7, NC1 at 1e-5) for one 50,000-row batch, batches of random
+sizes 1..200, 100 single-row batches then one large batch, and batches of 512
+(``tests/metrics/test_collapse_accuracy.py``; docs/science.md §10); the accelerator path
+(no re-centring) stays below 8e-7 on the same cases. Features that drift by much more than
+their spread within one pass lose that margin on accelerators: pass a ``shift``.
 
 Scatter modes: ``"full"`` (``d x d``), ``"per_class"`` (``K d x d``, also the pooled one),
 ``"none"`` (means, ``class_ss``, norm sums: no GEMM), and the span mode selected by
@@ -59,7 +64,7 @@ from nclightning.errors import ConfigurationError
 from nclightning.metrics.accumulate import Accumulator
 from nclightning.metrics.formulas import EIG_RTOL, metrics_from_moments
 from nclightning.metrics.moments import ClassMoments
-from nclightning.metrics.state import Float64States, Layout, merge_packed_states
+from nclightning.metrics.state import Float64States, Layout, merge_packed_states, state_moments
 
 __all__ = ["ClassStatistics"]
 
@@ -280,30 +285,13 @@ class ClassStatistics(Float64States, Metric):
     def _moments(self) -> ClassMoments:
         self._flush()
         v = self._views()
-        n, c, t = v["n"], v["c"], v["t"]
-        present = n > 0
-        missing = (~present).nonzero().flatten().tolist()
+        missing = (v["n"] == 0).nonzero().flatten().tolist()
         if missing and not self.allow_missing_classes:
             raise ValueError(
                 f"class {missing[0]} has no sample in the whole pass (classes without samples: "
                 f"{missing}); pass allow_missing_classes=True to use the present classes only"
             )
-        off = t / n.clamp_min(1).unsqueeze(1)  # mu_k - c_k
-        means = torch.where(present.unsqueeze(1), c + off, 0.0)
-        class_ss = (v["r"] - (off * t).sum(1)).clamp_min(0.0)
-        scatter = class_scatter = basis = span = None
-        mode = self.scatter_mode
-        if mode == "full":
-            scatter = _symmetric(v["q"] - off.T @ t)
-        elif mode == "per_class":
-            class_scatter = _symmetric(v["qk"] - off.unsqueeze(2) * t.unsqueeze(1))
-            scatter = class_scatter.sum(0)
-        elif mode == "span":
-            basis = self._basis.to(n.device)  # type: ignore[union-attr]
-            span = _symmetric(v["qs"] - (off @ basis).T @ (t @ basis))
-        return ClassMoments(
-            n.clone(), means, scatter, class_ss, class_scatter, basis, span, v["a"].clone()
-        )
+        return state_moments(v, self._layout, self._basis)
 
     def _synced(self):
         return self.sync_context(
@@ -345,7 +333,3 @@ class ClassStatistics(Float64States, Metric):
         state = super().__getstate__()
         state["_cache"] = {}  # views and casts are rebuilt on the copy's own state
         return state
-
-
-def _symmetric(a: Tensor) -> Tensor:
-    return 0.5 * (a + a.transpose(-1, -2))

@@ -11,24 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from nclightning.metrics import ClassMoments, ClassStatistics, collapse_metrics
+from nclightning.metrics import (
+    CLASSIFIER_KEYS,
+    MOMENT_KEYS,
+    ClassMoments,
+    ClassStatistics,
+    collapse_metrics,
+)
 from nclightning.metrics.formulas import nc1
 
 N, D, K = 20_000, 256, 10
-KEYS = (
-    "nc1",
-    "nc1_tilde",
-    "cdnv",
-    "nc2_etf",
-    "nc2_equinorm",
-    "nc2_equiangle",
-    "nc2_maxangle",
-    "gnc2_log",
-    "nc3",
-    "unc3",
-    "feature_norm",
-    "class_mean_norm",
-)
+KEYS = (*MOMENT_KEYS, *CLASSIFIER_KEYS)  # every scalar of a streamed pass with a classifier
 
 
 def _sizes(balanced: bool) -> np.ndarray | None:

@@ -9,22 +9,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nclightning.metrics import ClassStatistics, collapse_metrics
+from nclightning.metrics import (
+    CLASSIFIER_KEYS,
+    MOMENT_KEYS,
+    OOD_KEYS,
+    ClassStatistics,
+    collapse_metrics,
+)
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
-SCALE_INVARIANT = (
-    "nc1",
-    "nc1_tilde",
-    "cdnv",
-    "nc2_etf",
-    "nc2_equinorm",
-    "nc2_equiangle",
-    "nc2_maxangle",
-    "gnc2_log",
-    "nc3",
-    "unc3",
-    "nc5",
-)
+NORMS = ("feature_norm", "class_mean_norm")  # scale with the features
+SCALE_INVARIANT = tuple(k for k in (*MOMENT_KEYS, *CLASSIFIER_KEYS, *OOD_KEYS) if k not in NORMS)
 TRANSLATION_INVARIANT = (*SCALE_INVARIANT, "class_mean_norm")
 
 
@@ -114,7 +109,7 @@ def test_invariant_to_common_scaling(data, scale):
     scaled = collapse_metrics(scale * x, y, w, scale * b, ood_mean=scale * ood)
     _close(base, scaled, 1e-9, SCALE_INVARIANT)
     assert base["nc4"] == scaled["nc4"]
-    for key in ("feature_norm", "class_mean_norm"):  # norms scale with the features
+    for key in NORMS:
         assert math.isclose(scaled[key], scale * base[key], rel_tol=1e-9), key
 
 
