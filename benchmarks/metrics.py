@@ -1,6 +1,6 @@
 """Speed and memory of the streaming collapse metrics (docs/science.md §1, §10). A script.
 
-    python benchmarks/metrics.py [--repeats 5] [--quick]
+    python benchmarks/metrics.py [--repeats 5] [--quick] [--accuracy]
 
 On the same precomputed float32 batches (N = 50,000, d = 512, batch 512, K = 10 and 100;
 features near collapse: mean norm 10, within-class RMS deviation 1e-3) it prints
@@ -15,6 +15,8 @@ features near collapse: mean norm 10, within-class RMS deviation 1e-3) it prints
   and ``NCCMismatch.update`` (exact NC4 against known means);
 * the ``compute()`` time and the error of the full and span passes vs the reference;
 * the time of ``class_quantities`` and ``metrics_from_moments`` at K = 1000, d = 512;
+* with ``--accuracy``: the worst relative error of every scalar against a float64 two-pass
+  computation for float32 features in the strongly collapsed regime, per batching;
 * the peak RSS growth of a pass for two values of N (target: independent of N), batches
   generated on the fly so that nothing but the metric's own memory is measured.
 
@@ -243,6 +245,48 @@ def memory() -> None:
     )
 
 
+def accuracy() -> None:
+    """Worst relative error of every scalar vs a float64 two-pass pass, per batching.
+
+    Float32 features, N = 50,000, d = 256, K = 10, mean norm 10, within-class RMS deviation
+    ``ratio`` of it (docs/science.md §10). The reference is ``ClassMoments.from_features``
+    on the same values in float64 (the tests use an independent numpy reference).
+    """
+    n, d, k = 50_000, 256, 10
+    g = torch.Generator().manual_seed(0)
+    small, total = [], 0
+    while total < n:
+        small.append(min(int(torch.randint(1, 201, (), generator=g)), n - total))
+        total += small[-1]
+    batchings = {
+        "one 50k batch": [n],
+        "random 1..200": small,
+        "100 x 1, then 49,900": [1] * 100 + [n - 100],
+        "batches of 512": [512] * (n // 512) + [n % 512],
+    }
+    print(f"accuracy: N={n} d={d} K={k} float32, max rel. error over every scalar (worst key)")
+    for ratio in (1e-4, 1e-5, 2e-6):
+        mu = torch.randn(k, d, generator=g, dtype=torch.float64)
+        mu = 10 * mu / mu.norm(dim=1, keepdim=True)
+        y = torch.randint(0, k, (n,), generator=g)
+        x = mu[y] + ratio * 10 / d**0.5 * torch.randn(n, d, generator=g, dtype=torch.float64)
+        x = x.float()
+        w = torch.randn(k, d, generator=g, dtype=torch.float64)
+        exact = ClassMoments.from_features(x.double(), y, k, norm_sums=True)
+        ref = metrics_from_moments(exact, w)
+        cells = []
+        for name, batch_sizes in batchings.items():
+            stats = ClassStatistics(k, d)
+            stats.set_classifier(w)
+            for xb, yb in zip(x.split(batch_sizes), y.split(batch_sizes)):
+                stats.update(xb, yb)
+            got = stats.compute()
+            err = {key: abs(float(got[key]) / ref[key] - 1) for key in ref}
+            worst = max(err, key=err.get)
+            cells.append(f"{name}: {err[worst]:.1e} ({worst})")
+        print(f"  ratio {ratio:g}: " + " | ".join(cells))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -251,6 +295,7 @@ def main() -> None:
     parser.add_argument(
         "--wall", action="store_true", help="time by wall clock (default with >1 thread)"
     )
+    parser.add_argument("--accuracy", action="store_true", help="also the accuracy table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     global CLOCK
@@ -262,6 +307,8 @@ def main() -> None:
     for K in (10,) if args.quick else (10, 100):
         run(K, 3 if args.quick else args.repeats)
     per_class_arrays()
+    if args.accuracy:
+        accuracy()
 
 
 if __name__ == "__main__":

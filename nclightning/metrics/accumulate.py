@@ -8,10 +8,11 @@ update and :meth:`flush` before anything reads its state.
 
 Float32 buffers: centred rows go to a reused work buffer (a fresh ``[B, d]`` tensor per
 batch costs page faults comparable to the subtraction itself); the deviation sums ``t`` and
-the scatter products are accumulated in float32 *pending* buffers of at most two batches and
-:data:`FLUSH_ROWS` rows, then added to the float64 state: every float32 sum has at most
-``FLUSH_ROWS`` terms, whatever the batch size (a large batch is cut into :data:`CHUNK`-row
-chunks).
+the scatter products are accumulated in float32 *pending* buffers (at most two products,
+eight for the per-class scatter, and :data:`FLUSH_ROWS` rows per class), then added to the
+float64 state. Each product spans at most :data:`CHUNK` rows (a large batch is cut), so
+every float32 sum has at most ``FLUSH_ROWS`` terms whatever the batch size. The per-class
+scatter touches ``K d^2`` numbers per batch: feed it large batches (a cached sweep).
 """
 
 from __future__ import annotations
