@@ -199,6 +199,7 @@ class NeuralCollapseCallback(Callback):
         self._last: analysis.ProbeResult | None = None
         self._token = uuid.uuid4().hex
         self._snapshots: Path | None = None
+        self._started = False
         self._saved_settings: dict[str, Any] | None = None
         self._ckpt_position: tuple[int, int] | None = None
         self._warned: set[str] = set()
@@ -349,28 +350,29 @@ class NeuralCollapseCallback(Callback):
     # -- outputs --------------------------------------------------------------------------------
     def _start_outputs(self, trainer: Trainer) -> None:
         """W&B settings and the snapshot folder, once per fit; an error stops every rank."""
-        if self._snapshots is not None or self._probe is None:
+        if self._started or self._probe is None:
             return
+        self._started = True
+        folder = self._snapshot_folder(trainer)  # every rank: trainer.log_dir is collective
         error = None
         if trainer.is_global_zero:
             self._wandb.setup(trainer, self._settings_record() | self._fit_record())
             try:
-                self._snapshots = self._claim_snapshots(trainer)
+                self._snapshots = None if folder is None else claim_directory(folder, self._token)
             except ConfigurationError as err:
                 error = str(err)
         error = trainer.strategy.broadcast(error)
         if error:
             raise ConfigurationError(error)
 
-    def _claim_snapshots(self, trainer) -> Path | None:
+    def _snapshot_folder(self, trainer) -> Path | None:
+        """``snapshot_dir``, else ``{version folder}/snapshots/{name}`` when there is one."""
         if self.snapshot_dir is False:
             return None
-        if self.snapshot_dir is None:  # the run's own version folder, when it has one
-            if not trainer.loggers or trainer.log_dir is None:
-                return None
-            return claim_directory(Path(trainer.log_dir) / "snapshots" / self.name, self._token)
-        folder = self.snapshot_dir
-        return claim_directory(folder, self._token)
+        if self.snapshot_dir is not None:
+            return Path(self.snapshot_dir)
+        log_dir = trainer.log_dir if trainer.loggers else None
+        return None if log_dir is None else Path(log_dir) / "snapshots" / self.name
 
     def _write_outputs(self, trainer, result, row, epochs_trained: int, step: int) -> None:
         if self._snapshots is not None:

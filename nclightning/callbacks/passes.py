@@ -261,7 +261,7 @@ def _second_sweep(batches: _Batches, pass_plan, means, refs, K, device, has_head
         ncc_ref = NCCMismatch(ref.means, ref.present).to(device) if has_head and ref else None
         if has_head and not finite:
             nc4[lp.alias] = math.nan
-        for h, y, pred in zip(batches.features[lp.alias], batches.labels, _preds(batches)):
+        for h, y, pred in _chunks(batches.features[lp.alias], batches.labels, batches.preds):
             h = h.float()
             st.update(h, y)
             if ncc is not None:
@@ -277,8 +277,25 @@ def _second_sweep(batches: _Batches, pass_plan, means, refs, K, device, has_head
     return moments, nc4, nc4_ref
 
 
-def _preds(batches: _Batches) -> Sequence:
-    return batches.preds if batches.preds else [None] * len(batches.labels)
+SWEEP_ROWS = 4096
+"""The second sweep updates the statistics with cached batches joined into chunks of about
+this many rows: the per-class scatter costs one ``d^2`` pass per class and update."""
+
+
+def _chunks(features: Sequence[Tensor], labels: Sequence[Tensor], preds: Sequence[Tensor]):
+    """``(features, labels, predictions or None)`` of consecutive cached batches, joined."""
+
+    def join(ts: Sequence[Tensor], group: list[int]) -> Tensor:
+        return ts[group[0]] if len(group) == 1 else torch.cat([ts[j] for j in group])
+
+    group: list[int] = []
+    rows = 0
+    for i, h in enumerate(features):
+        group.append(i)
+        rows += h.shape[0]
+        if rows >= SWEEP_ROWS or i == len(features) - 1:
+            yield join(features, group), join(labels, group), join(preds, group) if preds else None
+            group, rows = [], 0
 
 
 def _nc4_pass(taps, loader, moments, refs, device, forward_context, has_head):
