@@ -7,14 +7,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from nclightning.files import file_mode
+
 __all__ = ["atomic_write_bytes", "file_mode", "remove_created", "remove_stale_temporaries"]
 
 
-def file_mode() -> int:
-    """The mode ``open(path, "w")`` gives a new file (``0o666 & ~umask``), as Lightning's files."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 def remove_stale_temporaries(path: str | Path) -> None:

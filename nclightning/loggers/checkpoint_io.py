@@ -16,8 +16,8 @@ from typing import Any
 
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from nclightning.files import atomic_save
 from nclightning.loggers._files import remove_stale_temporaries
-from nclightning.record.snapshots import atomic_save
 
 __all__ = ["AtomicCheckpointIO"]
 
