@@ -136,3 +136,15 @@ def test_files_get_the_permissions_of_lightnings_files(tmp_path):
     assert modes["lightning"] == modes["ours"] == [0o640, 0o640]
     assert modes["folders"][0] == modes["folders"][1] == 0o750
     assert modes["loads"] == [1.0, 1.0]
+
+
+def test_discard_keeps_a_folder_that_holds_results(tmp_path):
+    logger = CSVLogger(tmp_path, name="exp")
+    logger.log_metrics({"x": 1.0}, step=0)
+    ckpt = Path(logger.log_dir) / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"")
+    assert logger.discard() is False and ckpt.is_file()
+    other = CSVLogger(tmp_path, name="exp")
+    other.log_metrics({"x": 1.0}, step=5)  # a row after a training step
+    assert other.discard() is False and Path(other.log_dir).is_dir()
