@@ -48,8 +48,9 @@ class RunRecord(Callback):
     Add it to a Trainer's callbacks (the ``nclightning`` command does) and call
     :func:`resume_loggers` before ``trainer.fit(..., ckpt_path=...)``. When the run fails
     before its first training step, it removes the CSV folder and W&B run the run created
-    (:func:`discard_run`; resumed runs keep theirs), in whichever process the failure happens
-    (``ddp_spawn`` workers included).
+    (:func:`discard_run`; resumed runs keep theirs). Under ``ddp_spawn`` that happens in the
+    launching process, so reserve the CSV folder there before ``fit`` (``logger.version``; the
+    CLI does); a W&B run started by a spawned worker stays, marked failed.
     """
 
     @property
@@ -86,11 +87,13 @@ class RunRecord(Callback):
 
 def read_run_record(ckpt_path: str | os.PathLike) -> dict[str, Any] | None:
     """The :class:`RunRecord` entry of a checkpoint file, or None (older checkpoint, no record)."""
+    import pickle
+
     import torch
 
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
-    except RuntimeError:  # not a zip checkpoint: mmap unsupported
+    try:  # plain tensors and containers (Lightning's own checkpoints), memory-mapped
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError):  # other objects, or not a zip file
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     record = ckpt.get(RECORD_KEY) if isinstance(ckpt, dict) else None
     return record if isinstance(record, dict) and record.get("format") == 1 else None
