@@ -3,10 +3,11 @@
     python benchmarks/fault_injection.py [--kills 4] [--seed 0] [--max-epochs N] [--wandb offline]
 
 1. The reference: ``nclightning fit --config digits_mlp.yaml`` run to the end, untouched.
-2. The same job, killed with SIGKILL (no handler runs, no buffer is flushed) ``--kills`` times:
-   each life waits until it has replaced ``last.ckpt`` at least once (so every life makes
-   progress), then for a random time of up to ``--window`` seconds, and is killed; the next
-   life resumes with ``--ckpt_path .../last.ckpt``. The last life runs to the end.
+2. The same job, killed with SIGKILL (no handler runs, no buffer is flushed) ``--kills`` times
+   at random moments spread over the whole run: ``--kills`` distinct epochs are drawn at
+   random; each life runs until that many epochs have ended (``metrics.csv`` says so), then
+   for a random fraction of a second more (``--window``), and is killed; the next life resumes
+   with ``--ckpt_path .../last.ckpt``. The last life runs to the end.
 3. Checks: every file of the run folder loads (``metrics.csv`` as CSV with full rows, every
    checkpoint with ``torch.load``, the YAML files), the run stayed in one version folder, and
    the final ``metrics.csv`` equals the reference's: the same header, the same rows in the same
@@ -60,14 +61,21 @@ def _mtime(path: Path) -> float:
         return 0.0
 
 
-def _one_life(folder: Path, args, rng: random.Random, life: int) -> bool:
-    """Start (or resume) the job and SIGKILL it; False if it finished before the kill."""
+def _epochs_ended(folder: Path) -> int:
+    """Epochs whose end-of-epoch training row is in ``metrics.csv`` (0 if none yet)."""
+    try:
+        with open(folder / RUN / "metrics.csv", newline="") as f:
+            return sum(1 for row in csv.DictReader(f) if row.get("train/acc"))
+    except (FileNotFoundError, csv.Error):
+        return 0
+
+
+def _one_life(folder: Path, args, rng: random.Random, life: int, target: int) -> bool:
+    """Start (or resume) the job, SIGKILL it after ``target`` epochs; False if it finished."""
     last = folder / RUN / "checkpoints" / "last.ckpt"
-    ckpt = last if last.is_file() else None
-    before = _mtime(last)
-    proc = _start(folder, args, ckpt)
-    while proc.poll() is None and _mtime(last) <= before:  # until it replaced last.ckpt
-        time.sleep(0.05)
+    proc = _start(folder, args, last if last.is_file() else None)
+    while proc.poll() is None and _epochs_ended(folder) < target:
+        time.sleep(0.02)
     delay = rng.uniform(0.0, args.window)
     time.sleep(delay)
     if proc.poll() is not None:
@@ -77,8 +85,17 @@ def _one_life(folder: Path, args, rng: random.Random, life: int) -> bool:
     import torch
 
     step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
-    print(f"life {life}: killed {delay:.2f} s after a checkpoint; last.ckpt at step {step}")
+    print(f"life {life}: killed {delay:.2f} s after epoch {target} ended; last.ckpt at step {step}")
     return True
+
+
+def _max_epochs(args) -> int:
+    if args.max_epochs is not None:
+        return args.max_epochs
+    import yaml
+
+    config = REPO / "nclightning" / "configs" / "digits_mlp.yaml"
+    return int(yaml.safe_load(config.read_text())["trainer"]["max_epochs"])
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -137,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kills", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-epochs", type=int, default=None, help="default: the config's")
-    parser.add_argument("--window", type=float, default=3.0, help="seconds of random delay")
+    parser.add_argument("--window", type=float, default=0.5, help="seconds of random delay")
     parser.add_argument("--wandb", default="disabled", choices=["disabled", "offline"])
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -149,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     start = time.monotonic()
     ref = _start(work / "reference", args, None)
-    kills = sum(_one_life(work / "killed", args, rng, i + 1) for i in range(args.kills))
+    targets = sorted(rng.sample(range(1, _max_epochs(args) - 1), args.kills))
+    kills = sum(_one_life(work / "killed", args, rng, i + 1, t) for i, t in enumerate(targets))
     final = _start(work / "killed", args, work / "killed" / RUN / "checkpoints" / "last.ckpt")
     codes = ref.wait(), final.wait()
     print(f"{kills} kills; both runs ended (exit {codes}) after {time.monotonic() - start:.0f} s")

@@ -122,7 +122,9 @@ def _print_help() -> None:
 
 
 def _error(message: str) -> int:
-    print(f"nclightning: error: {message}", file=sys.stderr)
+    """Print a user error (on the first process only: every DDP rank hits the same one)."""
+    if os.environ.get("LOCAL_RANK", "0") in ("", "0"):
+        print(f"nclightning: error: {message}", file=sys.stderr)
     return 2
 
 

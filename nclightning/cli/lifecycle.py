@@ -22,7 +22,9 @@ __all__ = [
     "configure_threads",
     "mark_measurement",
     "prepare_trainer",
+    "reserve_folders",
     "resume",
+    "user_error_of_worker",
 ]
 
 
@@ -83,6 +85,19 @@ def resume(trainer: Any, ckpt_path: Any) -> bool:
     return True
 
 
+def reserve_folders(trainer: Any) -> None:
+    """Reserve the CSV version folders here, before the Trainer starts other processes.
+
+    With ``ddp_spawn`` the workers get the logger with its folder chosen (the same one on
+    every rank), and this process can remove it if the run fails before its first step.
+    """
+    from nclightning.loggers import CSVLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, CSVLogger):
+            _ = logger.version
+
+
 def mark_measurement(trainer: Any) -> None:
     """``nclightning measure``: CSV folders ``measure_N``, W&B runs of ``job_type`` measure."""
     from lightning.pytorch.loggers import WandbLogger
@@ -121,3 +136,26 @@ def after_failure(trainer: Any, keep: bool = False) -> None:
         finish_wandb_runs(trainer, exit_code=1)
     except Exception:  # never hide the original error
         pass
+
+
+def user_error_of_worker(err: BaseException) -> str | None:
+    """The message of a :class:`~nclightning.errors.UserError` raised in a spawned worker.
+
+    ``ddp_spawn`` re-raises a worker's exception as ``ProcessRaisedException`` whose text
+    ends with the worker's traceback (``nclightning.errors.ConfigurationError: message``).
+    """
+    import importlib
+
+    from nclightning.errors import UserError
+
+    if type(err).__name__ != "ProcessRaisedException":
+        return None
+    lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+    last = lines[-1] if lines else ""
+    name, sep, message = last.partition(": ")
+    module, _, cls = name.rpartition(".")
+    try:
+        kind = getattr(importlib.import_module(module), cls) if sep and module else None
+    except ImportError:
+        return None
+    return message if isinstance(kind, type) and issubclass(kind, UserError) else None

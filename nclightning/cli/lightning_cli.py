@@ -185,15 +185,23 @@ class NCLightningCLI(LightningCLI):
     def before_fit(self) -> None:
         ckpt_path = self._get(self.config_init, "ckpt_path")
         self.resumed = lifecycle.resume(self.trainer, ckpt_path)
+        lifecycle.reserve_folders(self.trainer)
 
     def before_validate(self) -> None:
         if self.measure:
             lifecycle.mark_measurement(self.trainer)
+        lifecycle.reserve_folders(self.trainer)
+
+    def before_test(self) -> None:
+        lifecycle.reserve_folders(self.trainer)
 
     def _run_subcommand(self, subcommand: str) -> None:
         try:
             super()._run_subcommand(subcommand)
-        except BaseException:
+        except BaseException as err:
             lifecycle.after_failure(self.trainer, keep=self.resumed)
+            user_error = lifecycle.user_error_of_worker(err)
+            if user_error is not None:  # a ddp_spawn worker's UserError, as a UserError
+                raise ConfigError(user_error) from err
             raise
         lifecycle.after_success(self.trainer, measure=self.measure)

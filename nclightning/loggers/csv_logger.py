@@ -87,6 +87,16 @@ def _csv_bytes(rows: list[dict[str, Any]], keys: list[str], header: bool) -> byt
     return buf.getvalue().encode()
 
 
+def _has_results(folder: Path) -> bool:
+    """Whether a run folder holds a checkpoint or a metrics row logged after step 0."""
+    if any(folder.rglob("*.ckpt")):
+        return True
+    path = folder / _Writer.NAME_METRICS_FILE
+    if not path.is_file():
+        return False
+    return any(float(r.get("step") or 0) > 0 for r in _read_rows(path))
+
+
 class _Writer(ExperimentWriter):
     """Lightning's writer with one-write appends, atomic header rewrites and a resume point."""
 
@@ -155,6 +165,7 @@ class CSVLogger(_LightningCSVLogger):
         self._created: Path | None = None
         self._created_parents: list[Path] = []
         self._resume: ResumePoint | None = None
+        self._discarded = False
 
     # -- version folders --------------------------------------------------------------------
 
@@ -207,11 +218,29 @@ class CSVLogger(_LightningCSVLogger):
     @property
     @rank_zero_experiment
     def experiment(self) -> _Writer:
+        if self._discarded:
+            raise RuntimeError("this CSVLogger's folder was discarded; it logs nothing more")
         if self._experiment is None:
             log_dir = self.log_dir  # reserves the folder (and notes the parents it creates)
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _Writer(log_dir, self._resume)
         return self._experiment
+
+    def log_metrics(self, metrics, step=None) -> None:
+        if not self._discarded:
+            super().log_metrics(metrics, step)
+
+    def log_hyperparams(self, params=None) -> None:
+        if not self._discarded:
+            super().log_hyperparams(params)
+
+    def save(self) -> None:
+        if not self._discarded:
+            super().save()
+
+    def finalize(self, status: str) -> None:
+        if not self._discarded:
+            super().finalize(status)
 
     def rows_on_disk(self) -> int:
         """Flush pending rows; the number of data rows ``metrics.csv`` now holds (rank 0)."""
@@ -234,9 +263,12 @@ class CSVLogger(_LightningCSVLogger):
         self._version, self._resume = version, point
 
     def discard(self) -> bool:
-        """Remove the version folder this process reserved, with its files; True if removed."""
-        if self._created is None:
+        """Remove the version folder this process reserved, with its files; True if removed.
+
+        A folder holding a checkpoint or a row logged after step 0 is kept: it has results.
+        """
+        if self._created is None or _has_results(self._created):
             return False
         remove_created(self._created, self._created_parents)
-        self._created, self._experiment = None, None
+        self._created, self._experiment, self._discarded = None, None, True
         return True

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,11 @@ class RunRecord(Callback):
     """Store where the run's logs are (and how far they got) in every checkpoint.
 
     Add it to a Trainer's callbacks (the ``nclightning`` command does) and call
-    :func:`resume_loggers` before ``trainer.fit(..., ckpt_path=...)``.
+    :func:`resume_loggers` before ``trainer.fit(..., ckpt_path=...)``. When the run fails
+    before its first training step, it removes the CSV folder and W&B run the run created
+    (:func:`discard_run`; resumed runs keep theirs). Under ``ddp_spawn`` that happens in the
+    launching process, so reserve the CSV folder there before ``fit`` (``logger.version``; the
+    CLI does); a W&B run started by a spawned worker stays, marked failed.
     """
 
     @property
@@ -67,14 +72,28 @@ class RunRecord(Callback):
                 loggers.append({"kind": type(logger).__name__})
         checkpoint[RECORD_KEY] = {"format": 1, "step": _logger_step(trainer), "loggers": loggers}
 
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """A run that fails before its first training step removes what it created."""
+        if trainer.global_step == 0:
+            removed = discard_run(trainer)
+            if removed and trainer.is_global_zero:
+                print(
+                    "nclightning: the run failed before its first training step; removed "
+                    + ", ".join(removed),
+                    file=sys.stderr,
+                    flush=True,
+                )
+
 
 def read_run_record(ckpt_path: str | os.PathLike) -> dict[str, Any] | None:
     """The :class:`RunRecord` entry of a checkpoint file, or None (older checkpoint, no record)."""
+    import pickle
+
     import torch
 
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
-    except RuntimeError:  # not a zip checkpoint: mmap unsupported
+    try:  # plain tensors and containers (Lightning's own checkpoints), memory-mapped
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError):  # other objects, or not a zip file
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     record = ckpt.get(RECORD_KEY) if isinstance(ckpt, dict) else None
     return record if isinstance(record, dict) and record.get("format") == 1 else None
@@ -115,6 +134,7 @@ def resume_loggers(loggers: Any, ckpt_path: str | os.PathLike) -> list[str]:
         elif isinstance(logger, _LightningWandbLogger) and wandb_entries:
             run_id = wandb_entries.pop(0).get("id")
             if run_id and logger._experiment is None:
+                setattr(logger, RESUMED_FLAG, True)
                 if isinstance(logger, WandbLogger):
                     logger.resume_run(run_id)
                 else:
@@ -124,18 +144,25 @@ def resume_loggers(loggers: Any, ckpt_path: str | os.PathLike) -> list[str]:
     return messages
 
 
+RESUMED_FLAG = "_ncl_resumed"  # set on a W&B logger that continues an earlier run
+
+
 def _discard_wandb(logger: _LightningWandbLogger) -> bool:
+    """Finish and delete the W&B run this logger started (never a run it resumed)."""
+    from nclightning.loggers.wandb_logger import is_offline
+
     run = logger._experiment
-    if run is None or not getattr(run, "dir", None):
+    if run is None or getattr(logger, RESUMED_FLAG, False) or not getattr(run, "dir", None):
         return False
-    run_dir = Path(run.dir).parent
-    offline = getattr(run, "offline", True)
-    path = getattr(run, "path", None)
+    disabled = type(run).__name__ in ("NoopRun", "RunDisabled")
+    run_dir, path, offline = Path(run.dir).parent, getattr(run, "path", None), is_offline(run)
     try:
         run.finish(exit_code=1, quiet=True)
     except TypeError:
         run.finish(exit_code=1)
     logger._experiment = None
+    if disabled:
+        return False
     shutil.rmtree(run_dir, ignore_errors=True)
     latest = run_dir.parent / "latest-run"
     if latest.is_symlink() and not latest.exists():
@@ -163,7 +190,10 @@ def _delete_online_run(path: str, timeout: float = 10.0) -> None:
 
 
 def discard_run(loggers: Any) -> list[str]:
-    """Remove the CSV folders and W&B runs these loggers created; what was removed, as text."""
+    """Remove the CSV folders and W&B runs these loggers created; what was removed, as text.
+
+    Folders and runs continued from a checkpoint (:func:`resume_loggers`) are never removed.
+    """
     removed = []
     for logger in list(getattr(loggers, "loggers", loggers) or []):
         if isinstance(logger, CSVLogger):

@@ -5,13 +5,9 @@ from __future__ import annotations
 import csv
 import multiprocessing as mp
 import os
-import stat
 from pathlib import Path
 
-import pytest
-import torch
-
-from nclightning.loggers import AtomicCheckpointIO, CSVLogger, ResumePoint, rows_to_keep
+from nclightning.loggers import CSVLogger, ResumePoint, rows_to_keep
 
 
 def _reserve(args) -> int:
@@ -98,32 +94,57 @@ def test_every_row_is_on_disk_when_logged(tmp_path):
     assert not [p for p in Path(logger.log_dir).iterdir() if p.name.startswith(".")]
 
 
-@pytest.fixture
-def umask_027():
-    old = os.umask(0o027)
-    yield 0o640
-    os.umask(old)
+_MODES = """
+import json, os, stat, sys
+from pathlib import Path
+import torch
+from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from nclightning.loggers import AtomicCheckpointIO, CSVLogger
+
+root = Path(sys.argv[1])
+theirs = LightningCSVLogger(root / "l", name="exp")
+theirs.log_metrics({"x": 1.0}, step=0)
+theirs.save()
+TorchCheckpointIO().save_checkpoint({"w": torch.ones(2)}, root / "l" / "c.ckpt")
+ours = CSVLogger(root / "n", name="exp")
+ours.log_metrics({"x": 1.0}, step=0)
+ours.log_metrics({"y": 1.0}, step=1)  # a header rewrite: a temporary file renamed into place
+AtomicCheckpointIO().save_checkpoint({"w": torch.ones(2)}, root / "n" / "c.ckpt")
+mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)
+print(json.dumps({
+    "lightning": [mode(Path(theirs.log_dir) / "metrics.csv"), mode(root / "l" / "c.ckpt")],
+    "ours": [mode(Path(ours.log_dir) / "metrics.csv"), mode(root / "n" / "c.ckpt")],
+    "folders": [mode(theirs.log_dir), mode(ours.log_dir)],
+    "loads": torch.load(root / "n" / "c.ckpt")["w"].tolist(),
+}))
+"""
 
 
-def _mode(path) -> int:
-    return stat.S_IMODE(os.stat(path).st_mode)
+def test_files_get_the_permissions_of_lightnings_files(tmp_path):
+    """In a process whose umask is 027 from the start (fsspec caches the umask it first sees)."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _MODES, str(tmp_path)],
+        capture_output=True, text=True, preexec_fn=lambda: os.umask(0o027), timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    modes = json.loads(done.stdout.strip().splitlines()[-1])
+    assert modes["lightning"] == modes["ours"] == [0o640, 0o640]
+    assert modes["folders"][0] == modes["folders"][1] == 0o750
+    assert modes["loads"] == [1.0, 1.0]
 
 
-def test_files_get_the_permissions_of_lightnings_files(tmp_path, umask_027):
-    from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
-    from lightning.pytorch.plugins.io import TorchCheckpointIO
-
-    theirs = LightningCSVLogger(tmp_path / "l", name="exp")
-    theirs.log_metrics({"x": 1.0}, step=0)
-    theirs.save()
-    TorchCheckpointIO().save_checkpoint({"w": torch.ones(2)}, tmp_path / "l" / "c.ckpt")
-    ours = CSVLogger(tmp_path / "n", name="exp")
-    ours.log_metrics({"x": 1.0}, step=0)
-    ours.log_metrics({"y": 1.0}, step=1)  # header rewrite: a temporary file renamed into place
-    AtomicCheckpointIO().save_checkpoint({"w": torch.ones(2)}, tmp_path / "n" / "c.ckpt")
-    lightning_files = [Path(theirs.log_dir) / "metrics.csv", tmp_path / "l" / "c.ckpt"]
-    our_files = [Path(ours.log_dir) / "metrics.csv", tmp_path / "n" / "c.ckpt"]
-    assert {_mode(p) for p in lightning_files} == {umask_027}
-    assert {_mode(p) for p in our_files} == {umask_027}
-    assert _mode(ours.log_dir) == _mode(theirs.log_dir)
-    assert torch.load(tmp_path / "n" / "c.ckpt")["w"].tolist() == [1.0, 1.0]
+def test_discard_keeps_a_folder_that_holds_results(tmp_path):
+    logger = CSVLogger(tmp_path, name="exp")
+    logger.log_metrics({"x": 1.0}, step=0)
+    ckpt = Path(logger.log_dir) / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"")
+    assert logger.discard() is False and ckpt.is_file()
+    other = CSVLogger(tmp_path, name="exp")
+    other.log_metrics({"x": 1.0}, step=5)  # a row after a training step
+    assert other.discard() is False and Path(other.log_dir).is_dir()

@@ -47,3 +47,17 @@ def test_two_runs_started_together_finish_in_distinct_folders(tmp_path):
         assert {"metrics.csv", "config.yaml", "hparams.yaml"} <= {p.name for p in version.iterdir()}
         assert (version / "checkpoints" / "last.ckpt").is_file()
         assert not (version / "config-2.yaml").exists()
+
+
+def test_a_user_error_in_ddp_spawn_workers_is_one_line_and_leaves_no_folder(tmp_path, cli):
+    done = cli(
+        ["fit", "--config", "digits_mlp.yaml", *QUICK, "--trainer.accelerator", "cpu",
+         "--trainer.devices", "2", "--trainer.strategy", "ddp_spawn",
+         "--trainer.callbacks+=cli_support.SetupFails"],
+        tmp_path,
+        timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [ln for ln in done.stderr.splitlines() if ln.startswith("nclightning: error:")]
+    assert errors == ["nclightning: error: layer 'nosuch' not found; did you mean 'penultimate'?"]
+    assert not list((tmp_path / "runs").glob("digits_mlp/version_*"))
