@@ -13,6 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import lightning.pytorch  # noqa: F401  (see below)
 import pytest
 import torch
 
@@ -26,6 +27,10 @@ os.environ.setdefault("PYTHONHASHSEED", "0")
 # (DDP workers) inherit OMP_NUM_THREADS.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
+
+# Lightning binds its console handler to the sys.stderr of the moment it is first imported:
+# imported here, that is the session's stream, not the capsys buffer of whichever test first
+# imported it (closed after that test, so every later Lightning log line would fail to write).
 
 # Shared test support modules (``ondisk``: dataset writers, ``support``: logger, references,
 # ``runif``: hardware conditions) live beside this file.

@@ -30,6 +30,7 @@ import fnmatch
 from collections.abc import Mapping, Sequence
 
 from torch import Tensor, nn
+from torchmetrics import Metric
 
 from nclightning.errors import ConfigurationError
 from nclightning.record.keys import check_layer_alias
@@ -59,10 +60,11 @@ def resolve_layers(model: nn.Module, layers: Sequence[str] | Mapping[str, str]) 
         layers = [layers]
     spec = dict(layers) if isinstance(layers, Mapping) else {name: name for name in layers}
     available = [name for name, _ in model.named_modules() if name]
+    shown = [name for name, m in model.named_modules() if name and not isinstance(m, Metric)]
     for alias, name in spec.items():
         check_layer_alias(alias)
         if name not in available:
-            raise ConfigurationError(unknown_module_message(model, name, available))
+            raise ConfigurationError(unknown_module_message(model, name, shown))
     return spec
 
 

@@ -103,3 +103,30 @@ def test_print_config_and_help_still_work(capsys):
         main(["fit", "--config", "digits_mlp.yaml", "--print_config"])
     assert exc.value.code == 0 and "max_epochs: 150" in capsys.readouterr().out
     assert Path("runs").exists() is False
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (
+            ["--trainer.callbacks.init_args.layers", "{penultimate: backbone.blocks.9}"],
+            "unknown layer 'backbone.blocks.9' in CollapseClassifier. Did you mean",
+        ),
+        (  # found at the first probe, after the loggers exist: the same one line, no run left
+            [
+                "--trainer.callbacks.init_args.layers",
+                "{h0: backbone.flatten, penultimate: backbone}",
+            ],
+            "perturbation pair layers differ in width (H0 has d=64, H has d=128)",
+        ),
+    ],
+    ids=["unknown-layer", "width-mismatch"],
+)
+def test_the_collapse_callbacks_setting_errors_are_one_line(tmp_path, cli, override, expected):
+    """In a fresh process, as a user runs it (the CLI's own stderr, nothing captured)."""
+    done = cli(["fit", "--config", "digits_mlp.yaml", *QUICK, *override], tmp_path)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    lines = [ln for ln in done.stderr.splitlines() if ln.startswith("nclightning: error")]
+    assert len(lines) == 1 and expected in lines[0]
+    assert not list((tmp_path / "runs").glob("digits_mlp/version_*"))
