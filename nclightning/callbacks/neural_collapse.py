@@ -200,6 +200,7 @@ class NeuralCollapseCallback(Callback):
         self._token = uuid.uuid4().hex
         self._snapshots: Path | None = None
         self._started = False
+        self._fitting = True
         self._saved_settings: dict[str, Any] | None = None
         self._ckpt_position: tuple[int, int] | None = None
         self._warned: set[str] = set()
@@ -207,6 +208,7 @@ class NeuralCollapseCallback(Callback):
     # -- Lightning hooks ----------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._reset()
+        self._fitting = stage == "fit"
         self._probe = Probe(self.settings, trainer, pl_module, self.pair_settings)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -262,7 +264,8 @@ class NeuralCollapseCallback(Callback):
         self._history = list(state_dict.get("history", []))
         self._couplings = dict(state_dict.get("couplings", {}))
         self._last_probed = int(state_dict.get("last_probed", -1))
-        self._token = str(state_dict.get("token", self._token))
+        if self._fitting:  # a resumed run is the same run; a measurement is a run of its own
+            self._token = str(state_dict.get("token", self._token))
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         saved = [

@@ -74,6 +74,10 @@ class Version:
         return int(m.group(1)) if m else None
 
 
+MEASURE_PREFIX = "measure_"
+"""Folders of ``nclightning measure`` (``{name}/measure_N``): never part of a resume chain."""
+
+
 def _natural(text: str) -> list:
     return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", text) if t]
 
@@ -167,6 +171,10 @@ def _ckpt_inside(ckpt: Any, folder: Path) -> bool:
 
 
 def _continues(later: Version, earlier: Version) -> bool:
+    if later.path.name.startswith(
+        MEASURE_PREFIX
+    ):  # a measurement of a checkpoint, a run of its own
+        return False
     config = _read_config(later.config_file) or {}
     if _ckpt_inside(config.get("ckpt_path"), earlier.path):
         return True
