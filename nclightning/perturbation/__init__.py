@@ -1,9 +1,12 @@
-"""The perturbation model of Tirer, Huang & Niles-Weed (ICML 2023), docs/science.md §2-5.
+"""The perturbation model of Tirer, Huang & Niles-Weed (ICML 2023), docs/science.md §2-5, §7.
 
 Pure tensor maths (float64), no Lightning import. Features are rows (``[N, d]``); docs/science.md
 writes them as columns.
 
-* :func:`solve` (§2): minimiser of Eq. 2 from sufficient statistics; :func:`fit_beta`.
+* :func:`solve` (§2): minimiser of Eq. 2 from class moments (or raw features).
+* :func:`fit_pair` (§7): the model fitted to a pair of layers, scale free: coupling, predicted
+  metrics of ``H*``, residuals against the measured ``H``; :func:`fit_beta` (§2-3), the raw-scale
+  search for any metric.
 * :func:`ufm_minimizer` (§4, Theorem 2.1).
 * :func:`central_path_loss`, :func:`central_path_flow` (§3, Eq. 4, Theorem 3.1).
 * :func:`perturbation_operator`, :func:`operator_blocks`, :func:`block_singular_values`,
@@ -24,10 +27,17 @@ from nclightning.perturbation.operator import (
     perturbation_operator,
     theorem_spectrum,
 )
-from nclightning.perturbation.solver import ConvergenceWarning, SolveResult, objective, solve
+from nclightning.perturbation.solver import (
+    DEFAULT_TOL,
+    ConvergenceWarning,
+    SolveResult,
+    objective,
+    solve,
+)
 from nclightning.perturbation.ufm import ufm_minimizer
 
 __all__ = [
+    "DEFAULT_TOL",
     "BetaFit",
     "ConvergenceWarning",
     "FlowTrajectory",

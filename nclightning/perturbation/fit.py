@@ -89,7 +89,7 @@ def fit_beta(
 
     def value(beta: float) -> float:
         init = warm[min(warm, key=lambda b: abs(math.log(b / beta)))] if warm else None
-        res = solve(m, None, lambda_W, lambda_H, beta, tol=tol, init=init)
+        res = solve(m, lambda_W=lambda_W, lambda_H=lambda_H, beta=beta, tol=tol, init=init)
         v = res.metrics.get(metric, math.nan)
         if not math.isfinite(v):
             raise ValueError(f"metric {metric!r} is not finite at beta={beta:g} ({v})")
@@ -121,9 +121,9 @@ def fit_beta(
         res = solve(
             h0_stats,
             labels,
-            lambda_W,
-            lambda_H,
-            best[0],
+            lambda_W=lambda_W,
+            lambda_H=lambda_H,
+            beta=best[0],
             num_classes=num_classes,
             tol=tol,
             init=warm[best[0]],
@@ -150,9 +150,9 @@ def fit_beta(
     res = solve(
         h0_stats,
         labels,
-        lambda_W,
-        lambda_H,
-        beta,
+        lambda_W=lambda_W,
+        lambda_H=lambda_H,
+        beta=beta,
         num_classes=num_classes,
         tol=tol,
         init=warm[min(warm, key=lambda bb: abs(math.log(bb / beta)))],

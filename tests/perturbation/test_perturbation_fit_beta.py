@@ -16,7 +16,7 @@ LW, LH = math.sqrt(2), 0.1
 def test_recovers_beta(ref, beta_true):
     h0, labels = ref.random_features(0, [8, 12, 10], 6, between=1.0)
     m = ClassMoments.from_features(h0, labels)
-    target = solve(m, None, LW, LH, beta_true, tol=1e-12).metrics["nc1_tilde"]
+    target = solve(m, lambda_W=LW, lambda_H=LH, beta=beta_true, tol=1e-12).metrics["nc1_tilde"]
     fit = fit_beta(m, target, lambda_W=LW, lambda_H=LH, rtol=1e-8, tol=1e-12)
     assert fit.reachable and fit.metric == "nc1_tilde"
     assert fit.beta == pytest.approx(beta_true, rel=1e-5)
@@ -28,7 +28,7 @@ def test_recovers_beta(ref, beta_true):
 
 def test_raw_features_and_cdnv(ref):
     h0, labels = ref.random_features(1, [6, 9, 7], 5, between=1.0)
-    target = solve(h0, labels, LW, LH, 2.0, tol=1e-12).metrics["cdnv"]
+    target = solve(h0, labels, lambda_W=LW, lambda_H=LH, beta=2.0, tol=1e-12).metrics["cdnv"]
     fit = fit_beta(h0, target, "cdnv", lambda_W=LW, lambda_H=LH, labels=labels, rtol=1e-8)
     assert fit.reachable and fit.beta == pytest.approx(2.0, rel=1e-4)
     assert fit.result.H is not None  # final solve on the raw features
