@@ -13,19 +13,28 @@ writes them as columns.
   :func:`theorem_spectrum` (§5, Theorems 4.1-4.2, Eq. 5).
 """
 
+from nclightning.perturbation._scale import NORMALIZATIONS, ufm_scale
 from nclightning.perturbation.central_path import (
     FlowTrajectory,
     central_path_flow,
     central_path_loss,
     optimal_classifier,
 )
-from nclightning.perturbation.fit import BetaFit, fit_beta
+from nclightning.perturbation.fit import DEFAULT_COUPLING_RANGE, BetaFit, fit_beta
 from nclightning.perturbation.operator import (
     block_singular_values,
     class_order,
     operator_blocks,
     perturbation_operator,
     theorem_spectrum,
+)
+from nclightning.perturbation.pair import (
+    DEFAULT_NORMALIZATION,
+    PERTURBATIVE_FACTOR,
+    RESIDUAL_KEYS,
+    STATUS_CODES,
+    PairFit,
+    fit_pair,
 )
 from nclightning.perturbation.solver import (
     DEFAULT_TOL,
@@ -37,16 +46,24 @@ from nclightning.perturbation.solver import (
 from nclightning.perturbation.ufm import ufm_minimizer
 
 __all__ = [
+    "DEFAULT_COUPLING_RANGE",
+    "DEFAULT_NORMALIZATION",
     "DEFAULT_TOL",
+    "NORMALIZATIONS",
+    "PERTURBATIVE_FACTOR",
+    "RESIDUAL_KEYS",
+    "STATUS_CODES",
     "BetaFit",
     "ConvergenceWarning",
     "FlowTrajectory",
+    "PairFit",
     "SolveResult",
     "block_singular_values",
     "central_path_flow",
     "central_path_loss",
     "class_order",
     "fit_beta",
+    "fit_pair",
     "objective",
     "operator_blocks",
     "optimal_classifier",
@@ -54,4 +71,5 @@ __all__ = [
     "solve",
     "theorem_spectrum",
     "ufm_minimizer",
+    "ufm_scale",
 ]

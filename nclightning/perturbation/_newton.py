@@ -15,7 +15,8 @@ the inverse Hessian. One iteration:
 3. *step*: strong-Wolfe line search from step length 1 (:mod:`._linesearch`); when it fails,
    one retry along the preconditioned gradient, then stop (float64 floor).
 
-Stops when ``ev.rel <= tol`` (the caller's relative stationarity measure).
+Stops when ``ev.rel <= tol`` (the caller's relative stationarity measure) and the Newton step
+is below ``step_tol`` relative to ``x``.
 """
 
 from __future__ import annotations
@@ -58,8 +59,10 @@ def _choose(hvp: Operator, preconds: Sequence[Operator], g: Tensor) -> tuple[Ope
     best, best_score = preconds[0], math.inf
     for m in preconds:
         z = m(g)
-        zg, zhz = _dot(z, g), _dot(z, hvp(z))
-        score = abs(math.log(zhz / zg)) if zg > 0 and zhz > 0 else math.inf
+        hz = hvp(z)
+        # residual of the first CG step along z: min_a |a H z - g| / |g|
+        zz = _dot(hz, hz)
+        score = float((g - (_dot(hz, g) / zz) * hz).norm()) if zz > 0 else math.inf
         if score < best_score:
             best, best_score = m, score
     return best, len(preconds)
@@ -89,6 +92,20 @@ def _cg(hvp: Operator, precond: Operator, g: Tensor, forcing: float, max_cg: int
     return p, max_cg
 
 
+def _is_small(step: Tensor, x: Tensor, step_tol: float) -> bool:
+    return float(step.norm()) <= step_tol * float(x.norm())
+
+
+def _direction(hessian: Hessian, x: Tensor, ev: Evaluation, forcing: float, max_cg: int):
+    """Newton-CG direction at ``x``, the chosen preconditioner and #Hessian products."""
+    hvp, preconds = hessian(x, ev)
+    precond, used = _choose(hvp, preconds, ev.grad)
+    direction, k = _cg(hvp, precond, ev.grad, forcing, max_cg)
+    if _dot(direction, ev.grad) >= 0:
+        direction = -precond(ev.grad)
+    return direction, precond, used + k
+
+
 def minimize(
     fun: Callable[[Tensor], Evaluation],
     x0: Tensor,
@@ -96,32 +113,51 @@ def minimize(
     hessian: Hessian,
     tol: float,
     max_iter: int,
+    step_tol: float = 1e-8,
     max_cg: int = 200,
 ) -> NewtonResult:
-    """Minimise ``fun`` from ``x0`` until ``Evaluation.rel <= tol`` (module docstring)."""
+    """Minimise ``fun`` from ``x0`` (module docstring).
+
+    Converged when ``Evaluation.rel <= tol`` *and* the error left in ``x`` is bounded: the next
+    Newton step is at most ``step_tol |x|``, or the full step just taken was at most
+    ``sqrt(step_tol) |x|`` with a CG forcing term at most ``sqrt(step_tol)`` (quadratic
+    convergence leaves ``~step_tol``). A small gradient alone does not bound the error where
+    the Hessian is ill-conditioned. Also converged when ``rel <= tol`` and no step decreases
+    ``f`` any more (float64 floor).
+    """
     x, ev = x0, fun(x0)
     n_evals, n_hvp = 1, 0
-    for it in range(max_iter + 1):
+    root = math.sqrt(step_tol)
+
+    def done(it: int, ok: bool, msg: str) -> NewtonResult:
+        return NewtonResult(x, ev, it, n_evals, n_hvp, ok, msg)
+
+    for it in range(max_iter):
         if not (math.isfinite(ev.f) and math.isfinite(ev.rel)):
-            return NewtonResult(x, ev, it, n_evals, n_hvp, False, "non-finite objective")
-        if ev.rel <= tol:
-            return NewtonResult(x, ev, it, n_evals, n_hvp, True, "relative gradient below tol")
-        if it == max_iter:
-            break
-        hvp, preconds = hessian(x, ev)
-        precond, used = _choose(hvp, preconds, ev.grad)
-        direction, k = _cg(hvp, precond, ev.grad, min(0.5, math.sqrt(ev.rel)), max_cg)
-        n_hvp += used + k
-        if _dot(direction, ev.grad) >= 0:
-            direction = -precond(ev.grad)
+            return done(it, False, "non-finite objective")
+        forcing = min(0.5, math.sqrt(ev.rel))
+        direction, precond, used = _direction(hessian, x, ev, forcing, max_cg)
+        n_hvp += used
+        small = _is_small(direction, x, step_tol)
+        if ev.rel <= tol and small:
+            return done(it, True, "relative gradient below tol, Newton step below step_tol")
         step, new, used = line_search(fun, x, ev, direction, 1.0)
         n_evals += used
         if new is None:  # retry once along the preconditioned gradient
             direction = -precond(ev.grad)
             step, new, used = line_search(fun, x, ev, direction, 1.0)
             n_evals += used
-            if new is None:
-                return NewtonResult(x, ev, it, n_evals, n_hvp, False, "line search failed")
+        if new is None:
+            if ev.rel <= tol:
+                return done(it, True, "relative gradient below tol at the float64 floor")
+            return done(it, False, "line search failed")
         x, ev = x + step * direction, new
-    msg = f"no convergence in {max_iter} iterations"
-    return NewtonResult(x, ev, max_iter, n_evals, n_hvp, False, msg)
+        if ev.rel <= tol and step == 1.0 and forcing <= root and _is_small(direction, x, root):
+            # quadratic convergence: the error left is ~ forcing |step| + |step|^2 <= step_tol
+            return done(it + 1, True, "relative gradient below tol after a small Newton step")
+    ok = ev.rel <= tol and math.isfinite(ev.f)
+    return (
+        done(max_iter, False, f"no convergence in {max_iter} iterations")
+        if not ok
+        else done(max_iter, True, "relative gradient below tol at the iteration cap")
+    )

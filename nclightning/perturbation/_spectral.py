@@ -6,7 +6,8 @@ objective of Eq. 2 with ``H`` eliminated and its derivatives cost ``O(K^2 d)`` i
 ``O(K d^2)`` (:mod:`._model`). Every collapse metric is invariant under this rotation, so the
 search over ``beta`` (:mod:`._search`) never rotates back; only a final solve does
 (:meth:`Spectrum.to_original`). Rescaling ``H0`` by ``t`` rescales ``s`` by ``t^2`` and the means
-by ``t`` and keeps ``Q``: one decomposition serves every normalisation (docs/science.md §7).
+by ``t`` and keeps ``Q``: one decomposition serves every normalisation (docs/science.md §7); the
+original moments are kept unscaled (``Spectrum.scale`` says by how much ``H0`` is multiplied).
 """
 
 from __future__ import annotations
@@ -39,13 +40,15 @@ class Spectrum:
     """``H0`` as the solver sees it: ``Sw0 = basis diag(s) basis^T``, means in that basis.
 
     Attributes:
-        moments: float64 :class:`ClassMoments` of ``H0`` in the original basis.
-        s: ``[d]`` eigenvalues of ``Sw0`` (ascending, rounding negatives set to 0).
+        moments: float64 :class:`ClassMoments` of the features before scaling, original basis.
+        scale: ``t``, the solver's ``H0`` is ``t`` times the features of ``moments``.
+        s: ``[d]`` eigenvalues of ``t^2 Sw0`` (ascending, rounding negatives set to 0).
         basis: ``[d, d]`` orthonormal eigenvectors (columns).
-        means: ``[K, d]`` class means in the eigenbasis (``moments.means @ basis``).
+        means: ``[K, d]`` class means of ``t H0`` in the eigenbasis.
     """
 
     moments: ClassMoments
+    scale: float
     s: Tensor
     basis: Tensor
     means: Tensor
@@ -61,7 +64,7 @@ class Spectrum:
         if not bool(torch.isfinite(m.scatter).all() and torch.isfinite(m.means).all()):
             raise DataError("H0's moments are not finite (NaN or inf features): cannot solve")
         s, basis = torch.linalg.eigh(0.5 * (m.scatter + m.scatter.T))
-        return cls(m, s.clamp_min(0.0), basis, m.means @ basis)
+        return cls(m, 1.0, s.clamp_min(0.0), basis, m.means @ basis)
 
     @property
     def counts(self) -> Tensor:
@@ -69,9 +72,8 @@ class Spectrum:
 
     def scaled(self, t: float) -> Spectrum:
         """The spectrum of ``t * H0`` (same basis, no new decomposition)."""
-        return Spectrum(
-            scale_moments(self.moments, t), self.s * (t * t), self.basis, self.means * t
-        )
+        t = float(t)
+        return Spectrum(self.moments, self.scale * t, self.s * (t * t), self.basis, self.means * t)
 
     def to_original(self, x: Tensor) -> Tensor:
         """Rows ``x[., d]`` from the eigenbasis back to the original coordinates."""

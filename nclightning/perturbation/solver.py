@@ -189,7 +189,7 @@ def result_of(
     """The :class:`SolveResult` of an optimiser run, in the original basis."""
     spec = model.spec
     W = spec.to_original(res.x)
-    moments, H = feature_moments(spec.moments, W, model.beta, model.c, features, labels)
+    moments, H = feature_moments(spec.moments, W, model.beta, model.c, features, labels, spec.scale)
     metrics = metrics_from_moments(moments, weight=W)
     if not bool(torch.isfinite(moments.class_ss).all()):
         metrics["cdnv"] = _NAN
@@ -226,8 +226,9 @@ def feature_moments(
     c: float,
     features: Tensor | None = None,
     labels: Tensor | None = None,
+    scale: float = 1.0,
 ) -> tuple[ClassMoments, Tensor | None]:
-    """Moments of ``H*(W)`` (docs/science.md §2) for ``H0 = m`` and, given raw features, ``H*``.
+    """Moments of ``H*(W)`` (docs/science.md §2) for ``H0 = scale * m``; given raw features, ``H*``.
 
     ``means* = (W + beta mu0) A`` (rows), ``scatter* = beta^2 A Sw0 A`` with ``A`` from the thin
     SVD of ``W`` (no cancellation in the directions ``A`` shrinks). ``class_ss*``: exact from
@@ -236,26 +237,50 @@ def feature_moments(
     """
     _, sv, vh = torch.linalg.svd(W, full_matrices=False)
     V, a = vh.T, 1.0 / (sv.square() + c)
+    b2 = (beta * scale) ** 2  # beta^2 times the scale of every second moment of H0
     sw0 = 0.5 * (m.scatter + m.scatter.T)
-    means = _apply_a(W + beta * m.means, V, a, c)
+    means = _apply_a(W + (beta * scale) * m.means, V, a, c)
     t = sw0 @ V  # [d, r]
     vtv = V.T @ t
     vsq = t.T - vtv @ V.T  # V^T Sw0 Q, Q = I - V V^T
     qsq = sw0 - t @ V.T - V @ t.T + V @ vtv @ V.T  # Q Sw0 Q
     av = a.unsqueeze(1) * vsq / c
     asa = (V * a) @ vtv @ (V * a).T + V @ av + av.T @ V.T + qsq / c**2
-    scatter = beta * beta * 0.5 * (asa + asa.T)
+    scatter = b2 * 0.5 * (asa + asa.T)
     H = None
     if features is not None:
-        H = _apply_a(one_hot(labels, m.num_classes) @ W + beta * features, V, a, c)
+        H = _apply_a(one_hot(labels, m.num_classes) @ W + (beta * scale) * features, V, a, c)
         dev = H - means[labels]
         class_ss = torch.zeros_like(m.counts).index_add_(0, labels, dev.square().sum(1))
     elif m.class_scatter is not None:
-        cv = torch.einsum("kij,jr->kir", m.class_scatter, V)  # C_k V
-        vcv = torch.einsum("ir,kis->krs", V, cv)  # V^T C_k V
-        tr_q = m.class_scatter.diagonal(dim1=1, dim2=2).sum(1) - vcv.diagonal(dim1=1, dim2=2).sum(1)
-        class_ss = beta * beta * ((a.square() * vcv.diagonal(dim1=1, dim2=2)).sum(1) + tr_q / c**2)
+        vcv = ((m.class_scatter @ V) * V).sum(1)  # [K, r]: diagonals of V^T C_k V
+        tr_q = m.class_scatter.diagonal(dim1=1, dim2=2).sum(1) - vcv.sum(1)
+        class_ss = b2 * ((a.square() * vcv).sum(1) + tr_q / c**2)
     else:
         class_ss = torch.full_like(m.counts, _NAN)
     moments = ClassMoments(counts=m.counts.clone(), means=means, scatter=scatter, class_ss=class_ss)
     return moments, H
+
+
+def ridge_classifier(
+    m: ClassMoments, s: float, lambda_W: float, lambda_H: float
+) -> tuple[Tensor, float]:
+    """``(W, f)``: the classifier of Eq. 2 at ``H = s H0`` (ridge regression of ``Y``) and Eq. 2
+    there (the ``beta`` term vanishes). ``H0 = m`` needs its full ``scatter``; ``O(d^3)``."""
+    K, N = m.num_classes, m.total
+    gram = (s * s) * (m.scatter + m.means.T @ (m.counts.unsqueeze(1) * m.means))
+    sums = s * m.class_sums
+    a = gram / N
+    a.diagonal().add_(lambda_W / K)
+    W = torch.linalg.solve(a, sums.T / N).T
+    fit = (
+        float((W @ gram * W).sum())
+        - 2 * float((W * sums).sum())
+        + float(m.counts[m.counts > 0].sum())
+    )
+    f = (
+        fit / (2 * N)
+        + lambda_W / (2 * K) * float(W.square().sum())
+        + lambda_H / (2 * N) * float(gram.trace())
+    )
+    return W, f
