@@ -154,12 +154,12 @@ class Model:
                 + (b * b / cn) * d_mi @ st.ws
             )
 
-        block = self._block_preconditioner(e0, e1)
+        block = self._block_preconditioner(self._pencil(e0, e1))
         fixed_h = self._fixed_h_preconditioner(st)
         return hvp, ([block, fixed_h] if block is not None else [fixed_h])
 
-    def _block_preconditioner(self, e0: Tensor, e1: Tensor):
-        """``q -> (E0 + s_j E1)^-1 q_j`` per column, or ``None`` where not positive definite."""
+    def _pencil(self, e0: Tensor, e1: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``(C, den[K, d])`` with ``E0 + s_j E1 = C^-T diag(den[:, j]) C^-1`` (``beta > 0``)."""
         if self.beta <= 0:
             return None
         chol, info = torch.linalg.cholesky_ex(0.5 * (e1 + e1.T))
@@ -167,12 +167,43 @@ class Model:
             return None
         li = torch.linalg.solve_triangular(chol, self.eye, upper=False)
         lam, vec = torch.linalg.eigh(li @ (0.5 * (e0 + e0.T)) @ li.T)
-        den = lam.unsqueeze(1) + self.s.unsqueeze(0)  # [K, d]
+        return li.T @ vec, lam.unsqueeze(1) + self.s.unsqueeze(0)
+
+    def _block_preconditioner(self, pencil):
+        """``q -> (E0 + s_j E1)^-1 q_j`` per column, or ``None`` where not positive definite."""
+        if pencil is None:
+            return None
+        c, den = pencil
         if not float(den.min()) > 1e-12 * float(den.abs().max()):
             return None
-        c = li.T @ vec  # (E0 + s_j E1)^-1 = C diag(1 / (lam + s_j)) C^T
-        inv = 1.0 / den
+        inv = 1.0 / den  # (E0 + s_j E1)^-1 = C diag(1 / den_j) C^T
         return lambda q: c @ (inv * (c.T @ q))
+
+    def escape(self, W: Tensor, ev: Evaluation) -> Tensor | None:
+        """A direction of negative curvature at a stationary ``W``, or ``None``.
+
+        Coordinates where ``H0`` has neither spread nor class signal (``s_j = mu_j = 0``, e.g.
+        a zero-padded ``H0`` or ``N < d``) are an invariant subspace of the iteration: ``W`` that
+        starts with no component there keeps none, even where moving into them lowers ``f``
+        (a saddle). There the Hessian is the block ``E0 + s_j E1``; its most negative
+        generalised eigenvector, checked with an exact Hessian-vector product, is returned.
+        """
+        e0, _, e1 = self.multipliers(ev.ctx)
+        pencil = self._pencil(e0, e1)
+        if pencil is None:
+            return None
+        c, den = pencil
+        hvp, _ = self.hessian(W, ev)
+        flat = den.flatten()
+        for idx in torch.argsort(flat)[: 2 * self.K].tolist():  # the most negative blocks first
+            if not float(flat[idx]) < 0:
+                break
+            k, j = divmod(idx, self.d)
+            V = torch.zeros_like(W)
+            V[:, j] = c[:, k] / c[:, k].norm()
+            if float((V * hvp(V)).sum()) < 0:
+                return V
+        return None
 
     def _fixed_h_preconditioner(self, st: _State):
         """``q -> q (H H^T/N + lambda_W/K I)^-1``: diagonal + rank 3K, by Woodbury."""

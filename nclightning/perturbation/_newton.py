@@ -16,7 +16,8 @@ the inverse Hessian. One iteration:
    one retry along the preconditioned gradient, then stop (float64 floor).
 
 Stops when ``ev.rel <= tol`` (the caller's relative stationarity measure) and the Newton step
-is below ``step_tol`` relative to ``x``.
+is below ``step_tol`` relative to ``x``, unless ``escape(x, ev)`` offers a direction of negative
+curvature (a saddle): then the best of four step lengths along it, and Newton again.
 """
 
 from __future__ import annotations
@@ -115,6 +116,8 @@ def minimize(
     max_iter: int,
     step_tol: float = 1e-8,
     max_cg: int = 200,
+    escape: Callable[[Tensor, Evaluation], Tensor | None] | None = None,
+    max_escapes: int = 8,
 ) -> NewtonResult:
     """Minimise ``fun`` from ``x0`` (module docstring).
 
@@ -129,8 +132,26 @@ def minimize(
     n_evals, n_hvp = 1, 0
     root = math.sqrt(step_tol)
 
+    escapes = 0
+
     def done(it: int, ok: bool, msg: str) -> NewtonResult:
         return NewtonResult(x, ev, it, n_evals, n_hvp, ok, msg)
+
+    def leave_saddle() -> bool:
+        """At a stationary point: step along a negative-curvature direction, if any."""
+        nonlocal x, ev, n_evals, escapes
+        v = escape(x, ev) if escape is not None and escapes < max_escapes else None
+        if v is None:
+            return False
+        escapes += 1
+        scale = float(x.norm()) / float(v.norm())
+        trials = [(t, fun(x + t * v)) for t in (scale * 10.0**-k for k in range(4))]
+        n_evals += len(trials)
+        t, new = min(trials, key=lambda tv: tv[1].f)
+        if not new.f < ev.f:
+            return False
+        x, ev = x + t * v, new
+        return True
 
     for it in range(max_iter):
         if not (math.isfinite(ev.f) and math.isfinite(ev.rel)):
@@ -140,6 +161,8 @@ def minimize(
         n_hvp += used
         small = _is_small(direction, x, step_tol)
         if ev.rel <= tol and small:
+            if leave_saddle():
+                continue
             return done(it, True, "relative gradient below tol, Newton step below step_tol")
         step, new, used = line_search(fun, x, ev, direction, 1.0)
         n_evals += used
@@ -154,6 +177,8 @@ def minimize(
         x, ev = x + step * direction, new
         if ev.rel <= tol and step == 1.0 and forcing <= root and _is_small(direction, x, root):
             # quadratic convergence: the error left is ~ forcing |step| + |step|^2 <= step_tol
+            if leave_saddle():
+                continue
             return done(it + 1, True, "relative gradient below tol after a small Newton step")
     ok = ev.rel <= tol and math.isfinite(ev.f)
     return (

@@ -22,13 +22,14 @@ therefore fixes ``s`` by a rule, and reports ``beta / lambda_H`` of the problem 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
 from nclightning.errors import ConfigurationError, DataError
 from nclightning.metrics import ClassMoments
 
-__all__ = ["NORMALIZATIONS", "fixed_scale", "rms_norm", "ufm_scale"]
+__all__ = ["NORMALIZATIONS", "SCALE_RANGE", "fixed_scale", "rms_norm", "scale_search", "ufm_scale"]
 
 NORMALIZATIONS = ("between", "total", "norm_ratio")
 
@@ -94,6 +95,46 @@ def same_up_to_scale(h0: ClassMoments, h: ClassMoments, t: float, rtol: float = 
     return all(close(a, b) for a, b in pairs)
 
 
-def scale_search(fit_at, s0: float, ratio: float, near: float | None = None):
-    """The ``"norm_ratio"`` fit: ``s`` with ``norm_ratio(H*) == ratio`` (placeholder)."""
-    raise NotImplementedError
+SCALE_RANGE = (1e-3, 1e3)
+"""Searched ``s / s_between`` of the ``"norm_ratio"`` normalisation (grid of one per decade)."""
+
+
+def scale_search(fit_at, s0: float, ratio: float, near: float | None = None, rtol: float = 1e-6):
+    """The ``"norm_ratio"`` fit: the largest ``s`` whose fit has ``norm_ratio(H*) == ratio``.
+
+    ``fit_at(s, near) -> PairFit`` fits the coupling at the scale ``s``. ``log10(s / s0)`` is
+    scanned on the integers of ``log10(SCALE_RANGE)`` from the top (``H0`` largest relative to
+    the UFM scale) down and the first crossing is refined by regula falsi (Illinois) on
+    ``log s`` to ``rtol``. Unreachable ratio: the closest fit, ``converged=False``.
+    """
+    lo, hi = (round(math.log10(x)) for x in SCALE_RANGE)
+    fits: dict[float, object] = {}
+
+    def gap(u: float) -> float:
+        prev = fits[min(fits, key=lambda v: abs(v - u))].coupling if fits else near
+        fits[u] = fit_at(s0 * 10.0**u, prev if prev is not None and math.isfinite(prev) else None)
+        return math.log(fits[u].predicted["norm_ratio"] / ratio)
+
+    a, fa = float(hi), gap(float(hi))
+    for k in range(hi - 1, lo - 1, -1):
+        b, fb = float(k), gap(float(k))
+        if fa == 0 or (fa > 0) != (fb > 0):
+            break
+        a, fa = b, fb
+    else:
+        best = min(fits.values(), key=lambda f: abs(math.log(f.predicted["norm_ratio"] / ratio)))
+        return replace(
+            best,
+            converged=False,
+            message=f"measured norm ratio {ratio:.4g} not reached for s/s_between in "
+            f"{SCALE_RANGE}: the closest fit is reported",
+        )
+    while fa != 0 and abs(b - a) > math.log10(1 + rtol):
+        u = (a * fb - b * fa) / (fb - fa)
+        fu = gap(u)
+        if (fu > 0) == (fb > 0):
+            fa *= 0.5
+        else:
+            a, fa = b, fb
+        b, fb = u, fu
+    return fits[b if fa != 0 else a]

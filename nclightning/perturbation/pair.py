@@ -37,6 +37,7 @@ from nclightning.metrics import ClassMoments, metrics_from_moments
 from nclightning.perturbation._inputs import as_moments
 from nclightning.perturbation._scale import (
     NORMALIZATIONS,
+    between_energy,
     fixed_scale,
     rms_norm,
     same_up_to_scale,
@@ -197,6 +198,12 @@ def fit_pair(
     if not 0 < lo < hi:
         raise ConfigurationError(f"coupling_range must satisfy 0 < lo < hi, got {coupling_range}")
     m0, m = _check_pair(h0, h)
+    energy = between_energy(m)
+    if not (math.isfinite(energy) and energy > 0):
+        raise DataError(
+            f"H has no between-class spread (Tr Sigma_B = {energy:g}): a dead layer or "
+            "coinciding class means; nc1_tilde of H is undefined and cannot be fitted"
+        )
     measured = _metrics(m, weight, rms_norm(m) / rms_norm(m0))
     target = measured["nc1_tilde"]
     if not math.isfinite(target):

@@ -128,7 +128,9 @@ def objective(
 def minimize_model(model: Model, init: Tensor | None, *, tol: float, max_iter: int):
     """Newton from ``init`` (eigenbasis ``[K, d]``) or the ridge start: a NewtonResult."""
     W0 = model.initial() if init is None else init
-    return minimize(model.evaluate, W0, hessian=model.hessian, tol=tol, max_iter=max_iter)
+    return minimize(
+        model.evaluate, W0, hessian=model.hessian, tol=tol, max_iter=max_iter, escape=model.escape
+    )
 
 
 def solve(
