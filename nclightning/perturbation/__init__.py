@@ -1,22 +1,26 @@
-"""The perturbation model of Tirer, Huang & Niles-Weed (ICML 2023), docs/science.md §2-5.
+"""The perturbation model of Tirer, Huang & Niles-Weed (ICML 2023), docs/science.md §2-5, §7.
 
 Pure tensor maths (float64), no Lightning import. Features are rows (``[N, d]``); docs/science.md
 writes them as columns.
 
-* :func:`solve` (§2): minimiser of Eq. 2 from sufficient statistics; :func:`fit_beta`.
+* :func:`solve` (§2): minimiser of Eq. 2 from class moments (or raw features).
+* :func:`fit_pair` (§7): the model fitted to a pair of layers, scale free: coupling, predicted
+  metrics of ``H*``, residuals against the measured ``H``; :func:`fit_beta` (§2-3), the raw-scale
+  search for any metric.
 * :func:`ufm_minimizer` (§4, Theorem 2.1).
 * :func:`central_path_loss`, :func:`central_path_flow` (§3, Eq. 4, Theorem 3.1).
 * :func:`perturbation_operator`, :func:`operator_blocks`, :func:`block_singular_values`,
   :func:`theorem_spectrum` (§5, Theorems 4.1-4.2, Eq. 5).
 """
 
+from nclightning.perturbation._scale import NORMALIZATIONS, ufm_scale
 from nclightning.perturbation.central_path import (
     FlowTrajectory,
     central_path_flow,
     central_path_loss,
     optimal_classifier,
 )
-from nclightning.perturbation.fit import BetaFit, fit_beta
+from nclightning.perturbation.fit import DEFAULT_COUPLING_RANGE, BetaFit, fit_beta
 from nclightning.perturbation.operator import (
     block_singular_values,
     class_order,
@@ -24,19 +28,42 @@ from nclightning.perturbation.operator import (
     perturbation_operator,
     theorem_spectrum,
 )
-from nclightning.perturbation.solver import ConvergenceWarning, SolveResult, objective, solve
+from nclightning.perturbation.pair import (
+    DEFAULT_NORMALIZATION,
+    PERTURBATIVE_FACTOR,
+    RESIDUAL_KEYS,
+    STATUS_CODES,
+    PairFit,
+    fit_pair,
+)
+from nclightning.perturbation.solver import (
+    DEFAULT_TOL,
+    ConvergenceWarning,
+    SolveResult,
+    objective,
+    solve,
+)
 from nclightning.perturbation.ufm import ufm_minimizer
 
 __all__ = [
+    "DEFAULT_COUPLING_RANGE",
+    "DEFAULT_NORMALIZATION",
+    "DEFAULT_TOL",
+    "NORMALIZATIONS",
+    "PERTURBATIVE_FACTOR",
+    "RESIDUAL_KEYS",
+    "STATUS_CODES",
     "BetaFit",
     "ConvergenceWarning",
     "FlowTrajectory",
+    "PairFit",
     "SolveResult",
     "block_singular_values",
     "central_path_flow",
     "central_path_loss",
     "class_order",
     "fit_beta",
+    "fit_pair",
     "objective",
     "operator_blocks",
     "optimal_classifier",
@@ -44,4 +71,5 @@ __all__ = [
     "solve",
     "theorem_spectrum",
     "ufm_minimizer",
+    "ufm_scale",
 ]

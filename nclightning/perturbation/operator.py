@@ -98,7 +98,7 @@ def perturbation_operator(
     K = int(lab.max()) + 1 if num_classes is None else int(num_classes)
     order = class_order(lab)
     if minimizer is None:
-        res = solve(x, lab, lambda_W, lambda_H, beta, num_classes=K, tol=tol)
+        res = solve(x, lab, lambda_W=lambda_W, lambda_H=lambda_H, beta=beta, num_classes=K, tol=tol)
         W, H = res.W, res.H
     else:
         W, H = (t.detach().to(device=x.device, dtype=torch.float64) for t in minimizer)

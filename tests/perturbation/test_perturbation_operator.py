@@ -140,7 +140,7 @@ def _dense_f_operator(h0, labels, lambda_W, lambda_H, beta, W, H):
 def test_exact_operator_is_the_hessian_schur_complement(ref, beta):
     """Closed-form exact F equals (beta/N)(Schur complement)^-1 of autograd Hessians."""
     h0, labels = ref.random_features(3, [2, 4, 3], 4)  # imbalanced, shuffled labels
-    res = solve(h0, labels, 0.5, 0.2, beta, tol=1e-13)
+    res = solve(h0, labels, lambda_W=0.5, lambda_H=0.2, beta=beta, tol=1e-13)
     F = perturbation_operator(h0, labels, 0.5, 0.2, beta, form="exact")
     F_ref = _dense_f_operator(h0, labels, 0.5, 0.2, beta, res.W, res.H)
     assert float((F - F_ref).abs().max()) <= 1e-10
@@ -157,11 +157,21 @@ def test_theorem_4_1_finite_difference_second_order(ref):
     order = class_order(labels)
     F = perturbation_operator(h0, labels, lambda_W, lambda_H, beta, form="exact")
     D = torch.randn(h0.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    base = solve(h0, labels, lambda_W, lambda_H, beta, tol=1e-14, warn=False).H
+    base = solve(
+        h0, labels, lambda_W=lambda_W, lambda_H=lambda_H, beta=beta, tol=1e-14, warn=False
+    ).H
     first = (F @ D[order].reshape(-1)).reshape(-1, h0.shape[1])  # class-major rows
     errs = []
     for eps in (4e-3, 2e-3, 1e-3):
-        moved = solve(h0 + eps * D, labels, lambda_W, lambda_H, beta, tol=1e-14, warn=False).H
+        moved = solve(
+            h0 + eps * D,
+            labels,
+            lambda_W=lambda_W,
+            lambda_H=lambda_H,
+            beta=beta,
+            tol=1e-14,
+            warn=False,
+        ).H
         delta = (moved - base)[order]
         errs.append(float((delta - eps * first).norm()))
         assert errs[-1] <= 1e-2 * float((eps * first).norm())

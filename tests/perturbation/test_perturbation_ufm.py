@@ -98,7 +98,9 @@ def test_corollary_2_2_collapsed_h0_is_fixed(lambda_H, beta):
     W_star, H_star, labels = ufm_minimizer(K, d, n, LAMBDA_W, lambda_H, seed=7)
     g = torch.Generator().manual_seed(0)
     for init in (None, torch.randn(K, d, generator=g, dtype=torch.float64)):
-        res = solve(H_star, labels, LAMBDA_W, lambda_H, beta, tol=1e-12, init=init)
+        res = solve(
+            H_star, labels, lambda_W=LAMBDA_W, lambda_H=lambda_H, beta=beta, tol=1e-12, init=init
+        )
         assert res.converged
         assert torch.allclose(res.W, W_star, atol=1e-9)
         assert torch.allclose(res.H, H_star, atol=1e-9)
@@ -109,7 +111,7 @@ def test_corollary_2_2_collapsed_h0_is_fixed(lambda_H, beta):
 def test_solve_at_beta_zero_reaches_the_ufm_minimum(ref, lambda_H):
     """beta = 0 is the UFM: the solver reaches c - c^2/2 and collapsed features (Thm 2.1)."""
     h0, labels = ref.random_features(0, [5, 5, 5, 5], 10)
-    res = solve(h0, labels, LAMBDA_W, lambda_H, 0.0, tol=1e-12)
+    res = solve(h0, labels, lambda_W=LAMBDA_W, lambda_H=lambda_H, beta=0.0, tol=1e-12)
     c = math.sqrt(lambda_H * LAMBDA_W)
     assert res.converged
     assert res.objective == pytest.approx(c - c * c / 2, rel=1e-10)

@@ -1,0 +1,247 @@
+"""Eq. 2 with ``H`` eliminated, in the eigenbasis of ``Sw0`` (docs/science.md §2, §10).
+
+Owns ``g(W) = min_H f(W, H)``, its gradient, its exact Hessian-vector products and two
+preconditioners, for ``H0`` given as a :class:`~._spectral.Spectrum` (``Sw0 = diag(s)``; rows
+of ``W[K, d]`` and of the class means ``mu[K, d]`` in that basis). With ``c = lambda_H + beta``,
+``M = W W^T + c I_K`` and ``A = (W^T W + c I_d)^-1`` (push-through: ``W A = M^-1 W``), the
+minimiser ``H*(W)`` has class means ``m_k = A (w_k + beta mu_k)`` and within-class deviations
+``beta A (h0_i - mu_k)`` (docs/science.md §2). Every term of ``g`` is a function of three
+``K x K`` aggregates, ``Gamma = W W^T``, ``W mu^T`` and ``T = W S W^T``, and::
+
+    grad g(W) = E0 W + F mu + E1 W S,
+    E1 = beta^2/(c N) M^-1,  F = beta/(c N) R^T D_n,  R = (beta (mu W^T - I) - lambda_H I) M^-1,
+    E0 = F/beta (I - (Gamma + beta mu W^T) M^-1) - beta^2/(c N) M^-1 T M^-1 + lambda_W/K I
+
+(rows ``r_k`` of ``R`` are the class-mean residuals ``W m_k - e_k``). The Hessian is the part
+``V -> E0 V + E1 V S`` (one ``K x K`` matrix ``E0 + s_j E1`` per coordinate ``j``) plus the change
+of the multipliers ``(E0, F, E1)`` with the aggregates. Costs: ``O(K^2 d)`` per evaluation and
+per Hessian-vector product.
+
+Preconditioners (:mod:`._newton` picks one per iteration):
+
+* *block*: ``(E0 + s_j E1)^-1`` per coordinate, applied in ``O(K^2 d)`` by diagonalising the
+  pencil ``(E0, E1)`` once (valid when ``beta > 0`` and every ``E0 + s_j E1`` is positive
+  definite): exact at small ``beta``, where the features nearly collapse;
+* *fixed-H*: the Hessian in ``W`` at fixed ``H = H*(W)``, ``V -> V (H H^T/N + lambda_W/K I)``,
+  diagonal plus rank ``3K`` in this basis (Woodbury): exact as ``beta -> inf``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from nclightning.perturbation._linesearch import Evaluation
+from nclightning.perturbation._spectral import Spectrum
+
+__all__ = ["Model", "check_parameters"]
+
+
+def check_parameters(lambda_W: float, lambda_H: float, beta: float) -> None:
+    """Eq. 2 needs ``lambda_W > 0``, ``lambda_H, beta >= 0`` and ``lambda_H + beta > 0``."""
+    if not lambda_W > 0:
+        raise ValueError(f"lambda_W must be > 0, got {lambda_W}")
+    if not (lambda_H >= 0 and beta >= 0 and lambda_H + beta > 0):
+        raise ValueError(
+            f"need lambda_H >= 0, beta >= 0, lambda_H + beta > 0; got {lambda_H}, {beta}"
+        )
+
+
+@dataclass
+class _State:
+    """Quantities of one point ``W`` shared by the objective, gradient and Hessian."""
+
+    W: Tensor
+    gram: Tensor  # Gamma = W W^T
+    m_inv: Tensor  # M^-1
+    m_inv_w: Tensor  # M^-1 W = W A
+    w_mu: Tensor  # mu W^T, [k, j] = w_j . mu_k
+    ws: Tensor  # W S
+    t: Tensor  # T = W S W^T
+    means: Tensor  # rows m_k
+    r: Tensor  # rows W m_k - e_k
+
+
+class Model:
+    """``g(W)`` for one ``(lambda_W, lambda_H, beta)`` (module docstring)."""
+
+    def __init__(self, spec: Spectrum, lambda_W: float, lambda_H: float, beta: float) -> None:
+        check_parameters(lambda_W, lambda_H, beta)
+        self.spec = spec
+        self.s, self.mu, self.n = spec.s, spec.means, spec.counts
+        self.N = float(self.n.sum())
+        self.K, self.d = self.mu.shape
+        self.lw, self.lh, self.beta = float(lambda_W), float(lambda_H), float(beta)
+        self.c = self.lh + self.beta
+        self.gamma = self.lw / self.K
+        self.tr_s = float(self.s.sum())
+        self.eye = torch.eye(self.K, dtype=torch.float64, device=self.mu.device)
+
+    # -- one point -----------------------------------------------------------------------------
+    def state(self, W: Tensor) -> _State:
+        b, c = self.beta, self.c
+        gram = W @ W.T
+        chol = torch.linalg.cholesky(gram + c * self.eye)
+        m_inv_w = torch.cholesky_solve(W, chol)
+        m_inv = torch.cholesky_inverse(chol)
+        w_mu = self.mu @ W.T
+        ws = W * self.s
+        x = W + b * self.mu
+        means = (x - (x @ W.T) @ m_inv_w) / c
+        r = (b * (w_mu - self.eye) - self.lh * self.eye) @ m_inv
+        return _State(W, gram, m_inv, m_inv_w, w_mu, ws, ws @ W.T, means, r)
+
+    def evaluate(self, W: Tensor) -> Evaluation:
+        """Objective, gradient and relative gradient norm (``solver`` module docstring)."""
+        st = self.state(W)
+        b, c, lh, N = self.beta, self.c, self.lh, self.N
+        within_g = (b * b / c) * (st.m_inv @ st.ws - (st.m_inv @ st.t) @ st.m_inv_w)
+        nm = self.n.unsqueeze(1) * st.means
+        grad = (st.r.T @ nm + within_g) / N + self.gamma * W
+        dev = (self.eye - st.w_mu) @ W - lh * self.mu  # rows of (m_k - mu_k) before A
+        dev = (dev - (dev @ W.T) @ st.m_inv_w) / c
+        between = self.n * (
+            st.r.square().sum(1) + lh * st.means.square().sum(1) + b * dev.square().sum(1)
+        )
+        within = b * ((b / c) * float((st.m_inv * st.t).sum()) + (lh / c) * self.tr_s)
+        f = (float(between.sum()) + within) / (2 * N) + 0.5 * self.gamma * float(W.square().sum())
+        whh = (W @ st.means.T) @ nm + within_g  # W H H^T
+        scale = float(whh.norm()) / N + float(nm.norm()) / N + self.gamma * float(W.norm())
+        gn = float(grad.norm())
+        rel = gn / scale if scale > 0 else (0.0 if gn == 0 else math.inf)
+        return Evaluation(f, grad, rel, st)
+
+    # -- second order --------------------------------------------------------------------------
+    def multipliers(self, st: _State) -> tuple[Tensor, Tensor, Tensor]:
+        """``(E0, F, E1)`` at ``st`` (module docstring)."""
+        b, cn = self.beta, self.c * self.N
+        rn = st.r.T * self.n
+        p1 = self.eye - (st.gram + b * st.w_mu) @ st.m_inv
+        e0 = rn @ p1 / cn - (b * b / cn) * (st.m_inv @ st.t @ st.m_inv) + self.gamma * self.eye
+        return e0, (b / cn) * rn, (b * b / cn) * st.m_inv
+
+    def hessian(self, W: Tensor, ev: Evaluation):
+        """``(hvp, preconditioners)`` at ``W`` for :func:`._newton.minimize`."""
+        st: _State = ev.ctx
+        e0, _, e1 = self.multipliers(st)
+        b, lh, cn = self.beta, self.lh, self.c * self.N
+        a0 = b * (st.w_mu - self.eye) - lh * self.eye
+        rn = st.r.T * self.n
+        p1 = self.eye - (st.gram + b * st.w_mu) @ st.m_inv
+        mi, t = st.m_inv, st.t
+
+        def hvp(V: Tensor) -> Tensor:
+            vs = V * self.s
+            d_gram = V @ W.T
+            d_gram = d_gram + d_gram.T
+            d_wmu = self.mu @ V.T
+            d_t = vs @ W.T
+            d_t = d_t + d_t.T
+            d_mi = -mi @ d_gram @ mi
+            d_rn = (b * d_wmu @ mi + a0 @ d_mi).T * self.n
+            d_p1 = -(d_gram + b * d_wmu) @ mi - (st.gram + b * st.w_mu) @ d_mi
+            d_e0 = (d_rn @ p1 + rn @ d_p1) / cn - (b * b / cn) * (
+                d_mi @ t @ mi + mi @ d_t @ mi + mi @ t @ d_mi
+            )
+            return (
+                e0 @ V
+                + e1 @ vs
+                + d_e0 @ W
+                + (b / cn) * d_rn @ self.mu
+                + (b * b / cn) * d_mi @ st.ws
+            )
+
+        block = self._block_preconditioner(self._pencil(e0, e1))
+        fixed_h = self._fixed_h_preconditioner(st)
+        return hvp, ([block, fixed_h] if block is not None else [fixed_h])
+
+    def _pencil(self, e0: Tensor, e1: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``(C, den[K, d])`` with ``E0 + s_j E1 = C^-T diag(den[:, j]) C^-1`` (``beta > 0``)."""
+        if self.beta <= 0:
+            return None
+        chol, info = torch.linalg.cholesky_ex(0.5 * (e1 + e1.T))
+        if int(info) != 0:
+            return None
+        li = torch.linalg.solve_triangular(chol, self.eye, upper=False)
+        lam, vec = torch.linalg.eigh(li @ (0.5 * (e0 + e0.T)) @ li.T)
+        return li.T @ vec, lam.unsqueeze(1) + self.s.unsqueeze(0)
+
+    def _block_preconditioner(self, pencil):
+        """``q -> (E0 + s_j E1)^-1 q_j`` per column, or ``None`` where not positive definite."""
+        if pencil is None:
+            return None
+        c, den = pencil
+        if not float(den.min()) > 1e-12 * float(den.abs().max()):
+            return None
+        inv = 1.0 / den  # (E0 + s_j E1)^-1 = C diag(1 / den_j) C^T
+        return lambda q: c @ (inv * (c.T @ q))
+
+    def escape(self, W: Tensor, ev: Evaluation) -> Tensor | None:
+        """A direction of negative curvature at a stationary ``W``, or ``None``.
+
+        Coordinates where ``H0`` has neither spread nor class signal (``s_j = mu_j = 0``, e.g.
+        a zero-padded ``H0`` or ``N < d``) are an invariant subspace of the iteration: ``W`` that
+        starts with no component there keeps none, even where moving into them lowers ``f``
+        (a saddle). There the Hessian is the block ``E0 + s_j E1``; its most negative
+        generalised eigenvector, checked with an exact Hessian-vector product, is returned.
+        """
+        e0, _, e1 = self.multipliers(ev.ctx)
+        pencil = self._pencil(e0, e1)
+        if pencil is None:
+            return None
+        c, den = pencil
+        hvp, _ = self.hessian(W, ev)
+        flat = den.flatten()
+        for idx in torch.argsort(flat)[: 2 * self.K].tolist():  # the most negative blocks first
+            if not float(flat[idx]) < 0:
+                break
+            k, j = divmod(idx, self.d)
+            V = torch.zeros_like(W)
+            V[:, j] = c[:, k] / c[:, k].norm()
+            if float((V * hvp(V)).sum()) < 0:
+                return V
+        return None
+
+    def _fixed_h_preconditioner(self, st: _State):
+        """``q -> q (H H^T/N + lambda_W/K I)^-1``: diagonal + rank 3K, by Woodbury."""
+        K, N, a = self.K, self.N, (self.beta / self.c) ** 2
+        diag = self.gamma + (a / N) * self.s  # [d]
+        lt = torch.cat([st.means, st.ws, st.W])  # L^T [3K, d]: H H^T / N = D + L C L^T
+        core = torch.zeros(3 * K, 3 * K, dtype=torch.float64, device=st.W.device)
+        core[:K, :K] = torch.diag(self.n) / N
+        core[K : 2 * K, 2 * K :] = -(a / N) * st.m_inv
+        core[2 * K :, K : 2 * K] = -(a / N) * st.m_inv
+        core[2 * K :, 2 * K :] = (a / N) * (st.m_inv @ st.t @ st.m_inv)
+        ltd = lt / diag
+        eye = torch.eye(3 * K, dtype=torch.float64, device=st.W.device)
+        z = core @ torch.linalg.inv(eye + (ltd @ lt.T) @ core)  # C (I + L^T D^-1 L C)^-1
+        z = 0.5 * (z + z.T)
+        return lambda q: q / diag - ((q @ ltd.T) @ z) @ ltd
+
+    # -- starting point and fast metric --------------------------------------------------------
+    def initial(self) -> Tensor:
+        """Ridge regression of ``Y`` on ``H0`` (the ``beta -> inf`` minimiser), by Woodbury."""
+        present = self.n > 0
+        u = self.mu[present]
+        diag = self.gamma + self.s / self.N  # G0/N + lambda_W/K I = D + U^T diag(n/N) U
+        x = (self.n.unsqueeze(1) * self.mu / self.N) / diag
+        ud = u / diag
+        core = torch.diag(self.N / self.n[present]) + ud @ u.T
+        return x - (x @ u.T) @ torch.linalg.solve(core, ud)
+
+    def nc1_tilde(self, W: Tensor) -> float:
+        """``Tr Sigma_W(H*) / Tr Sigma_B(H*)`` (docs/science.md §1) in ``O(K^2 d)``."""
+        b, c = self.beta, self.c
+        _, sv, vh = torch.linalg.svd(W, full_matrices=False)
+        a = 1.0 / (sv.square() + c)  # A = V diag(a) V^T + (I - V V^T)/c
+        v2 = vh.square()  # [r, d]
+        a2_diag = (a.square().unsqueeze(1) * v2).sum(0) + (1.0 - v2.sum(0)) / (c * c)
+        tr_w = b * b * float((self.s * a2_diag).sum()) / self.N
+        x = W + b * self.mu
+        means = (x @ vh.T) * a @ vh + (x - (x @ vh.T) @ vh) / c
+        mu = means[self.n > 0]
+        tr_b = float((mu - mu.mean(0)).square().sum()) / mu.shape[0]
+        return tr_w / tr_b if tr_b > 0 else math.nan

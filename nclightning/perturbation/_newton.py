@@ -1,0 +1,188 @@
+"""Truncated Newton (Newton-CG) with a Wolfe line search, on float64 tensors.
+
+Owns the optimiser of :func:`nclightning.perturbation.solve` (docs/science.md §10). Generic:
+it minimises any ``fun(x) -> Evaluation`` given ``hessian(x, ev) -> (hvp, preconditioners)``,
+exact Hessian-vector products and one or more symmetric positive definite approximations of
+the inverse Hessian. One iteration:
+
+1. *choose a preconditioner*: for each candidate ``M``, the step ``z = -M g`` and the ratio
+   ``rho = z^T H z / (-z^T g)`` (1 for the exact Newton step); keep the ``M`` with ``rho``
+   closest to 1 in ratio;
+2. *direction*: preconditioned conjugate gradients on ``H p = -g`` until the residual falls
+   below ``forcing * |g|`` (``forcing = min(0.5, sqrt(rel))``: superlinear, then quadratic
+   convergence) or a direction of non-positive curvature appears (then the CG iterate so far,
+   or the preconditioned gradient step at the first CG iteration);
+3. *step*: strong-Wolfe line search from step length 1 (:mod:`._linesearch`); when it fails,
+   one retry along the preconditioned gradient, then stop (float64 floor).
+
+Stops when ``ev.rel <= tol`` (the caller's relative stationarity measure) and the Newton step
+is below ``step_tol`` relative to ``x``, unless ``escape(x, ev)`` offers a direction of negative
+curvature (a saddle): then the best of four step lengths along it, and Newton again.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from nclightning.perturbation._linesearch import Evaluation, line_search
+
+__all__ = ["Evaluation", "NewtonResult", "minimize"]
+
+Operator = Callable[[Tensor], Tensor]
+Hessian = Callable[[Tensor, Evaluation], tuple[Operator, Sequence[Operator]]]
+
+
+@dataclass
+class NewtonResult:
+    """Final point, its evaluation and counts; ``message`` says why the optimiser stopped."""
+
+    x: Tensor
+    evaluation: Evaluation
+    iterations: int
+    evaluations: int
+    hessian_products: int
+    converged: bool
+    message: str
+
+
+def _dot(a: Tensor, b: Tensor) -> float:
+    return float((a * b).sum())
+
+
+def _choose(hvp: Operator, preconds: Sequence[Operator], g: Tensor) -> tuple[Operator, int]:
+    """The candidate whose gradient step has curvature ratio closest to 1 (and #products)."""
+    if len(preconds) == 1:
+        return preconds[0], 0
+    best, best_score = preconds[0], math.inf
+    for m in preconds:
+        z = m(g)
+        hz = hvp(z)
+        # residual of the first CG step along z: min_a |a H z - g| / |g|
+        zz = _dot(hz, hz)
+        score = float((g - (_dot(hz, g) / zz) * hz).norm()) if zz > 0 else math.inf
+        if score < best_score:
+            best, best_score = m, score
+    return best, len(preconds)
+
+
+def _cg(hvp: Operator, precond: Operator, g: Tensor, forcing: float, max_cg: int):
+    """Approximate solution of ``H p = -g`` by preconditioned CG: ``(p, #products)``."""
+    p = g.new_zeros(g.shape)
+    r = -g
+    z = precond(r)
+    d = z
+    rz = _dot(r, z)
+    stop = forcing * float(g.norm())
+    for k in range(1, max_cg + 1):
+        hd = hvp(d)
+        curv = _dot(d, hd)
+        if curv <= 0:  # non-positive curvature: keep what we have
+            return (z if k == 1 else p), k
+        a = rz / curv
+        p = p + a * d
+        r = r - a * hd
+        if float(r.norm()) <= stop:
+            return p, k
+        z = precond(r)
+        rz, rz_old = _dot(r, z), rz
+        d = z + (rz / rz_old) * d
+    return p, max_cg
+
+
+def _is_small(step: Tensor, x: Tensor, step_tol: float) -> bool:
+    return float(step.norm()) <= step_tol * float(x.norm())
+
+
+def _direction(hessian: Hessian, x: Tensor, ev: Evaluation, forcing: float, max_cg: int):
+    """Newton-CG direction at ``x``, the chosen preconditioner and #Hessian products."""
+    hvp, preconds = hessian(x, ev)
+    precond, used = _choose(hvp, preconds, ev.grad)
+    direction, k = _cg(hvp, precond, ev.grad, forcing, max_cg)
+    if _dot(direction, ev.grad) >= 0:
+        direction = -precond(ev.grad)
+    return direction, precond, used + k
+
+
+def minimize(
+    fun: Callable[[Tensor], Evaluation],
+    x0: Tensor,
+    *,
+    hessian: Hessian,
+    tol: float,
+    max_iter: int,
+    step_tol: float = 1e-8,
+    max_cg: int = 200,
+    escape: Callable[[Tensor, Evaluation], Tensor | None] | None = None,
+    max_escapes: int = 8,
+) -> NewtonResult:
+    """Minimise ``fun`` from ``x0`` (module docstring).
+
+    Converged when ``Evaluation.rel <= tol`` *and* the error left in ``x`` is bounded: the next
+    Newton step is at most ``step_tol |x|``, or the full step just taken was at most
+    ``sqrt(step_tol) |x|`` with a CG forcing term at most ``sqrt(step_tol)`` (quadratic
+    convergence leaves ``~step_tol``). A small gradient alone does not bound the error where
+    the Hessian is ill-conditioned. Also converged when ``rel <= tol`` and no step decreases
+    ``f`` any more (float64 floor).
+    """
+    x, ev = x0, fun(x0)
+    n_evals, n_hvp = 1, 0
+    root = math.sqrt(step_tol)
+
+    escapes = 0
+
+    def done(it: int, ok: bool, msg: str) -> NewtonResult:
+        return NewtonResult(x, ev, it, n_evals, n_hvp, ok, msg)
+
+    def leave_saddle() -> bool:
+        """At a stationary point: step along a negative-curvature direction, if any."""
+        nonlocal x, ev, n_evals, escapes
+        v = escape(x, ev) if escape is not None and escapes < max_escapes else None
+        if v is None:
+            return False
+        escapes += 1
+        scale = float(x.norm()) / float(v.norm())
+        trials = [(t, fun(x + t * v)) for t in (scale * 10.0**-k for k in range(4))]
+        n_evals += len(trials)
+        t, new = min(trials, key=lambda tv: tv[1].f)
+        if not new.f < ev.f:
+            return False
+        x, ev = x + t * v, new
+        return True
+
+    for it in range(max_iter):
+        if not (math.isfinite(ev.f) and math.isfinite(ev.rel)):
+            return done(it, False, "non-finite objective")
+        forcing = min(0.5, math.sqrt(ev.rel))
+        direction, precond, used = _direction(hessian, x, ev, forcing, max_cg)
+        n_hvp += used
+        small = _is_small(direction, x, step_tol)
+        if ev.rel <= tol and small:
+            if leave_saddle():
+                continue
+            return done(it, True, "relative gradient below tol, Newton step below step_tol")
+        step, new, used = line_search(fun, x, ev, direction, 1.0)
+        n_evals += used
+        if new is None:  # retry once along the preconditioned gradient
+            direction = -precond(ev.grad)
+            step, new, used = line_search(fun, x, ev, direction, 1.0)
+            n_evals += used
+        if new is None:
+            if ev.rel <= tol:
+                return done(it, True, "relative gradient below tol at the float64 floor")
+            return done(it, False, "line search failed")
+        x, ev = x + step * direction, new
+        if ev.rel <= tol and step == 1.0 and forcing <= root and _is_small(direction, x, root):
+            # quadratic convergence: the error left is ~ forcing |step| + |step|^2 <= step_tol
+            if leave_saddle():
+                continue
+            return done(it + 1, True, "relative gradient below tol after a small Newton step")
+    ok = ev.rel <= tol and math.isfinite(ev.f)
+    return (
+        done(max_iter, False, f"no convergence in {max_iter} iterations")
+        if not ok
+        else done(max_iter, True, "relative gradient below tol at the iteration cap")
+    )

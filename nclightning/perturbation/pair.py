@@ -1,0 +1,311 @@
+"""The perturbation model fitted to a pair of layers, scale free (docs/science.md §7).
+
+Owns :func:`fit_pair` and :class:`PairFit`: the one entry point of the callback, ``measure``
+and the report. ``H0`` (the earlier layer) is normalised (:mod:`._scale`), ``beta`` is fitted
+so that the minimiser ``H*`` of Eq. 2 reproduces ``nc1_tilde(H)`` of the later layer
+(:mod:`._search`: the largest coupling that does), and every other metric of ``H*`` is compared
+with ``H``'s: ``residual = log10(predicted / measured)`` (0 when equal). The coupling
+``beta / lambda_H`` is reported, not ``beta`` of the raw features (docs/science.md §7).
+
+Statuses (``PairFit.status``; ``STATUS_CODES`` for the run record):
+
+* ``"fitted"``: a coupling reproduces ``nc1_tilde(H)``;
+* ``"not_more_collapsed"``: ``nc1_tilde(H) >= nc1_tilde(H0)``. No finite coupling can reach it
+  (``beta -> inf`` gives ``H* = H0``): coupling ``inf``, predicted = ``H0``'s metrics, residuals
+  against ``H``. A measurement, not a failure;
+* ``"identical"``: ``H`` equals ``H0`` up to a positive factor: coupling ``inf``, the residual of
+  every feature metric 0 (``nc3`` compares the model's ridge classifier with ``weight``).
+
+``perturbative``: ``beta >= PERTURBATIVE_FACTOR * max(1, lambda_H)`` (``beta`` of the
+normalised problem), the regime ``beta >> max(1, lambda_H)`` of Theorems 4.1-4.2 and Eq. 5
+(docs/science.md §5), where the first-order expansion of ``F`` errs by ``O(beta^-2)``, about 1 %
+at the threshold. Outside it the fit is still a minimiser of Eq. 2, but the paper's
+perturbation results say nothing about it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from nclightning.errors import ConfigurationError, DataError
+from nclightning.metrics import ClassMoments, metrics_from_moments
+from nclightning.perturbation._inputs import as_moments
+from nclightning.perturbation._scale import (
+    NORMALIZATIONS,
+    between_energy,
+    fixed_scale,
+    rms_norm,
+    same_up_to_scale,
+    scale_search,
+)
+from nclightning.perturbation._search import RootSearch, Solver
+from nclightning.perturbation._spectral import Spectrum
+from nclightning.perturbation.fit import DEFAULT_COUPLING_RANGE, metric_of, search_message
+from nclightning.perturbation.solver import DEFAULT_TOL, SolveResult, result_of, ridge_classifier
+
+__all__ = [
+    "DEFAULT_NORMALIZATION",
+    "PERTURBATIVE_FACTOR",
+    "RESIDUAL_KEYS",
+    "STATUS_CODES",
+    "PairFit",
+    "fit_pair",
+]
+
+DEFAULT_NORMALIZATION = "between"
+PERTURBATIVE_FACTOR = 10.0
+STATUS_CODES = {"fitted": 0, "not_more_collapsed": 1, "identical": 2}
+RESIDUAL_KEYS = ("nc1", "nc2_etf", "nc2_equinorm", "nc3", "cdnv", "norm_ratio")
+"""Metrics compared between ``H*`` and ``H`` (``nc3`` with ``weight``; ``norm_ratio`` unless
+the normalisation fits it)."""
+
+_SCALE_FREE = (
+    "nc1",
+    "nc1_tilde",
+    "cdnv",
+    "nc2_etf",
+    "nc2_equinorm",
+    "nc2_equiangle",
+    "nc2_maxangle",
+    "gnc2_log",
+    "nc3",
+    "unc3",
+)
+_INF = math.inf
+
+
+@dataclass(frozen=True, eq=False)
+class PairFit:
+    """Outcome of :func:`fit_pair` (module docstring).
+
+    Attributes:
+        status: ``"fitted"``, ``"not_more_collapsed"`` or ``"identical"``.
+        coupling: ``beta / lambda_H`` of the normalised problem (``inf`` for the two limits).
+        beta: ``beta`` of the normalised problem; scale: ``s``, the model is solved for
+            ``s * H0`` (in ``H0``'s units: rescaling ``H0`` by ``t`` divides it by ``t``).
+        normalization: the rule that fixed ``s`` (:data:`NORMALIZATIONS`).
+        perturbative: ``beta >= PERTURBATIVE_FACTOR * max(1, lambda_H)``.
+        predicted: scale-free metrics of ``H*`` and ``norm_ratio`` = RMS ``||H*|| / ||s H0||``.
+        measured: the same metrics of ``H`` and ``norm_ratio`` = RMS ``||H|| / ||H0||``.
+        residuals: ``log10(predicted / measured)`` for :data:`RESIDUAL_KEYS` not fitted.
+        objective, grad_norm, converged, message: of the normalised problem's minimiser and
+            of the search; solve: the :class:`SolveResult` (``None`` for the limits).
+    """
+
+    status: str
+    coupling: float
+    beta: float
+    scale: float
+    normalization: str
+    perturbative: bool
+    predicted: dict[str, float]
+    measured: dict[str, float]
+    residuals: dict[str, float]
+    objective: float
+    grad_norm: float
+    converged: bool
+    message: str
+    solve: SolveResult | None
+
+
+def residual(predicted: float, measured: float) -> float:
+    """``log10(predicted / measured)``: 0 when equal, ``+-inf`` against 0, NaN if undefined."""
+    if predicted == measured:
+        return 0.0
+    if not (math.isfinite(predicted) and math.isfinite(measured)):
+        return math.nan
+    if predicted < 0 or measured < 0:
+        return math.nan
+    if predicted == 0 or measured == 0:
+        return -_INF if predicted == 0 else _INF
+    return math.log10(predicted / measured)
+
+
+def _metrics(m: ClassMoments, weight: Tensor | None, norm_ratio: float) -> dict[str, float]:
+    values = metrics_from_moments(m, weight=weight)
+    out = {k: float(values[k]) for k in _SCALE_FREE if k in values}
+    out["norm_ratio"] = norm_ratio
+    return out
+
+
+def _residuals(predicted: dict, measured: dict, fitted: tuple[str, ...]) -> dict[str, float]:
+    keys = [k for k in RESIDUAL_KEYS if k in predicted and k in measured and k not in fitted]
+    return {k: residual(predicted[k], measured[k]) for k in keys}
+
+
+def _fitted(normalization: str) -> tuple[str, ...]:
+    return ("norm_ratio",) if normalization == "norm_ratio" else ()
+
+
+def _check_pair(h0: Any, h: Any) -> tuple[ClassMoments, ClassMoments]:
+    m0, _, _ = as_moments(h0)
+    m, _, _ = as_moments(h)
+    if m0.dim != m.dim:
+        raise ConfigurationError(
+            f"fit_pair needs H0 and H in one space, got widths {m0.dim} and {m.dim}: pick "
+            "layers of equal width, or zero-pad the narrower H0 with ClassMoments.pad"
+        )
+    if m0.counts.shape != m.counts.shape or not torch.equal(m0.counts, m.counts):
+        raise ConfigurationError(
+            "H0 and H must be the moments of the same samples (equal class counts): "
+            "accumulate both layers in one pass over the same probe set"
+        )
+    return m0, m
+
+
+def fit_pair(
+    h0: Any,
+    h: Any,
+    *,
+    lambda_W: float,
+    lambda_H: float,
+    weight: Tensor | None = None,
+    normalization: str = DEFAULT_NORMALIZATION,
+    coupling_range: tuple[float, float] = DEFAULT_COUPLING_RANGE,
+    near: float | None = None,
+    points_per_decade: float = 1.0,
+    rtol: float = 1e-8,
+    tol: float = DEFAULT_TOL,
+) -> PairFit:
+    """Fit the perturbation model to the layers ``H0 -> H`` (module docstring).
+
+    Args:
+        h0, h: :class:`~nclightning.metrics.ClassMoments` (or objects with ``moments()``) of
+            the two layers over the same samples, same width (the caller pads). ``h0`` with
+            ``class_scatter`` gives the predicted ``cdnv`` (NaN without); ``h`` needs no scatter.
+        lambda_W, lambda_H: Eq. 2 (``sqrt(lambda_W lambda_H) < 1``).
+        weight: the classifier ``W[K, d]`` that ``H`` feeds, for ``nc3`` of ``H`` and ``H*``.
+        normalization: scale rule for ``H0`` (:data:`NORMALIZATIONS`, docs: ``._scale``).
+        coupling_range: searched ``beta / lambda_H`` (grid of ``points_per_decade`` per
+            decade, scanned from the top: the largest coupling reproducing the target).
+        near: a previous coupling, tried first inside the final bracket (same root to ``rtol``).
+        rtol: relative accuracy of the coupling; tol: solver tolerance.
+
+    Raises:
+        ConfigurationError: widths or class counts differ, unknown normalisation, bad lambdas.
+        DataError: ``H0`` has no scale (dead layer) or ``nc1_tilde(H)`` is not finite.
+    """
+    if normalization not in NORMALIZATIONS:
+        raise ConfigurationError(
+            f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}"
+        )
+    lo, hi = (float(c) for c in coupling_range)
+    if not 0 < lo < hi:
+        raise ConfigurationError(f"coupling_range must satisfy 0 < lo < hi, got {coupling_range}")
+    m0, m = _check_pair(h0, h)
+    energy = between_energy(m)
+    if not (math.isfinite(energy) and energy > 0):
+        raise DataError(
+            f"H has no between-class spread (Tr Sigma_B = {energy:g}): a dead layer or "
+            "coinciding class means; nc1_tilde of H is undefined and cannot be fitted"
+        )
+    measured = _metrics(m, weight, rms_norm(m) / rms_norm(m0))
+    target = measured["nc1_tilde"]
+    if not math.isfinite(target):
+        raise DataError(f"nc1_tilde of H is {target}: a dead layer or one class; cannot fit")
+    args = dict(lambda_W=lambda_W, lambda_H=lambda_H, weight=weight, measured=measured)
+    if same_up_to_scale(m0, m, measured["norm_ratio"]):
+        return _limit("identical", m0, normalization, **args)
+    if not target < metrics_from_moments(m0)["nc1_tilde"]:
+        return _limit("not_more_collapsed", m0, normalization, **args)
+    search = dict(coupling_range=(lo, hi), ppd=points_per_decade, rtol=rtol, tol=tol, **args)
+    base = Spectrum.of(m0)
+    if normalization == "norm_ratio":
+        s0 = fixed_scale(m0, "between", lambda_W, lambda_H)
+
+        def at_scale(s: float, near_s: float | None) -> PairFit:
+            return _fit_at_scale(base, s, "norm_ratio", near=near_s, **search)
+
+        return scale_search(at_scale, s0, measured["norm_ratio"], near)
+    s = fixed_scale(m0, normalization, lambda_W, lambda_H)
+    return _fit_at_scale(base, s, normalization, near=near, **search)
+
+
+def _fit_at_scale(
+    base: Spectrum,
+    s: float,
+    normalization: str,
+    *,
+    lambda_W: float,
+    lambda_H: float,
+    weight: Tensor | None,
+    measured: dict[str, float],
+    coupling_range: tuple[float, float],
+    near: float | None,
+    ppd: float,
+    rtol: float,
+    tol: float,
+) -> PairFit:
+    """The search at the fixed scale ``s`` and the comparison of ``H*`` with ``H``."""
+    spec = base.scaled(s)
+    solver = Solver(spec, lambda_W, lambda_H, metric_of("nc1_tilde"), tol)
+    lo, hi = (lambda_H * c for c in coupling_range)
+    search = RootSearch(measured["nc1_tilde"], lo, hi, ppd, rtol)
+    search.find(solver, None if near is None else lambda_H * near)
+    p = search.point
+    res = result_of(p.model, p.result)
+    predicted = _metrics(res.moments, res.W if weight is not None else None, 1.0)
+    predicted["norm_ratio"] = rms_norm(res.moments) / (s * rms_norm(base.moments))
+    message = search_message(search, "nc1_tilde")
+    if solver.branches:
+        message += f"; {solver.branches} evaluation(s) where two starts reached different minima"
+    return PairFit(
+        status="fitted",
+        coupling=p.beta / lambda_H,
+        beta=p.beta,
+        scale=s,
+        normalization=normalization,
+        perturbative=p.beta >= PERTURBATIVE_FACTOR * max(1.0, lambda_H),
+        predicted=predicted,
+        measured=measured,
+        residuals=_residuals(predicted, measured, _fitted(normalization)),
+        objective=res.objective,
+        grad_norm=res.grad_norm,
+        converged=search.reachable and not search.jump and res.converged,
+        message=message,
+        solve=res,
+    )
+
+
+def _limit(
+    status: str,
+    m0: ClassMoments,
+    normalization: str,
+    *,
+    lambda_W: float,
+    lambda_H: float,
+    weight: Tensor | None,
+    measured: dict[str, float],
+) -> PairFit:
+    """``beta = inf``: ``H* = s H0`` and ``W*`` the ridge classifier of ``s H0``."""
+    rule = "between" if normalization == "norm_ratio" else normalization
+    s = fixed_scale(m0, rule, lambda_W, lambda_H)
+    W, f = ridge_classifier(m0, s, lambda_W, lambda_H)  # the metrics of s H0 are those of H0
+    predicted = _metrics(m0, W if weight is not None else None, 1.0)
+    message = (
+        "H equals H0 up to a positive factor: beta = inf reproduces it exactly"
+        if status == "identical"
+        else f"H is not more collapsed than H0 (nc1_tilde {measured['nc1_tilde']:.6g} >= "
+        f"{predicted['nc1_tilde']:.6g}): no finite coupling reaches it; H* = H0"
+    )
+    return PairFit(
+        status=status,
+        coupling=_INF,
+        beta=_INF,
+        scale=s,
+        normalization=normalization,
+        perturbative=True,
+        predicted=predicted,
+        measured=measured,
+        residuals=_residuals(predicted, measured, _fitted(normalization)),
+        objective=f,
+        grad_norm=0.0,
+        converged=True,
+        message=message,
+        solve=None,
+    )
