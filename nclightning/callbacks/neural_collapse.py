@@ -202,7 +202,7 @@ class NeuralCollapseCallback(Callback):
         self._started = False
         self._fitting = True
         self._saved_settings: dict[str, Any] | None = None
-        self._ckpt_position: tuple[int, int] | None = None
+        self._ckpt_position: tuple[int] | None = None
         self._warned: set[str] = set()
 
     # -- Lightning hooks ----------------------------------------------------------------------
@@ -281,7 +281,7 @@ class NeuralCollapseCallback(Callback):
                 )
         loops = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
         done = loops.get("current", {}).get("processed", checkpoint.get("epoch", 0))
-        self._ckpt_position = (int(done), int(checkpoint.get("global_step", 0)))
+        self._ckpt_position = (int(done),)
 
     # -- the probe ------------------------------------------------------------------------------
     def probe_now(
@@ -311,11 +311,12 @@ class NeuralCollapseCallback(Callback):
         return result
 
     def _measure(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """``trainer.validate``/``test``: one probe of the loaded weights, logged at the
-        checkpoint's epochs and step (or the Trainer's, for weights in memory)."""
+        """``trainer.validate``/``test``: one probe of the loaded weights, as measured after the
+        checkpoint's completed epochs (the Trainer's, for weights in memory). Its ``step`` is
+        the Trainer's, as for every other row the measurement logs."""
         self._start_outputs(trainer)
-        epochs, step = self._ckpt_position or (trainer.current_epoch, trainer.global_step)
-        self.probe_now(trainer, pl_module, epochs, step)
+        epochs = self._ckpt_position[0] if self._ckpt_position else trainer.current_epoch
+        self.probe_now(trainer, pl_module, epochs)
 
     def _train_reference(self, trainer, pl_module, epochs_trained: int):
         """The train probe's class means of this epoch, for a held-out probe's nc4_train_means."""

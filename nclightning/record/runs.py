@@ -109,7 +109,8 @@ def find_versions(root: str | Path) -> list[Version]:
 
     A ``.csv`` file given as ``root`` is read as its folder's metrics. Snapshot folders inside
     a version's ``snapshots/`` belong to that version; a snapshot folder elsewhere
-    (``snapshot_dir=path``) is a version of its own, its probe named by its files.
+    (``snapshot_dir=path``) is a version of its own, its probe named by its files. Folders of
+    ``nclightning measure`` (``measure_N``) are read only when given themselves.
     """
     root = Path(root)
     if not root.exists():
@@ -126,6 +127,9 @@ def find_versions(root: str | Path) -> list[Version]:
         folders.add(snap.parent.parent if snap.parent.name == SNAPSHOT_FOLDER else snap)
     found = []
     for folder in sorted(folders, key=lambda p: _natural(str(p))):
+        inside = folder.relative_to(root).parts if folder != root else ()
+        if any(part.startswith(MEASURE_PREFIX) for part in inside):
+            continue
         version = _version_at(folder)
         if version is not None:
             found.append(version)

@@ -66,6 +66,23 @@ def test_the_later_version_alone_brings_the_one_it_continues(tmp_path):
     assert same_rows(run.rows, uninterrupted(tmp_path).rows)
 
 
+def test_a_measurement_folder_is_read_only_when_given(tmp_path):
+    """``nclightning measure`` writes ``measure_N`` beside the training run, with a config that
+    names the checkpoint: it is a run of its own, not part of the training run's history."""
+    v0 = rb.write_csv(tmp_path / "runs", rb.training_rows(4), name="digits")
+    measured = rb.write_csv(
+        tmp_path / "runs", [rb.probe_row(4)], name="digits", version="measure_0"
+    )
+    rb.write_config(measured, seed=0, ckpt_path=str(v0 / "checkpoints" / "last.ckpt"))
+    (run,) = runs.find_runs(tmp_path / "runs")
+    assert [v.path for v in run.versions] == [v0]
+    (alone,) = runs.find_runs(measured)
+    assert [v.path for v in alone.versions] == [measured]
+    assert alone.series("nc-train/penultimate/nc1") == [
+        (4.0, rb.value("train", "penultimate", "nc1", 4))
+    ]
+
+
 def test_unlinked_versions_are_separate_runs(tmp_path):
     rb.write_csv(tmp_path / "runs", rb.training_rows(2), name="digits")
     rb.write_csv(tmp_path / "runs", rb.training_rows(3), name="digits")
