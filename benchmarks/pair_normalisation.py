@@ -31,7 +31,6 @@ import warnings
 
 import torch
 from lightning.pytorch import Trainer, seed_everything
-from torch import nn
 
 from nclightning.callbacks import LayerwiseTraining
 from nclightning.data import DigitsDataModule, SyntheticDataModule
@@ -168,7 +167,9 @@ def main() -> None:
 
 def report(name: str, rows: dict) -> None:
     keys = (*COMMON, "norm_ratio")
-    head = f"{'normalisation':>13} {'status':>8} {'coupling':>9} {'pert.':>5} {'s':>9} {'time s':>6}"
+    head = (
+        f"{'normalisation':>13} {'status':>8} {'coupling':>9} {'pert.':>5} {'s':>9} {'time s':>6}"
+    )
     print(head + "".join(f" {k:>12}" for k in keys))
     for norm, (fit, secs) in rows.items():
         cells = "".join(f" {fit.residuals.get(k, math.nan):>+12.3f}" for k in keys)

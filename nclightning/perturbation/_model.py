@@ -127,36 +127,42 @@ class Model:
         """``(hvp, preconditioners)`` at ``W`` for :func:`._newton.minimize`."""
         st: _State = ev.ctx
         e0, _, e1 = self.multipliers(st)
+        block = self._block_preconditioner(self._pencil(e0, e1))
+        fixed_h = self._fixed_h_preconditioner(st)
+        return self.hvp(st, e0, e1), ([block, fixed_h] if block is not None else [fixed_h])
+
+    def hvp(self, st: _State, e0: Tensor, e1: Tensor):
+        """``V -> (Hessian of g at st.W) V``, ``O(K^2 d)`` per product (module docstring)."""
+        W = st.W
         b, lh, cn = self.beta, self.lh, self.c * self.N
         a0 = b * (st.w_mu - self.eye) - lh * self.eye
         rn = st.r.T * self.n
         p1 = self.eye - (st.gram + b * st.w_mu) @ st.m_inv
         mi, t = st.m_inv, st.t
 
+        g_wmu = st.gram + b * st.w_mu
+        mtm = mi @ t @ mi
+        wm = torch.cat([W, self.mu])  # [2K, d]
+        fixed = torch.cat([W, self.mu, st.ws])  # [3K, d]
+        ee = torch.cat([e0, e1], 1)  # [K, 2K]
+        K = self.K
+
         def hvp(V: Tensor) -> Tensor:
             vs = V * self.s
-            d_gram = V @ W.T
-            d_gram = d_gram + d_gram.T
-            d_wmu = self.mu @ V.T
+            vw = V @ wm.T  # [V W^T | V mu^T]
+            d_gram = vw[:, :K] + vw[:, :K].T
+            d_wmu = vw[:, K:].T
             d_t = vs @ W.T
             d_t = d_t + d_t.T
             d_mi = -mi @ d_gram @ mi
             d_rn = (b * d_wmu @ mi + a0 @ d_mi).T * self.n
-            d_p1 = -(d_gram + b * d_wmu) @ mi - (st.gram + b * st.w_mu) @ d_mi
-            d_e0 = (d_rn @ p1 + rn @ d_p1) / cn - (b * b / cn) * (
-                d_mi @ t @ mi + mi @ d_t @ mi + mi @ t @ d_mi
-            )
-            return (
-                e0 @ V
-                + e1 @ vs
-                + d_e0 @ W
-                + (b / cn) * d_rn @ self.mu
-                + (b * b / cn) * d_mi @ st.ws
-            )
+            d_p1 = -(d_gram + b * d_wmu) @ mi - g_wmu @ d_mi
+            tt = -mi @ (d_gram @ mtm)  # d_mi T M^-1; its transpose is M^-1 T d_mi
+            d_e0 = (d_rn @ p1 + rn @ d_p1) / cn - (b * b / cn) * (tt + tt.T + mi @ d_t @ mi)
+            d_all = torch.cat([d_e0, (b / cn) * d_rn, (b * b / cn) * d_mi], 1)  # [K, 3K]
+            return ee @ torch.cat([V, vs]) + d_all @ fixed
 
-        block = self._block_preconditioner(self._pencil(e0, e1))
-        fixed_h = self._fixed_h_preconditioner(st)
-        return hvp, ([block, fixed_h] if block is not None else [fixed_h])
+        return hvp
 
     def _pencil(self, e0: Tensor, e1: Tensor) -> tuple[Tensor, Tensor] | None:
         """``(C, den[K, d])`` with ``E0 + s_j E1 = C^-T diag(den[:, j]) C^-1`` (``beta > 0``)."""
@@ -190,12 +196,18 @@ class Model:
         """
         e0, _, e1 = self.multipliers(ev.ctx)
         pencil = self._pencil(e0, e1)
-        if pencil is None:
+        if pencil is None or not float(pencil[1].min()) < 0:
             return None
         c, den = pencil
-        hvp, _ = self.hessian(W, ev)
-        flat = den.flatten()
-        for idx in torch.argsort(flat)[: 2 * self.K].tolist():  # the most negative blocks first
+        tiny = 1e-8
+        empty = (W.abs().amax(0) <= tiny * float(W.abs().max())) & (
+            self.mu.abs().amax(0) <= tiny * float(self.mu.abs().max())
+        )  # [d]: coordinates of the invariant subspace
+        if not bool(empty.any()):
+            return None
+        hvp = self.hvp(ev.ctx, e0, e1)
+        flat = torch.where(empty.unsqueeze(0), den, torch.inf).flatten()
+        for idx in torch.argsort(flat)[: self.K].tolist():  # the most negative blocks first
             if not float(flat[idx]) < 0:
                 break
             k, j = divmod(idx, self.d)

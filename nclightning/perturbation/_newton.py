@@ -69,42 +69,60 @@ def _choose(hvp: Operator, preconds: Sequence[Operator], g: Tensor) -> tuple[Ope
     return best, len(preconds)
 
 
-def _cg(hvp: Operator, precond: Operator, g: Tensor, forcing: float, max_cg: int):
-    """Approximate solution of ``H p = -g`` by preconditioned CG: ``(p, #products)``."""
+def _cg(
+    hvp: Operator,
+    precond: Operator,
+    g: Tensor,
+    forcing: float,
+    max_cg: int,
+    small: Callable[[Tensor], bool] | None = None,
+):
+    """Approximate solution of ``H p = -g`` by preconditioned CG: ``(p, #products, small)``.
+
+    ``small(p)`` is asked once, when the residual first falls below ``0.1 |g|``: a step that is
+    already negligible then ends the solve (the convergence test of :func:`minimize` needs
+    its size, not its digits).
+    """
     p = g.new_zeros(g.shape)
     r = -g
     z = precond(r)
     d = z
     rz = _dot(r, z)
-    stop = forcing * float(g.norm())
+    g_norm = float(g.norm())
     for k in range(1, max_cg + 1):
         hd = hvp(d)
         curv = _dot(d, hd)
         if curv <= 0:  # non-positive curvature: keep what we have
-            return (z if k == 1 else p), k
+            return (z if k == 1 else p), k, False
         a = rz / curv
         p = p + a * d
         r = r - a * hd
-        if float(r.norm()) <= stop:
-            return p, k
+        r_norm = float(r.norm())
+        if small is not None and r_norm <= 0.1 * g_norm:
+            if small(p):
+                return p, k, True
+            small = None
+        if r_norm <= forcing * g_norm:
+            return p, k, False
         z = precond(r)
         rz, rz_old = _dot(r, z), rz
         d = z + (rz / rz_old) * d
-    return p, max_cg
+    return p, max_cg, False
 
 
 def _is_small(step: Tensor, x: Tensor, step_tol: float) -> bool:
     return float(step.norm()) <= step_tol * float(x.norm())
 
 
-def _direction(hessian: Hessian, x: Tensor, ev: Evaluation, forcing: float, max_cg: int):
-    """Newton-CG direction at ``x``, the chosen preconditioner and #Hessian products."""
+def _direction(hessian: Hessian, x: Tensor, ev: Evaluation, forcing: float, max_cg: int, small):
+    """Newton-CG direction at ``x``, the chosen preconditioner, #Hessian products, and whether
+    the step was found negligible (``small``) before the CG solve was complete."""
     hvp, preconds = hessian(x, ev)
     precond, used = _choose(hvp, preconds, ev.grad)
-    direction, k = _cg(hvp, precond, ev.grad, forcing, max_cg)
+    direction, k, negligible = _cg(hvp, precond, ev.grad, forcing, max_cg, small)
     if _dot(direction, ev.grad) >= 0:
         direction = -precond(ev.grad)
-    return direction, precond, used + k
+    return direction, precond, used + k, negligible
 
 
 def minimize(
@@ -157,10 +175,11 @@ def minimize(
         if not (math.isfinite(ev.f) and math.isfinite(ev.rel)):
             return done(it, False, "non-finite objective")
         forcing = min(0.5, math.sqrt(ev.rel))
-        direction, precond, used = _direction(hessian, x, ev, forcing, max_cg)
+        check = (lambda p, x=x: _is_small(p, x, step_tol)) if ev.rel <= tol else None
+        direction, precond, used, small = _direction(hessian, x, ev, forcing, max_cg, check)
         n_hvp += used
-        small = _is_small(direction, x, step_tol)
-        if ev.rel <= tol and small:
+        small = small or (ev.rel <= tol and _is_small(direction, x, step_tol))
+        if small:
             if leave_saddle():
                 continue
             return done(it, True, "relative gradient below tol, Newton step below step_tol")
