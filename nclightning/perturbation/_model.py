@@ -244,16 +244,25 @@ class Model:
         core = torch.diag(self.N / self.n[present]) + ud @ u.T
         return x - (x @ u.T) @ torch.linalg.solve(core, ud)
 
-    def nc1_tilde(self, W: Tensor) -> float:
-        """``Tr Sigma_W(H*) / Tr Sigma_B(H*)`` (docs/science.md §1) in ``O(K^2 d)``."""
+    def features_summary(self, W: Tensor) -> tuple[float, Tensor]:
+        """``(sum_i ||h*_i - m_k||^2, means m_k [K, d])`` of ``H*(W)`` in ``O(K^2 d)``."""
         b, c = self.beta, self.c
         _, sv, vh = torch.linalg.svd(W, full_matrices=False)
         a = 1.0 / (sv.square() + c)  # A = V diag(a) V^T + (I - V V^T)/c
         v2 = vh.square()  # [r, d]
         a2_diag = (a.square().unsqueeze(1) * v2).sum(0) + (1.0 - v2.sum(0)) / (c * c)
-        tr_w = b * b * float((self.s * a2_diag).sum()) / self.N
         x = W + b * self.mu
         means = (x @ vh.T) * a @ vh + (x - (x @ vh.T) @ vh) / c
+        return b * b * float((self.s * a2_diag).sum()), means
+
+    def nc1_tilde(self, W: Tensor) -> float:
+        """``Tr Sigma_W(H*) / Tr Sigma_B(H*)`` (docs/science.md §1) in ``O(K^2 d)``."""
+        within, means = self.features_summary(W)
         mu = means[self.n > 0]
         tr_b = float((mu - mu.mean(0)).square().sum()) / mu.shape[0]
-        return tr_w / tr_b if tr_b > 0 else math.nan
+        return within / self.N / tr_b if tr_b > 0 else math.nan
+
+    def rms(self, W: Tensor) -> float:
+        """RMS feature norm of ``H*(W)``, ``sqrt((1/N) sum_i ||h*_i||^2)``."""
+        within, means = self.features_summary(W)
+        return math.sqrt((within + float((self.n * means.square().sum(1)).sum())) / self.N)
