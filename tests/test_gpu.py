@@ -61,8 +61,8 @@ def test_solver_on_cuda_matches_cpu():
     x, y = _collapsed(N=5000, d=64)
     x = torch.from_numpy(x).double() + torch.randn(5000, 64, dtype=torch.float64)
     y = torch.from_numpy(y)
-    cpu = perturbation.solve(x, y, 5e-4, 5e-4, 1.0)
-    gpu = perturbation.solve(x.cuda(), y.cuda(), 5e-4, 5e-4, 1.0)
+    cpu = perturbation.solve(x, y, lambda_W=5e-4, lambda_H=5e-4, beta=1.0)
+    gpu = perturbation.solve(x.cuda(), y.cuda(), lambda_W=5e-4, lambda_H=5e-4, beta=1.0)
     assert gpu.objective == pytest.approx(cpu.objective, rel=1e-9)
     assert gpu.metrics["nc1_tilde"] == pytest.approx(cpu.metrics["nc1_tilde"], rel=1e-6)
 

@@ -416,7 +416,9 @@ class NeuralCollapseCallback(Callback):
             self._betas[pair] = beta
         else:
             beta = float(self.beta)
-            result = perturbation.solve(m0, None, self.lambda_W, self.lambda_H, beta, warn=False)
+            result = perturbation.solve(
+                m0, lambda_W=self.lambda_W, lambda_H=self.lambda_H, beta=beta, warn=False
+            )
         out = {k: float(v) for k, v in result.metrics.items() if k in ALL_METRICS}
         out.update(
             beta=beta,
