@@ -18,7 +18,8 @@ and ``H`` (penultimate features) of the training set with plain forward hooks, a
 every normalisation of ``fit_pair``. Printed per network and normalisation: the coupling, the
 regime flag and the residual ``log10(predicted / measured)`` of every metric not fitted; the
 figure shows the residuals. The score of a normalisation is the mean ``|residual|`` over the
-metrics every normalisation predicts (norm_ratio excluded: one normalisation fits it).
+metrics every normalisation predicts (norm_ratio excluded: one normalisation fits it). A
+baseline row predicts every metric of ``H`` by ``H0``'s (no model at all).
 """
 
 from __future__ import annotations
@@ -28,19 +29,20 @@ import math
 import os
 import time
 import warnings
+from types import SimpleNamespace
 
 import torch
 from lightning.pytorch import Trainer, seed_everything
-from torch import nn
 
 from nclightning.callbacks import LayerwiseTraining
 from nclightning.data import DigitsDataModule, SyntheticDataModule
-from nclightning.metrics import ClassMoments
+from nclightning.metrics import ClassMoments, metrics_from_moments
 from nclightning.models import CollapseClassifier
 from nclightning.perturbation import NORMALIZATIONS, fit_pair
 
 LAMBDA = 5e-4
 COMMON = ("nc1", "nc2_etf", "nc2_equinorm", "nc3", "cdnv")
+BASELINE = "H* = H0"  # no model: H's metrics predicted by H0's
 
 
 def _trainer(epochs: int, callbacks=()) -> Trainer:
@@ -132,11 +134,24 @@ def pair_moments(model: CollapseClassifier, dm, h0_name: str):
 
 
 def compare(name: str, h0, h, weight) -> dict[str, object]:
+    """Every normalisation's fit, plus the baseline that predicts ``H`` by ``H0`` (no model)."""
     rows = {}
     for norm in NORMALIZATIONS:
         t = time.perf_counter()
         fit = fit_pair(h0, h, lambda_W=LAMBDA, lambda_H=LAMBDA, weight=weight, normalization=norm)
         rows[norm] = (fit, time.perf_counter() - t)
+    a, b = metrics_from_moments(h0, weight=weight), metrics_from_moments(h, weight=weight)
+    rows[BASELINE] = (
+        SimpleNamespace(
+            status="baseline",
+            coupling=math.inf,
+            perturbative=True,
+            scale=1.0,
+            residuals={k: math.log10(a[k] / b[k]) for k in COMMON},
+            measured=rows[NORMALIZATIONS[0]][0].measured,
+        ),
+        0.0,
+    )
     return rows
 
 
@@ -163,12 +178,15 @@ def main() -> None:
         results[name] = compare(name, h0, h, weight)
         report(name, results[name])
     summary(results)
+    markdown(results)
     figure(results, args.out)
 
 
 def report(name: str, rows: dict) -> None:
     keys = (*COMMON, "norm_ratio")
-    head = f"{'normalisation':>13} {'status':>8} {'coupling':>9} {'pert.':>5} {'s':>9} {'time s':>6}"
+    head = (
+        f"{'normalisation':>13} {'status':>8} {'coupling':>9} {'pert.':>5} {'s':>9} {'time s':>6}"
+    )
     print(head + "".join(f" {k:>12}" for k in keys))
     for norm, (fit, secs) in rows.items():
         cells = "".join(f" {fit.residuals.get(k, math.nan):>+12.3f}" for k in keys)
@@ -182,13 +200,28 @@ def report(name: str, rows: dict) -> None:
 
 def summary(results: dict) -> None:
     print("\nmean |residual| over " + ", ".join(COMMON) + " (lower is better)")
-    for norm in NORMALIZATIONS:
+    for norm in (*NORMALIZATIONS, BASELINE):
         per_net = []
         for rows in results.values():
             res = rows[norm][0].residuals
             per_net.append(sum(abs(res[k]) for k in COMMON) / len(COMMON))
         cells = " ".join(f"{v:.3f}" for v in per_net)
         print(f"{norm:>13}: {cells}  (all: {sum(per_net) / len(per_net):.3f})")
+
+
+def markdown(results: dict) -> None:
+    """The comparison as a markdown table (for docs/science.md §7)."""
+    keys = (*COMMON, "norm_ratio")
+    print("\n| network | normalisation | coupling | perturbative | " + " | ".join(keys) + " |")
+    print("|---|---|---|---|" + "---|" * len(keys))
+    for name, rows in results.items():
+        for norm, (fit, _) in rows.items():
+            cells = " | ".join(
+                "fitted" if k not in fit.residuals else f"{fit.residuals[k]:+.2f}" for k in keys
+            )
+            coupling = "-" if norm == BASELINE else f"{fit.coupling:.3g}"
+            pert = "-" if norm == BASELINE else ("yes" if fit.perturbative else "no")
+            print(f"| {name} | {norm} | {coupling} | {pert} | {cells} |")
 
 
 def figure(results: dict, out: str) -> None:
@@ -199,13 +232,15 @@ def figure(results: dict, out: str) -> None:
 
     keys = (*COMMON, "norm_ratio")
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.8), sharey=True)
-    width = 0.8 / len(NORMALIZATIONS)
+    names = (*NORMALIZATIONS, BASELINE)
+    width = 0.8 / len(names)
     for ax, (name, rows) in zip(axes, results.items()):
-        for i, norm in enumerate(NORMALIZATIONS):
+        for i, norm in enumerate(names):
             fit = rows[norm][0]
             vals = [fit.residuals.get(k, math.nan) for k in keys]
-            xs = [j + (i - (len(NORMALIZATIONS) - 1) / 2) * width for j in range(len(keys))]
-            ax.bar(xs, vals, width, label=f"{norm} (coupling {fit.coupling:.2g})")
+            xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(keys))]
+            label = norm if norm == BASELINE else f"{norm} (coupling {fit.coupling:.2g})"
+            ax.bar(xs, vals, width, label=label, hatch="//" if norm == BASELINE else None)
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xticks(range(len(keys)), keys, rotation=30)
         ax.set_title(name)

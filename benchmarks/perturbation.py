@@ -31,11 +31,15 @@ import time
 import torch
 
 from nclightning.metrics import ClassMoments
-from nclightning.perturbation import solve
-from nclightning.perturbation._lbfgs import Evaluation, minimize
+from nclightning.perturbation import fit_pair, solve
+from nclightning.perturbation._linesearch import Evaluation
+from nclightning.perturbation._model import Model
+from nclightning.perturbation._newton import minimize
+from nclightning.perturbation._scale import fixed_scale
+from nclightning.perturbation._spectral import Spectrum
 
 LAMBDA_W = LAMBDA_H = 5e-4
-TOL = 1e-9
+TOL = 1e-10
 
 
 class Synthetic:
@@ -96,49 +100,62 @@ def _median_time(fn, repeats: int):
 
 # -- dense baseline: the same optimiser, H materialised ----------------------------------------
 class DenseModel:
-    """Eq. 2 with ``H = H*(W)`` as a dense ``[N, d]`` matrix at every evaluation."""
+    """Eq. 2 with ``H = H*(W)`` as a dense ``[N, d]`` matrix at every evaluation.
 
-    def __init__(self, h0, labels, K, lambda_W, lambda_H, beta) -> None:
-        self.h0, self.K = h0, K
+    Objective, gradient and Hessian-vector products (autograd through ``H*(W)``) all carry
+    ``H``; the preconditioners are the statistics model's (same iterations, same directions).
+    """
+
+    def __init__(self, h0, labels, K, lambda_W, lambda_H, beta, stats_model) -> None:
+        self.h0, self.K, self.stats = h0, K, stats_model
+        self.basis = stats_model.spec.basis  # the statistics model works in Sw0's eigenbasis
         self.y = torch.nn.functional.one_hot(labels, K).to(torch.float64)
         self.N, self.d = h0.shape
         self.lw, self.lh, self.beta = lambda_W, lambda_H, beta
         self.c = lambda_H + beta
-        self.last_h = None
 
     def features(self, W):
         M = W @ W.T + self.c * torch.eye(self.K, dtype=W.dtype)
         X = self.y @ W + self.beta * self.h0  # rows of W^T Y + beta H0
         return (X - (X @ W.T) @ torch.linalg.solve(M, W)) / self.c  # X A (Woodbury)
 
-    def evaluate(self, W) -> Evaluation:
+    def f_of(self, We):  # We in the eigenbasis, like the statistics model
+        W = We @ self.basis.T
         H = self.features(W)
-        self.last_h = H
-        R = H @ W.T - self.y
+        return (
+            (H @ W.T - self.y).square().sum()
+            + self.lh * H.square().sum()
+            + self.beta * (H - self.h0).square().sum()
+        ) / (2 * self.N) + self.lw / (2 * self.K) * W.square().sum()
+
+    def evaluate(self, We) -> Evaluation:
+        x = We.detach().requires_grad_(True)
+        W = x @ self.basis.T
+        H = self.features(W)
         f = (
-            float(R.square().sum() + self.lh * H.square().sum())
-            + self.beta * float((H - self.h0).square().sum())
-        ) / (2 * self.N) + self.lw / (2 * self.K) * float(W.square().sum())
-        whh = (H @ W.T).T @ H / self.N
-        yh = self.y.T @ H / self.N
-        grad = whh - yh + (self.lw / self.K) * W
-        scale = float(whh.norm() + yh.norm()) + self.lw / self.K * float(W.norm())
-        return Evaluation(f, grad, float(grad.norm()) / scale, H)
+            (H @ W.T - self.y).square().sum()
+            + self.lh * H.square().sum()
+            + self.beta * (H - self.h0).square().sum()
+        ) / (2 * self.N) + self.lw / (2 * self.K) * W.square().sum()
+        (grad,) = torch.autograd.grad(f, x)
+        with torch.no_grad():
+            whh = (H @ W.T).T @ H / self.N
+            yh = self.y.T @ H / self.N
+            scale = float(whh.norm() + yh.norm()) + self.lw / self.K * float(W.norm())
+        # ctx: the statistics model's K x K quantities, for its preconditioners only
+        return Evaluation(float(f), grad, float(grad.norm()) / scale, self.stats.state(We))
 
-    def preconditioner(self, W, ev):
-        p = ev.ctx.T @ ev.ctx / self.N
-        p.diagonal().add_(self.lw / self.K)
-        L = torch.linalg.cholesky(p)
-        return lambda q: torch.cholesky_solve(q.T, L).T
+    def hessian(self, We, ev):
+        _, preconds = self.stats.hessian(We, ev)
 
-    def initial(self):
-        g = self.h0.T @ self.h0 / self.N
-        g.diagonal().add_(self.lw / self.K)
-        return torch.linalg.solve(g, self.h0.T @ self.y / self.N).T.contiguous()
+        def hvp(V):
+            return torch.func.jvp(torch.func.grad(self.f_of), (We,), (V,))[1]
+
+        return hvp, preconds
 
     def solve(self, tol):
         return minimize(
-            self.evaluate, self.initial(), tol=tol, max_iter=5000, precond=self.preconditioner
+            self.evaluate, self.stats.initial(), hessian=self.hessian, tol=tol, max_iter=200
         )
 
 
@@ -184,12 +201,146 @@ def joint_lbfgs(h0, labels, K, lambda_W, lambda_H, beta, tol, cap_s):
     return time.perf_counter() - t0, rel
 
 
+def _normalised(m: ClassMoments) -> ClassMoments:
+    """``H0`` at the UFM scale: ``Tr Sigma_B = rho (K-1)/K`` (fit_pair's default rule)."""
+    s = fixed_scale(m, "between", LAMBDA_W, LAMBDA_H)
+    return ClassMoments(
+        counts=m.counts, means=s * m.means, scatter=s * s * m.scatter, class_ss=s * s * m.class_ss
+    )
+
+
+def solves(K: int, d: int, repeats: int) -> None:
+    """[1] one solve from the ridge start per coupling, H0 at the UFM scale."""
+    m = _normalised(Synthetic(K, d).moments(10**4))
+    solve(m, lambda_W=LAMBDA_W, lambda_H=LAMBDA_H, beta=LAMBDA_H)  # warm-up
+    print(f"\n[1] solve from statistics, d={d}, K={K}, H0 at the UFM scale")
+    print(
+        f"{'coupling':>9} {'median s':>9} {'newton':>6} {'hvp':>5} {'rel grad':>9} {'nc1~(H*)':>9}"
+    )
+    for coupling in (1e-2, 0.1, 1.0, 10.0, 1e2, 1e3, 1e4):
+        beta = coupling * LAMBDA_H
+        med, _, r = _median_time(
+            lambda b=beta: solve(m, lambda_W=LAMBDA_W, lambda_H=LAMBDA_H, beta=b, tol=TOL), repeats
+        )
+        print(
+            f"{coupling:>9g} {med:>9.3f} {r.iterations:>6d} {r.hessian_products:>5d} "
+            f"{r.rel_grad_norm:>9.1e} {r.metrics['nc1_tilde']:>9.4f}"
+        )
+
+
+def flatness(max_n: int, repeats: int) -> None:
+    """[2] the solve's time does not grow with N."""
+    K, d = 100, 512
+    data = Synthetic(K, d)
+    print(f"\n[2] flatness in N (d={d}, K={K}, beta=1): moments pass vs solve")
+    print(f"{'N':>9} {'moments s':>10} {'solve median s':>15} {'newton':>6}")
+    times = []
+    N = 10**3
+    while N <= max_n:
+        t = time.perf_counter()
+        mN = data.moments(N, tile=10**3)  # the same problem at every N
+        t_mom = time.perf_counter() - t
+        med, _, r = _median_time(
+            lambda mm=mN: solve(mm, lambda_W=LAMBDA_W, lambda_H=LAMBDA_H, beta=1.0, tol=TOL),
+            repeats,
+        )
+        times.append(med)
+        print(f"{N:>9d} {t_mom:>10.2f} {med:>15.3f} {r.iterations:>6d}")
+        N *= 10
+    print(f"  max/min solve time over N: {max(times) / min(times):.2f}")
+
+
+def dense_ratio(repeats: int) -> None:
+    """[3] statistics solver vs the same optimiser carrying H densely."""
+    K, d, N, beta = 10, 512, 50_000, 1.0
+    h0, labels = Synthetic(K, d, seed=1).features(N)
+    print(f"\n[3] statistics vs dense at N={N}, d={d}, K={K}, beta={beta:g} (target >= 100x)")
+    t = time.perf_counter()
+    m = ClassMoments.from_features(h0, labels, K)
+    t_mom = time.perf_counter() - t
+    med_s, _, r_s = _median_time(
+        lambda: solve(m, lambda_W=LAMBDA_W, lambda_H=LAMBDA_H, beta=beta, tol=TOL), repeats
+    )
+    stats = Model(Spectrum.of(m), LAMBDA_W, LAMBDA_H, beta)
+    dense = DenseModel(h0, labels, K, LAMBDA_W, LAMBDA_H, beta, stats)
+    med_d, _, r_d = _median_time(lambda: dense.solve(TOL), 1)
+    gap = float((r_s.W - r_d.x @ stats.spec.basis.T).abs().max())
+    print(f"statistics: {med_s:.4f} s ({r_s.iterations} Newton, {r_s.hessian_products} hvp)")
+    print(f"dense:      {med_d:.4f} s ({r_d.iterations} Newton, converged={r_d.converged})")
+    print(f"max |W_stats - W_dense| = {gap:.1e}; one-off moments pass {t_mom:.2f} s")
+    print(
+        f"ratio dense / statistics: {med_d / med_s:.0f}x "
+        f"(including the moments pass: {med_d / (med_s + t_mom):.1f}x)"
+    )
+
+
+def pair_moments(K: int, d: int, N: int = 10**4):
+    """H0 (synthetic, per-class scatter) and H: the same classes, within-class spread halved."""
+    x, y = Synthetic(K, d).features(N)
+    m0 = ClassMoments.from_features(x, y, K, per_class_scatter=True)
+    mu = m0.means[y]
+    return m0, ClassMoments.from_features(mu + 0.5 * (x - mu), y, K)
+
+
+def bare_forward(repeats: int) -> float:
+    """Median time of one eval forward of benchmarks/callback.py's MLP over its 8192 samples."""
+    from nclightning.models import CollapseClassifier
+
+    model = CollapseClassifier(
+        10,
+        (3, 32, 32),
+        backbone="mlp",
+        backbone_kwargs={"depth": 6, "width": 1024, "batch_norm": True},
+    ).eval()
+    x = torch.randn(8192, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def run():
+        with torch.no_grad():
+            for xb in x.split(256):
+                model(xb)
+
+    run()
+    return _median_time(run, repeats)[0]
+
+
+def pair_fits(repeats: int, forward: float) -> None:
+    """[4] fit_pair (the whole coupling search) and its in-run ratios."""
+    print("\n[4] fit_pair, H = H0 with the within-class spread halved, default normalisation")
+    print(
+        f"{'d':>5} {'K':>4} {'median s':>9} {'target':>7} {'near s':>7} {'solve s':>8} "
+        f"{'/solve':>7} {'/forward':>8} {'coupling':>9}"
+    )
+    for d, K, target in ((1024, 10, 1.0), (512, 100, 2.0)):
+        m0, m = pair_moments(K, d)
+
+        def fit(near=None, m0=m0, m=m):
+            return fit_pair(m0, m, lambda_W=LAMBDA_W, lambda_H=LAMBDA_H, near=near)
+
+        fit()  # warm-up
+        med, _, result = _median_time(fit, repeats)
+        near, _, _ = _median_time(lambda f=fit, c=result.coupling: f(c), repeats)
+        h0 = _normalised(m0)
+        one, _, _ = _median_time(
+            lambda h0=h0, b=result.beta: solve(h0, lambda_W=LAMBDA_W, lambda_H=LAMBDA_H, beta=b),
+            repeats,
+        )
+        print(
+            f"{d:>5d} {K:>4d} {med:>9.3f} {target:>6.1f}s {near:>7.3f} {one:>8.3f} "
+            f"{med / one:>7.1f} {med / forward:>8.3f} {result.coupling:>9.4g}"
+        )
+    print(
+        f"  /solve: fit_pair over one solve at the fitted coupling from the ridge start; "
+        f"/forward: over one eval forward of the callback benchmark's MLP ({forward:.3f} s)"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-n", type=int, default=10**6)
     ap.add_argument("--joint-cap", type=float, default=0.0, help="seconds; 0 = skip")
+    ap.add_argument("--only", default="1234", help="sections to run, e.g. 14")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(
@@ -197,84 +348,20 @@ def main() -> None:
         f"loadavg at start {os.getloadavg()[0]:.2f}; lambda_W=lambda_H={LAMBDA_W:g}, "
         f"tol={TOL:g}, medians of {args.repeats}"
     )
-
-    # 1. d = 512, K = 100 from statistics
-    K, d = 100, 512
-    data = Synthetic(K, d)
-    m = data.moments(10**4)
-    solve(m, None, LAMBDA_W, LAMBDA_H, 1.0)  # warm-up
-    print(f"\n[1] solve from statistics, d={d}, K={K} (target < 2 s)")
-    print(f"{'beta':>8} {'median s':>9} {'min s':>7} {'iters':>6} {'rel grad':>9} {'nc1~(H*)':>9}")
-    for beta in (0.01, 0.1, 1.0, 10.0, 100.0, 1e4):
-        med, best, r = _median_time(
-            lambda b=beta: solve(m, None, LAMBDA_W, LAMBDA_H, b, tol=TOL), args.repeats
-        )
-        flag = "" if med < 2 else "  (over 2 s)"
-        print(
-            f"{beta:>8g} {med:>9.3f} {best:>7.3f} {r.iterations:>6d} {r.rel_grad_norm:>9.1e} "
-            f"{r.metrics['nc1_tilde']:>9.4f}{flag}"
-        )
-
-    # 2. flatness in N
-    print(f"\n[2] flatness in N (d={d}, K={K}, beta=1): moments pass vs solve")
-    for tiled in (False, True):
-        print(
-            "  same problem at every N (the 10^3-sample set streamed N/10^3 times):"
-            if tiled
-            else "  fresh samples at every N (the sample moments, hence the problem, change):"
-        )
-        print(f"{'N':>9} {'moments s':>10} {'solve median s':>15} {'iters':>6} {'ms/iter':>8}")
-        per_iter, solve_times = [], []
-        N = 10**3
-        while N <= args.max_n:
-            t = time.perf_counter()
-            mN = data.moments(N, tile=10**3 if tiled else None)
-            t_mom = time.perf_counter() - t
-            med, _, r = _median_time(
-                lambda mm=mN: solve(mm, None, LAMBDA_W, LAMBDA_H, 1.0, tol=TOL), args.repeats
-            )
-            solve_times.append(med)
-            per_iter.append(1e3 * med / max(r.iterations, 1))
-            print(f"{N:>9d} {t_mom:>10.2f} {med:>15.3f} {r.iterations:>6d} {per_iter[-1]:>8.2f}")
-            N *= 10
-        print(
-            f"  max/min over N: solve time {max(solve_times) / min(solve_times):.2f}, "
-            f"time per iteration {max(per_iter) / min(per_iter):.2f}"
-        )
-
-    # 3. ratio against the dense solver
-    K, d, N, beta = 10, 512, 50_000, 1.0
-    data = Synthetic(K, d, seed=1)
-    h0, labels = data.features(N)
-    print(f"\n[3] statistics vs dense at N={N}, d={d}, K={K}, beta={beta:g} (target >= 100x)")
-    t = time.perf_counter()
-    m = ClassMoments.from_features(h0, labels, K)
-    t_mom = time.perf_counter() - t
-    solve(m, None, LAMBDA_W, LAMBDA_H, beta)  # warm-up
-    med_s, _, r_s = _median_time(
-        lambda: solve(m, None, LAMBDA_W, LAMBDA_H, beta, tol=TOL), args.repeats
-    )
-    dense = DenseModel(h0, labels, K, LAMBDA_W, LAMBDA_H, beta)
-    med_d, _, r_d = _median_time(lambda: dense.solve(TOL), max(1, min(3, args.repeats)))
-    stats_h = solve(h0, labels, LAMBDA_W, LAMBDA_H, beta, tol=TOL).H
-    gap = float((stats_h - dense.features(r_d.x)).abs().max())
-    print(
-        f"statistics: {med_s:.4f} s ({r_s.iterations} iters, rel grad {r_s.rel_grad_norm:.1e});"
-        f" one-off moments pass {t_mom:.2f} s"
-    )
-    print(
-        f"dense:      {med_d:.4f} s ({r_d.iterations} iters, rel grad "
-        f"{r_d.evaluation.rel:.1e}, converged={r_d.converged})"
-    )
-    print(f"max |H_stats - H_dense| = {gap:.1e}")
-    print(
-        f"ratio dense / statistics: {med_d / med_s:.0f}x "
-        f"(including the moments pass: {med_d / (med_s + t_mom):.1f}x)"
-    )
-    if args.joint_cap > 0:
-        t_j, rel_j = joint_lbfgs(h0, labels, K, LAMBDA_W, LAMBDA_H, beta, TOL, args.joint_cap)
-        status = "reached tol" if rel_j <= TOL else f"stopped at cap, rel grad {rel_j:.1e}"
-        print(f"joint L-BFGS over (W, H): {t_j:.1f} s, {status}; ratio >= {t_j / med_s:.0f}x")
+    if "1" in args.only:
+        solves(100, 512, args.repeats)
+        solves(10, 1024, args.repeats)
+    if "2" in args.only:
+        flatness(args.max_n, args.repeats)
+    if "3" in args.only:
+        dense_ratio(args.repeats)
+        if args.joint_cap > 0:
+            K, d, N = 10, 512, 50_000
+            h0, labels = Synthetic(K, d, seed=1).features(N)
+            t_j, rel_j = joint_lbfgs(h0, labels, K, LAMBDA_W, LAMBDA_H, 1.0, TOL, args.joint_cap)
+            print(f"joint L-BFGS over (W, H): {t_j:.1f} s, rel grad {rel_j:.1e}")
+    if "4" in args.only:
+        pair_fits(args.repeats, bare_forward(args.repeats))
     print(f"\nloadavg at end {os.getloadavg()[0]:.2f}")
 
 

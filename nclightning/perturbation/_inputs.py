@@ -1,4 +1,6 @@
-"""Normalise the ``h0`` argument of the perturbation API to float64 class moments."""
+"""Inputs of the perturbation API (docs/science.md §2): owns turning ``h0`` (features with
+labels, ``ClassMoments`` or anything with ``moments()``) into float64 class moments, and the
+one-hot label matrix ``Y^T``."""
 
 from __future__ import annotations
 

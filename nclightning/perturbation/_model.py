@@ -127,36 +127,42 @@ class Model:
         """``(hvp, preconditioners)`` at ``W`` for :func:`._newton.minimize`."""
         st: _State = ev.ctx
         e0, _, e1 = self.multipliers(st)
+        block = self._block_preconditioner(self._pencil(e0, e1))
+        fixed_h = self._fixed_h_preconditioner(st)
+        return self.hvp(st, e0, e1), ([block, fixed_h] if block is not None else [fixed_h])
+
+    def hvp(self, st: _State, e0: Tensor, e1: Tensor):
+        """``V -> (Hessian of g at st.W) V``, ``O(K^2 d)`` per product (module docstring)."""
+        W = st.W
         b, lh, cn = self.beta, self.lh, self.c * self.N
         a0 = b * (st.w_mu - self.eye) - lh * self.eye
         rn = st.r.T * self.n
         p1 = self.eye - (st.gram + b * st.w_mu) @ st.m_inv
         mi, t = st.m_inv, st.t
 
+        g_wmu = st.gram + b * st.w_mu
+        mtm = mi @ t @ mi
+        wm = torch.cat([W, self.mu])  # [2K, d]
+        fixed = torch.cat([W, self.mu, st.ws])  # [3K, d]
+        ee = torch.cat([e0, e1], 1)  # [K, 2K]
+        K = self.K
+
         def hvp(V: Tensor) -> Tensor:
             vs = V * self.s
-            d_gram = V @ W.T
-            d_gram = d_gram + d_gram.T
-            d_wmu = self.mu @ V.T
+            vw = V @ wm.T  # [V W^T | V mu^T]
+            d_gram = vw[:, :K] + vw[:, :K].T
+            d_wmu = vw[:, K:].T
             d_t = vs @ W.T
             d_t = d_t + d_t.T
             d_mi = -mi @ d_gram @ mi
             d_rn = (b * d_wmu @ mi + a0 @ d_mi).T * self.n
-            d_p1 = -(d_gram + b * d_wmu) @ mi - (st.gram + b * st.w_mu) @ d_mi
-            d_e0 = (d_rn @ p1 + rn @ d_p1) / cn - (b * b / cn) * (
-                d_mi @ t @ mi + mi @ d_t @ mi + mi @ t @ d_mi
-            )
-            return (
-                e0 @ V
-                + e1 @ vs
-                + d_e0 @ W
-                + (b / cn) * d_rn @ self.mu
-                + (b * b / cn) * d_mi @ st.ws
-            )
+            d_p1 = -(d_gram + b * d_wmu) @ mi - g_wmu @ d_mi
+            tt = -mi @ (d_gram @ mtm)  # d_mi T M^-1; its transpose is M^-1 T d_mi
+            d_e0 = (d_rn @ p1 + rn @ d_p1) / cn - (b * b / cn) * (tt + tt.T + mi @ d_t @ mi)
+            d_all = torch.cat([d_e0, (b / cn) * d_rn, (b * b / cn) * d_mi], 1)  # [K, 3K]
+            return ee @ torch.cat([V, vs]) + d_all @ fixed
 
-        block = self._block_preconditioner(self._pencil(e0, e1))
-        fixed_h = self._fixed_h_preconditioner(st)
-        return hvp, ([block, fixed_h] if block is not None else [fixed_h])
+        return hvp
 
     def _pencil(self, e0: Tensor, e1: Tensor) -> tuple[Tensor, Tensor] | None:
         """``(C, den[K, d])`` with ``E0 + s_j E1 = C^-T diag(den[:, j]) C^-1`` (``beta > 0``)."""
@@ -190,12 +196,18 @@ class Model:
         """
         e0, _, e1 = self.multipliers(ev.ctx)
         pencil = self._pencil(e0, e1)
-        if pencil is None:
+        if pencil is None or not float(pencil[1].min()) < 0:
             return None
         c, den = pencil
-        hvp, _ = self.hessian(W, ev)
-        flat = den.flatten()
-        for idx in torch.argsort(flat)[: 2 * self.K].tolist():  # the most negative blocks first
+        tiny = 1e-8
+        empty = (W.abs().amax(0) <= tiny * float(W.abs().max())) & (
+            self.mu.abs().amax(0) <= tiny * float(self.mu.abs().max())
+        )  # [d]: coordinates of the invariant subspace
+        if not bool(empty.any()):
+            return None
+        hvp = self.hvp(ev.ctx, e0, e1)
+        flat = torch.where(empty.unsqueeze(0), den, torch.inf).flatten()
+        for idx in torch.argsort(flat)[: self.K].tolist():  # the most negative blocks first
             if not float(flat[idx]) < 0:
                 break
             k, j = divmod(idx, self.d)
@@ -232,16 +244,25 @@ class Model:
         core = torch.diag(self.N / self.n[present]) + ud @ u.T
         return x - (x @ u.T) @ torch.linalg.solve(core, ud)
 
-    def nc1_tilde(self, W: Tensor) -> float:
-        """``Tr Sigma_W(H*) / Tr Sigma_B(H*)`` (docs/science.md §1) in ``O(K^2 d)``."""
+    def features_summary(self, W: Tensor) -> tuple[float, Tensor]:
+        """``(sum_i ||h*_i - m_k||^2, means m_k [K, d])`` of ``H*(W)`` in ``O(K^2 d)``."""
         b, c = self.beta, self.c
         _, sv, vh = torch.linalg.svd(W, full_matrices=False)
         a = 1.0 / (sv.square() + c)  # A = V diag(a) V^T + (I - V V^T)/c
         v2 = vh.square()  # [r, d]
         a2_diag = (a.square().unsqueeze(1) * v2).sum(0) + (1.0 - v2.sum(0)) / (c * c)
-        tr_w = b * b * float((self.s * a2_diag).sum()) / self.N
         x = W + b * self.mu
         means = (x @ vh.T) * a @ vh + (x - (x @ vh.T) @ vh) / c
+        return b * b * float((self.s * a2_diag).sum()), means
+
+    def nc1_tilde(self, W: Tensor) -> float:
+        """``Tr Sigma_W(H*) / Tr Sigma_B(H*)`` (docs/science.md §1) in ``O(K^2 d)``."""
+        within, means = self.features_summary(W)
         mu = means[self.n > 0]
         tr_b = float((mu - mu.mean(0)).square().sum()) / mu.shape[0]
-        return tr_w / tr_b if tr_b > 0 else math.nan
+        return within / self.N / tr_b if tr_b > 0 else math.nan
+
+    def rms(self, W: Tensor) -> float:
+        """RMS feature norm of ``H*(W)``, ``sqrt((1/N) sum_i ||h*_i||^2)``."""
+        within, means = self.features_summary(W)
+        return math.sqrt((within + float((self.n * means.square().sum(1)).sum())) / self.N)

@@ -69,42 +69,113 @@ def _choose(hvp: Operator, preconds: Sequence[Operator], g: Tensor) -> tuple[Ope
     return best, len(preconds)
 
 
-def _cg(hvp: Operator, precond: Operator, g: Tensor, forcing: float, max_cg: int):
-    """Approximate solution of ``H p = -g`` by preconditioned CG: ``(p, #products)``."""
+def _cg(
+    hvp: Operator,
+    precond: Operator,
+    g: Tensor,
+    forcing: float,
+    max_cg: int,
+    small: Callable[[Tensor], bool] | None = None,
+):
+    """Approximate solution of ``H p = -g`` by preconditioned CG: ``(p, #products, small)``.
+
+    ``small(p)`` is asked once, when the residual first falls below ``0.1 |g|``: a step that is
+    already negligible then ends the solve (the convergence test of :func:`minimize` needs
+    its size, not its digits).
+    """
     p = g.new_zeros(g.shape)
     r = -g
     z = precond(r)
     d = z
     rz = _dot(r, z)
-    stop = forcing * float(g.norm())
+    g_norm = float(g.norm())
     for k in range(1, max_cg + 1):
         hd = hvp(d)
         curv = _dot(d, hd)
         if curv <= 0:  # non-positive curvature: keep what we have
-            return (z if k == 1 else p), k
+            return (z if k == 1 else p), k, False
         a = rz / curv
         p = p + a * d
         r = r - a * hd
-        if float(r.norm()) <= stop:
-            return p, k
+        r_norm = float(r.norm())
+        if small is not None and r_norm <= 0.1 * g_norm:
+            if small(p):
+                return p, k, True
+            small = None
+        if r_norm <= forcing * g_norm:
+            return p, k, False
         z = precond(r)
         rz, rz_old = _dot(r, z), rz
         d = z + (rz / rz_old) * d
-    return p, max_cg
+    return p, max_cg, False
 
 
 def _is_small(step: Tensor, x: Tensor, step_tol: float) -> bool:
     return float(step.norm()) <= step_tol * float(x.norm())
 
 
-def _direction(hessian: Hessian, x: Tensor, ev: Evaluation, forcing: float, max_cg: int):
-    """Newton-CG direction at ``x``, the chosen preconditioner and #Hessian products."""
+def _direction(hessian: Hessian, x: Tensor, ev: Evaluation, forcing: float, max_cg: int, small):
+    """Newton-CG direction at ``x``, the chosen preconditioner, #Hessian products, and whether
+    the step was found negligible (``small``) before the CG solve was complete."""
     hvp, preconds = hessian(x, ev)
     precond, used = _choose(hvp, preconds, ev.grad)
-    direction, k = _cg(hvp, precond, ev.grad, forcing, max_cg)
+    direction, k, negligible = _cg(hvp, precond, ev.grad, forcing, max_cg, small)
     if _dot(direction, ev.grad) >= 0:
         direction = -precond(ev.grad)
-    return direction, precond, used + k
+    return direction, precond, used + k, negligible
+
+
+class _Run:
+    """The state of one :func:`minimize` call and its named steps."""
+
+    def __init__(self, fun, x0: Tensor, hessian: Hessian, escape, opts: dict) -> None:
+        self.fun, self.hessian, self.escape, self.opts = fun, hessian, escape, opts
+        self.x, self.ev = x0, fun(x0)
+        self.evals, self.hvps, self.escapes = 1, 0, 0
+
+    def result(self, it: int, ok: bool, msg: str) -> NewtonResult:
+        return NewtonResult(self.x, self.ev, it, self.evals, self.hvps, ok, msg)
+
+    def newton_direction(self) -> tuple[Tensor, Operator, bool, float]:
+        """``(direction, preconditioner, negligible, forcing)`` at the current point."""
+        tol, step_tol = self.opts["tol"], self.opts["step_tol"]
+        forcing = min(0.5, math.sqrt(self.ev.rel))
+        x = self.x
+        check = (lambda p: _is_small(p, x, step_tol)) if self.ev.rel <= tol else None
+        direction, precond, used, small = _direction(
+            self.hessian, x, self.ev, forcing, self.opts["max_cg"], check
+        )
+        self.hvps += used
+        small = small or (self.ev.rel <= tol and _is_small(direction, x, step_tol))
+        return direction, precond, small, forcing
+
+    def line_step(self, direction: Tensor, precond: Operator) -> tuple[float, Tensor] | None:
+        """Take the Wolfe step along ``direction`` (else along the preconditioned gradient)."""
+        for d in (direction, None):
+            d = -precond(self.ev.grad) if d is None else d
+            step, new, used = line_search(self.fun, self.x, self.ev, d, 1.0)
+            self.evals += used
+            if new is not None:
+                self.x, self.ev = self.x + step * d, new
+                return step, d
+        return None
+
+    def leave_saddle(self) -> bool:
+        """At a stationary point: step along a negative-curvature direction, if any."""
+        if self.escape is None or self.escapes >= self.opts["max_escapes"]:
+            return False
+        v = self.escape(self.x, self.ev)
+        if v is None:
+            return False
+        self.escapes += 1
+        scale = float(self.x.norm()) / float(v.norm())
+        trials = [(t, self.fun(self.x + t * v)) for t in (scale * 10.0**-k for k in range(4))]
+        self.evals += len(trials)
+        t, new = min(trials, key=lambda tv: tv[1].f)
+        if not new.f < self.ev.f:
+            return False
+        self.x, self.ev = self.x + t * v, new
+        return True
 
 
 def minimize(
@@ -128,61 +199,28 @@ def minimize(
     the Hessian is ill-conditioned. Also converged when ``rel <= tol`` and no step decreases
     ``f`` any more (float64 floor).
     """
-    x, ev = x0, fun(x0)
-    n_evals, n_hvp = 1, 0
-    root = math.sqrt(step_tol)
-
-    escapes = 0
-
-    def done(it: int, ok: bool, msg: str) -> NewtonResult:
-        return NewtonResult(x, ev, it, n_evals, n_hvp, ok, msg)
-
-    def leave_saddle() -> bool:
-        """At a stationary point: step along a negative-curvature direction, if any."""
-        nonlocal x, ev, n_evals, escapes
-        v = escape(x, ev) if escape is not None and escapes < max_escapes else None
-        if v is None:
-            return False
-        escapes += 1
-        scale = float(x.norm()) / float(v.norm())
-        trials = [(t, fun(x + t * v)) for t in (scale * 10.0**-k for k in range(4))]
-        n_evals += len(trials)
-        t, new = min(trials, key=lambda tv: tv[1].f)
-        if not new.f < ev.f:
-            return False
-        x, ev = x + t * v, new
-        return True
-
+    opts = dict(tol=tol, step_tol=step_tol, max_cg=max_cg, max_escapes=max_escapes)
+    run, root = _Run(fun, x0, hessian, escape, opts), math.sqrt(step_tol)
     for it in range(max_iter):
-        if not (math.isfinite(ev.f) and math.isfinite(ev.rel)):
-            return done(it, False, "non-finite objective")
-        forcing = min(0.5, math.sqrt(ev.rel))
-        direction, precond, used = _direction(hessian, x, ev, forcing, max_cg)
-        n_hvp += used
-        small = _is_small(direction, x, step_tol)
-        if ev.rel <= tol and small:
-            if leave_saddle():
+        if not (math.isfinite(run.ev.f) and math.isfinite(run.ev.rel)):
+            return run.result(it, False, "non-finite objective")
+        direction, precond, small, forcing = run.newton_direction()
+        if small:
+            if run.leave_saddle():
                 continue
-            return done(it, True, "relative gradient below tol, Newton step below step_tol")
-        step, new, used = line_search(fun, x, ev, direction, 1.0)
-        n_evals += used
-        if new is None:  # retry once along the preconditioned gradient
-            direction = -precond(ev.grad)
-            step, new, used = line_search(fun, x, ev, direction, 1.0)
-            n_evals += used
-        if new is None:
-            if ev.rel <= tol:
-                return done(it, True, "relative gradient below tol at the float64 floor")
-            return done(it, False, "line search failed")
-        x, ev = x + step * direction, new
-        if ev.rel <= tol and step == 1.0 and forcing <= root and _is_small(direction, x, root):
+            return run.result(it, True, "relative gradient below tol, Newton step below step_tol")
+        rel_before = run.ev.rel
+        taken = run.line_step(direction, precond)
+        if taken is None:
+            ok = rel_before <= tol
+            msg = "relative gradient below tol at the float64 floor" if ok else "line search failed"
+            return run.result(it, ok, msg)
+        step, d = taken
+        if run.ev.rel <= tol and step == 1.0 and forcing <= root and _is_small(d, run.x, root):
             # quadratic convergence: the error left is ~ forcing |step| + |step|^2 <= step_tol
-            if leave_saddle():
+            if run.leave_saddle():
                 continue
-            return done(it + 1, True, "relative gradient below tol after a small Newton step")
-    ok = ev.rel <= tol and math.isfinite(ev.f)
-    return (
-        done(max_iter, False, f"no convergence in {max_iter} iterations")
-        if not ok
-        else done(max_iter, True, "relative gradient below tol at the iteration cap")
-    )
+            return run.result(it + 1, True, "relative gradient below tol after a small Newton step")
+    if run.ev.rel <= tol and math.isfinite(run.ev.f):
+        return run.result(max_iter, True, "relative gradient below tol at the iteration cap")
+    return run.result(max_iter, False, f"no convergence in {max_iter} iterations")

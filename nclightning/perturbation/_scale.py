@@ -11,8 +11,9 @@ therefore fixes ``s`` by a rule, and reports ``beta / lambda_H`` of the problem 
   output is invariant to rescaling ``H0``, ``H`` or both, except the measured ``||H||/||H0||``.
 * ``"total"``: ``(1/N) sum_i ||s h0_i||^2 = rho``, the mean squared feature norm of the UFM
   minimiser (every feature has norm ``sqrt(rho)``). Same invariance as ``"between"``.
-* ``"norm_ratio"``: ``s`` fitted together with ``beta`` so that ``H*`` also reproduces the
-  measured RMS norm ratio ``||H|| / ||H0||`` (so ``norm_ratio`` is fitted, not a residual).
+* ``"norm_ratio"`` (the default of ``fit_pair``, chosen by ``benchmarks/pair_normalisation.py``):
+  ``s`` fitted together with ``beta`` so that ``H*`` also reproduces the measured RMS norm
+  ratio ``||H|| / ||H0||`` (so ``norm_ratio`` is fitted, not a residual; :func:`scale_search`).
   The measured ratio changes when one layer alone is rescaled, so this fit is invariant only
   to a common rescaling of both layers.
 
@@ -22,7 +23,6 @@ therefore fixes ``s`` by a rule, and reports ``beta / lambda_H`` of the problem 
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import torch
 
@@ -95,46 +95,67 @@ def same_up_to_scale(h0: ClassMoments, h: ClassMoments, t: float, rtol: float = 
     return all(close(a, b) for a, b in pairs)
 
 
-SCALE_RANGE = (1e-3, 1e3)
+SCALE_RANGE = (1e-5, 1e3)
 """Searched ``s / s_between`` of the ``"norm_ratio"`` normalisation (grid of one per decade)."""
 
 
 def scale_search(fit_at, s0: float, ratio: float, near: float | None = None, rtol: float = 1e-6):
-    """The ``"norm_ratio"`` fit: the largest ``s`` whose fit has ``norm_ratio(H*) == ratio``.
+    """The ``"norm_ratio"`` fit: the smallest ``s`` with ``norm_ratio(H*) == ratio``.
 
-    ``fit_at(s, near) -> PairFit`` fits the coupling at the scale ``s``. ``log10(s / s0)`` is
-    scanned on the integers of ``log10(SCALE_RANGE)`` from the top (``H0`` largest relative to
-    the UFM scale) down and the first crossing is refined by regula falsi (Illinois) on
-    ``log s`` to ``rtol``. Unreachable ratio: the closest fit, ``converged=False``.
+    ``fit_at(s, near, window)`` fits the coupling at the scale ``s`` (``window``: a narrower
+    coupling range, or ``None``): an object with ``ratio``, ``coupling`` and ``converged``.
+    ``log10(s / s0)`` (``s0``: the ``"between"`` scale) is scanned on the integers of
+    ``log10(SCALE_RANGE)`` upwards: from ``H0`` small against the UFM scale, where the coupling
+    is largest and ``H*`` closest to ``H0`` (the rule of the search in ``beta``), skipping
+    scales whose coupling search did not converge. The first crossing is refined by regula
+    falsi (Illinois) on ``log s`` to ``rtol``, each coupling search there restricted to a
+    decade around the couplings at the ends of the bracket (the full range if that fails).
+    Returns ``(fit, converged, message or None)``; an unreachable ratio gives the closest fit.
     """
     lo, hi = (round(math.log10(x)) for x in SCALE_RANGE)
     fits: dict[float, object] = {}
 
-    def gap(u: float) -> float:
+    def gap(u: float, window=None) -> float:
         prev = fits[min(fits, key=lambda v: abs(v - u))].coupling if fits else near
-        fits[u] = fit_at(s0 * 10.0**u, prev if prev is not None and math.isfinite(prev) else None)
-        return math.log(fits[u].predicted["norm_ratio"] / ratio)
+        near_u = prev if prev is not None and math.isfinite(prev) else None
+        fits[u] = fit_at(s0 * 10.0**u, near_u, window)
+        return math.log(fits[u].ratio / ratio) if fits[u].converged else math.nan
 
-    a, fa = float(hi), gap(float(hi))
-    for k in range(hi - 1, lo - 1, -1):
-        b, fb = float(k), gap(float(k))
-        if fa == 0 or (fa > 0) != (fb > 0):
-            break
-        a, fa = b, fb
-    else:
-        best = min(fits.values(), key=lambda f: abs(math.log(f.predicted["norm_ratio"] / ratio)))
-        return replace(
-            best,
-            converged=False,
-            message=f"measured norm ratio {ratio:.4g} not reached for s/s_between in "
-            f"{SCALE_RANGE}: the closest fit is reported",
+    bracket = _first_crossing(gap, lo, hi)
+    if bracket is None:
+        valid = [f for f in fits.values() if f.converged] or list(fits.values())
+        best = min(valid, key=lambda f: abs(math.log(f.ratio / ratio)))
+        msg = (
+            f"measured norm ratio {ratio:.4g} not reached for s/s_between in {SCALE_RANGE}: "
+            "the closest fit is reported"
         )
+        return best, False, msg
+    a, fa, b, fb = bracket
+    ca, cb = fits[a].coupling, fits[b].coupling
+    window = (min(ca, cb) / 10, max(ca, cb) * 10)
     while fa != 0 and abs(b - a) > math.log10(1 + rtol):
         u = (a * fb - b * fa) / (fb - fa)
-        fu = gap(u)
+        fu = gap(u, window)
+        if math.isnan(fu):  # the window missed: search the full range there
+            fu = gap(u)
         if (fu > 0) == (fb > 0):
             fa *= 0.5
         else:
             a, fa = b, fb
         b, fb = u, fu
-    return fits[b if fa != 0 else a]
+    return fits[b if fa != 0 else a], True, None
+
+
+def _first_crossing(gap, lo: int, hi: int):
+    """``(a, gap(a), b, gap(b))`` around the first sign change of ``gap`` on ``lo, ..., hi``."""
+    prev = None
+    for k in range(lo, hi + 1):
+        g = gap(float(k))
+        if math.isnan(g):
+            continue
+        if g == 0:
+            return float(k), g, float(k), g
+        if prev is not None and (prev[1] > 0) != (g > 0):
+            return prev[0], prev[1], float(k), g
+        prev = (float(k), g)
+    return None

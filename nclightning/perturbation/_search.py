@@ -15,12 +15,14 @@ Owns the root search shared by :func:`~nclightning.perturbation.fit_beta` and
   evaluations, never changes which bracket is refined, so the root is the same to ``rtol``.
 
 **Local-minimum guard.** Eq. 2 is not convex; a chain of warm starts along ``beta`` can stay on
-a branch of local minima after it stopped being global. Every grid point is solved from the
-previous grid point's solution *and* from the ridge start; every refinement point from the
-solutions at both ends of the current bracket; the lowest objective is kept (``branches``
-counts the points where the starts disagreed). Where two branches exchange global
-optimality inside the bracket the metric of the global minimiser jumps: the search then ends
-at the jump and reports it (``jump``) instead of a root.
+a branch of local minima after it stopped being global. The scan warm-starts each grid point
+from the previous one; the two grid points that bracket the first crossing are then solved
+again from the ridge start, and if either finds a lower minimum the whole scan is repeated
+with both starts at every grid point (the lower objective kept; ``Solver.branches`` counts
+the points where the starts disagreed). Refinement points start from the nearer end of the
+bracket, and the root is checked once more against a ridge start. Where two branches
+exchange global optimality inside the bracket the metric of the global minimiser jumps: the
+search then ends at the jump and reports it (``jump``) instead of a root.
 """
 
 from __future__ import annotations
@@ -40,6 +42,12 @@ __all__ = ["Point", "RootSearch", "Solver"]
 
 Metric = Callable[[Model, Tensor], float]
 
+LOOSE_STEP = 1e-4
+"""Newton step (relative to ``|W|``) that ends a loose solve: the metric is then right to about
+that relative accuracy (a small gradient alone does not say it, see ``._newton``)."""
+CLOSE = 0.02
+"""A loose point within this relative distance of the target is solved again to ``tol``."""
+
 
 @dataclass
 class Point:
@@ -50,6 +58,7 @@ class Point:
     model: Model
     result: NewtonResult
     cold: bool  # whether the ridge start was among the starts
+    loose: bool = False  # solved to LOOSE_TOL only
 
     @property
     def W(self) -> Tensor:  # eigenbasis
@@ -66,15 +75,31 @@ class Solver:
         self.points: list[Point] = []
         self.branches = 0
 
-    def at(self, beta: float, starts: list[Tensor | None]) -> Point:
-        """Solve at ``beta`` from every start (``None``: ridge); keep the lowest objective."""
+    def predict(self, beta: float, prev: Point, before: Point | None) -> Tensor:
+        """Warm start at ``beta``: ``prev``'s minimiser or its secant extrapolation in
+        ``log beta`` through ``before``'s, whichever has the lower objective at ``beta``."""
+        if before is None:
+            return prev.W
+        t = math.log(beta / prev.beta) / math.log(prev.beta / before.beta)
+        guess = prev.W + t * (prev.W - before.W)
         model = Model(self.spec, self.lw, self.lh, beta)
-        runs = [minimize_model(model, w, tol=self.tol, max_iter=200) for w in starts]
+        return guess if model.evaluate(guess).f < model.evaluate(prev.W).f else prev.W
+
+    def at(self, beta: float, starts: list[Tensor | None], loose: bool = False) -> Point:
+        """Solve at ``beta`` from every start (``None``: ridge); keep the lowest objective.
+
+        ``loose``: to a Newton step of :data:`LOOSE_STEP` only, enough for the side of a target
+        farther than :data:`CLOSE`, or to compare objectives (their error is quadratic).
+        """
+        model = Model(self.spec, self.lw, self.lh, beta)
+        kw = dict(tol=max(self.tol, 1e-6), step_tol=LOOSE_STEP) if loose else dict(tol=self.tol)
+        runs = [minimize_model(model, w, max_iter=200, **kw) for w in starts]
         best = min(runs, key=lambda r: (not r.converged, r.evaluation.f))
         fs = [r.evaluation.f for r in runs if r.converged]
         if fs and max(fs) - min(fs) > 1e-10 * abs(min(fs)):
             self.branches += 1
-        point = Point(beta, self.metric(model, best.x), model, best, any(w is None for w in starts))
+        cold = any(w is None for w in starts)
+        point = Point(beta, self.metric(model, best.x), model, best, cold, loose)
         if not math.isfinite(point.value):
             raise ValueError(f"the fitted metric is not finite at beta={beta:g} ({point.value})")
         self.points.append(point)
@@ -116,7 +141,8 @@ class RootSearch:
             self.point = lower if upper is None else self._refine(solver, lower, upper, near)
             if not self._agree_with_cold(solver, (self.point,)):
                 # the refined branch is not the global one at the root: report the global one
-                self.point, self.jump = solver.points[-1], True
+                self.point = solver.at(self.point.beta, [solver.points[-1].W])
+                self.jump = True
         self.history = [(p.beta, p.value) for p in solver.points]
         return self
 
@@ -130,24 +156,36 @@ class RootSearch:
         ``(None, None)`` when no grid point crosses (``self.point``: the closest one).
         """
         prev: Point | None = None
+        before: Point | None = None
         for beta in self.grid():
-            starts = [None] if prev is None else [prev.W, None] if guard else [prev.W]
-            p = solver.at(beta, starts)
+            warm = None if prev is None else solver.predict(beta, prev, before)
+            starts = [None] if prev is None else [warm, None] if guard else [warm]
+            p = self._tight(solver, solver.at(beta, starts, loose=not guard))
             if p.value == self.target:
                 return None, p
             if prev is not None and self._side(p) != self._side(prev):
-                return prev, p
-            prev = p
+                return self._tight(solver, prev, force=True), self._tight(solver, p, force=True)
+            prev, before = p, prev
         self.point = min(solver.points, key=lambda q: abs(q.value - self.target))
         return None, None
 
+    def _tight(self, solver: Solver, p: Point, force: bool = False) -> Point:
+        """``p`` solved to ``tol`` if it was loose and close to the target (or ``force``)."""
+        if p.loose and (force or abs(p.value - self.target) <= CLOSE * abs(self.target)):
+            return solver.at(p.beta, [p.W])
+        return p
+
     def _agree_with_cold(self, solver: Solver, points) -> bool:
-        """Whether ridge starts at ``points`` find no lower minimum (the guard)."""
+        """Whether ridge starts at ``points`` find no lower minimum (the guard).
+
+        The ridge runs are loose: the objective's error is second order in the gradient's,
+        far below the ``1e-9`` relative margin that counts as a lower minimum.
+        """
         for p in points:
             if p is None or p.cold:
                 continue
-            q = solver.at(p.beta, [None])
-            if q.result.evaluation.f < p.result.evaluation.f - 1e-10 * abs(p.result.evaluation.f):
+            q = solver.at(p.beta, [None], loose=True)
+            if q.result.evaluation.f < p.result.evaluation.f - 1e-9 * abs(p.result.evaluation.f):
                 return False
         return True
 
@@ -172,7 +210,8 @@ class RootSearch:
                 d, trial = trial - xb, None
             a = b
             step = d if abs(d) > xtol else math.copysign(xtol, xm)
-            b = solver.at(math.exp(xb + step), [b.W, c.W])
+            x = xb + step  # warm start from the nearer end of the bracket
+            b = solver.at(math.exp(x), [min((b, c), key=lambda p: abs(math.log(p.beta) - x)).W])
             f[id(b)] = b.value - self.target
         self.bracket = (min(b.beta, c.beta), max(b.beta, c.beta))
         tol = 1e-6 * abs(self.target)

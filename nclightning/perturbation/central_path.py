@@ -1,5 +1,8 @@
 """Central path of the UFM and its gradient flow (docs/science.md §3, Eq. 4, Theorem 3.1).
 
+Owns :func:`central_path_loss`, :func:`optimal_classifier` and :func:`central_path_flow` on raw
+features (the paper's small sizes; the traces of the trajectory come from ``ClassMoments``).
+
 Features are rows ``H[N, d]``. ``L(H) = f(W*(H), H; 0)`` is Eq. 2 with ``beta = 0`` and ``W``
 at its closed form ``W*(H) = Y H^T (H H^T + (N lambda_W / K) I)^-1`` (docs/science.md §2; rows:
 ``W* = S (H^T H + N lambda_W/K I)^-1`` with ``S[K, d]`` the class sums). The flow
@@ -17,7 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from nclightning.metrics import ClassMoments
 from nclightning.perturbation._inputs import one_hot
+from nclightning.perturbation._scale import between_energy
 
 __all__ = ["FlowTrajectory", "central_path_flow", "central_path_loss", "optimal_classifier"]
 
@@ -29,15 +34,20 @@ def _prepare(H: Tensor, labels: Tensor, num_classes: int | None) -> tuple[Tensor
     return one_hot(labels.to(device=H.device, dtype=torch.long), K).to(H.dtype), K
 
 
+def _ridge(H: Tensor, y: Tensor, lambda_W: float) -> Tensor:
+    """``W*(H) = S (H^T H + N lambda_W/K I)^-1`` for rows ``H[N, d]``, one-hot ``y[N, K]``."""
+    N, K = y.shape
+    g = H.T @ H
+    g.diagonal().add_(N * lambda_W / K)
+    return torch.linalg.solve(g, H.T @ y).T  # (S G^-1)^T = G^-1 S^T, G symmetric
+
+
 def optimal_classifier(
     H: Tensor, labels: Tensor, lambda_W: float, num_classes: int | None = None
 ) -> Tensor:
     """``W*(H) [K, d]``, the minimiser of Eq. 2 over ``W`` for features ``H[N, d]`` (§2)."""
-    y, K = _prepare(H, labels, num_classes)
-    N = H.shape[0]
-    g = H.T @ H
-    g.diagonal().add_(N * lambda_W / K)
-    return torch.linalg.solve(g, H.T @ y).T  # (S G^-1)^T = G^-1 S^T, G symmetric
+    y, _ = _prepare(H, labels, num_classes)
+    return _ridge(H, y, lambda_W)
 
 
 def central_path_loss(
@@ -46,7 +56,7 @@ def central_path_loss(
     """``L(H) = f(W*(H), H; 0)`` (docs/science.md §3) as a differentiable 0-dim tensor."""
     y, K = _prepare(H, labels, num_classes)
     N = H.shape[0]
-    W = optimal_classifier(H, labels, lambda_W, K)
+    W = _ridge(H, y, lambda_W)
     return (
         (H @ W.T - y).square().sum() / (2 * N)
         + lambda_W / (2 * K) * W.square().sum()
@@ -94,14 +104,42 @@ _E = (  # 5th-order minus embedded 4th-order weights
 
 
 def _traces(H: Tensor, labels: Tensor, K: int) -> tuple[float, float]:
-    counts = torch.bincount(labels, minlength=K).to(H.dtype)
-    present = counts > 0
-    means = torch.zeros(K, H.shape[1], dtype=H.dtype, device=H.device).index_add_(0, labels, H)
-    means = means / counts.clamp_min(1).unsqueeze(1)
-    tr_sw = float((H - means[labels]).square().sum()) / H.shape[0]
-    mu = means[present]
-    tr_sb = float((mu - mu.mean(0)).square().sum()) / mu.shape[0]
-    return tr_sw, tr_sb
+    """``(Tr Sigma_W, Tr Sigma_B)`` of ``H`` (docs/science.md §1, through ``ClassMoments``)."""
+    m = ClassMoments.from_features(H, labels, K)
+    return float(m.class_ss.sum()) / m.total, between_energy(m)
+
+
+def _dopri_step(rhs, H: Tensor, k1: Tensor, step: float) -> tuple[Tensor, Tensor, Tensor]:
+    """One Dormand-Prince 5(4) step: ``(5th-order solution, its slope (FSAL), error)``."""
+    ks = [k1]
+    for i in range(1, 7):
+        xi = H + step * sum(a * k for a, k in zip(_A[i], ks) if a != 0.0)
+        ks.append(rhs(xi))
+    err = step * sum(e * k for e, k in zip(_E, ks) if e != 0.0)
+    return xi, ks[6], err  # stage 7 evaluates at the 5th-order solution
+
+
+def _integrate_to(rhs, state: dict, target: float, rtol: float, atol: float, max_steps: int):
+    """Advance ``state`` (``H``, ``k1``, ``t``, ``h``, counts) to ``t = target`` exactly."""
+    while state["t"] < target:
+        if state["steps"] + state["rejected"] >= max_steps:
+            raise RuntimeError(f"central_path_flow: more than {max_steps} steps")
+        h = state["h"]
+        step = min(h, target - state["t"])
+        clipped = step < h
+        H_new, k_new, err = _dopri_step(rhs, state["H"], state["k1"], step)
+        scale = atol + rtol * torch.maximum(state["H"].abs(), H_new.abs())
+        e = float((err / scale).square().mean().sqrt())
+        factor = min(5.0, max(0.2, 0.9 * max(e, 1e-10) ** -0.2))
+        if e <= 1.0:
+            state.update(H=H_new, k1=k_new, t=target if clipped else state["t"] + step)
+            state["steps"] += 1
+            state["h"] = max(h, step * factor) if clipped else step * factor
+        else:
+            state["rejected"] += 1
+            state["h"] = step * factor
+        if not math.isfinite(state["h"]) or state["h"] <= 0:
+            raise RuntimeError("central_path_flow: step size collapsed")
 
 
 def central_path_flow(
@@ -130,12 +168,9 @@ def central_path_flow(
     H = H0.detach().to(torch.float64).clone()
     y_labels = labels.to(device=H.device, dtype=torch.long)
     y, K = _prepare(H, y_labels, num_classes)
-    N, d = H.shape
-    ridge = N * lambda_W / K
-    eye = torch.eye(d, dtype=H.dtype, device=H.device)
 
     def rhs(x: Tensor) -> Tensor:
-        W = torch.linalg.solve(x.T @ x + ridge * eye, x.T @ y).T
+        W = _ridge(x, y, lambda_W)
         return -((x @ W.T - y) @ W + lambda_H * x)
 
     if t_eval is None:
@@ -143,41 +178,17 @@ def central_path_flow(
     times = [float(t) for t in t_eval]
     if any(b <= a for a, b in itertools.pairwise(times)) or times[0] < 0:
         raise ValueError("t_eval must be increasing and non-negative")
-
-    out_h, sw, sb = [], [], []
-    t, steps, rejected = 0.0, 0, 0
     k1 = rhs(H)
     h = 0.01 * max(float(H.norm()), 1e-12) / max(float(k1.norm()), 1e-300)
+    state = dict(H=H, k1=k1, t=0.0, h=h, steps=0, rejected=0)
+    out_h, sw, sb = [], [], []
     for target in times:
-        while t < target:
-            if steps + rejected >= max_steps:
-                raise RuntimeError(f"central_path_flow: more than {max_steps} steps")
-            step = min(h, target - t)
-            clipped = step < h
-            ks = [k1]
-            for i in range(1, 7):
-                xi = H + step * sum(a * k for a, k in zip(_A[i], ks) if a != 0.0)
-                ks.append(rhs(xi))
-            H_new = xi  # stage 7 evaluates at the 5th-order solution (FSAL)
-            err = step * sum(e * k for e, k in zip(_E, ks) if e != 0.0)
-            scale = atol + rtol * torch.maximum(H.abs(), H_new.abs())
-            e = float((err / scale).square().mean().sqrt())
-            factor = min(5.0, max(0.2, 0.9 * max(e, 1e-10) ** -0.2))
-            if e <= 1.0:
-                t = target if clipped else t + step
-                H, k1 = H_new, ks[6]
-                steps += 1
-                h = max(h, step * factor) if clipped else step * factor
-            else:
-                rejected += 1
-                h = step * factor
-            if not math.isfinite(h) or h <= 0:
-                raise RuntimeError("central_path_flow: step size collapsed")
-        a, b = _traces(H, y_labels, K)
+        _integrate_to(rhs, state, target, rtol, atol, max_steps)
+        a, b = _traces(state["H"], y_labels, K)
         sw.append(a)
         sb.append(b)
         if keep_features:
-            out_h.append(H.clone())
+            out_h.append(state["H"].clone())
     sw_t = torch.tensor(sw, dtype=torch.float64)
     sb_t = torch.tensor(sb, dtype=torch.float64)
     return FlowTrajectory(
@@ -186,6 +197,6 @@ def central_path_flow(
         tr_sw=sw_t,
         tr_sb=sb_t,
         H=torch.stack(out_h) if keep_features else None,
-        steps=steps,
-        rejected=rejected,
+        steps=state["steps"],
+        rejected=state["rejected"],
     )

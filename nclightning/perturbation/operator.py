@@ -1,5 +1,7 @@
 """Linearised perturbation operator F (docs/science.md §5, Theorems 4.1 and 4.2, Eq. 5).
 
+Owns :func:`perturbation_operator` (exact and Eq. 5), its blocks and the Theorem 4.2 table.
+
 Paper convention: ``H`` is ``d x N``, ``vec`` stacks columns, samples are ordered class by
 class (labels ``0..K-1``, stable within a class), ``vec(W)`` stacks the columns of ``W[K, d]``.
 With features as rows (``H[N, d]``) ``vec(H)`` is simply ``H.reshape(-1)`` once the rows are

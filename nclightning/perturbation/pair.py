@@ -57,7 +57,8 @@ __all__ = [
     "fit_pair",
 ]
 
-DEFAULT_NORMALIZATION = "between"
+DEFAULT_NORMALIZATION = "norm_ratio"
+"""Measured best by ``benchmarks/pair_normalisation.py`` (docs/science.md §7)."""
 PERTURBATIVE_FACTOR = 10.0
 STATUS_CODES = {"fitted": 0, "not_more_collapsed": 1, "identical": 2}
 RESIDUAL_KEYS = ("nc1", "nc2_etf", "nc2_equinorm", "nc3", "cdnv", "norm_ratio")
@@ -213,60 +214,96 @@ def fit_pair(
         return _limit("identical", m0, normalization, **args)
     if not target < metrics_from_moments(m0)["nc1_tilde"]:
         return _limit("not_more_collapsed", m0, normalization, **args)
-    search = dict(coupling_range=(lo, hi), ppd=points_per_decade, rtol=rtol, tol=tol, **args)
+    opts = dict(lambda_W=lambda_W, lambda_H=lambda_H, target=target, coupling_range=(lo, hi))
+    opts.update(ppd=points_per_decade, rtol=rtol, tol=tol)
     base = Spectrum.of(m0)
     if normalization == "norm_ratio":
         s0 = fixed_scale(m0, "between", lambda_W, lambda_H)
 
-        def at_scale(s: float, near_s: float | None) -> PairFit:
-            return _fit_at_scale(base, s, "norm_ratio", near=near_s, **search)
+        def at_scale(s: float, near_s: float | None, window) -> _AtScale:
+            kw = opts if window is None else {**opts, "coupling_range": window}
+            return _search_at_scale(base, s, near=near_s, **kw)
 
-        return scale_search(at_scale, s0, measured["norm_ratio"], near)
-    s = fixed_scale(m0, normalization, lambda_W, lambda_H)
-    return _fit_at_scale(base, s, normalization, near=near, **search)
+        found, converged, note = scale_search(at_scale, s0, measured["norm_ratio"], near)
+    else:
+        s = fixed_scale(m0, normalization, lambda_W, lambda_H)
+        found, converged, note = _search_at_scale(base, s, near=near, **opts), True, None
+    return _pair_fit(found, normalization, weight, measured, converged, note)
 
 
-def _fit_at_scale(
+@dataclass
+class _AtScale:
+    """The coupling search at one scale ``s`` of ``H0`` (before the moments of ``H*``)."""
+
+    s: float
+    search: RootSearch
+    solver: Solver
+    lambda_H: float
+    ratio: float  # RMS ||H*|| / ||s H0||
+
+    @property
+    def coupling(self) -> float:
+        return self.search.point.beta / self.lambda_H
+
+    @property
+    def converged(self) -> bool:
+        return self.search.reachable and not self.search.jump
+
+
+def _search_at_scale(
     base: Spectrum,
     s: float,
-    normalization: str,
     *,
     lambda_W: float,
     lambda_H: float,
-    weight: Tensor | None,
-    measured: dict[str, float],
+    target: float,
     coupling_range: tuple[float, float],
     near: float | None,
     ppd: float,
     rtol: float,
     tol: float,
-) -> PairFit:
-    """The search at the fixed scale ``s`` and the comparison of ``H*`` with ``H``."""
+) -> _AtScale:
+    """The search for the coupling reproducing ``nc1_tilde(H) = target`` for ``s H0``."""
     spec = base.scaled(s)
     solver = Solver(spec, lambda_W, lambda_H, metric_of("nc1_tilde"), tol)
     lo, hi = (lambda_H * c for c in coupling_range)
-    search = RootSearch(measured["nc1_tilde"], lo, hi, ppd, rtol)
+    search = RootSearch(target, lo, hi, ppd, rtol)
     search.find(solver, None if near is None else lambda_H * near)
     p = search.point
+    ratio = p.model.rms(p.W) / (s * rms_norm(base.moments))
+    return _AtScale(s, search, solver, lambda_H, ratio)
+
+
+def _pair_fit(
+    found: _AtScale,
+    normalization: str,
+    weight: Tensor | None,
+    measured: dict[str, float],
+    converged: bool,
+    note: str | None,
+) -> PairFit:
+    """The comparison of ``H*`` with ``H`` at the found coupling (moments of ``H*``)."""
+    p, lh = found.search.point, found.lambda_H
     res = result_of(p.model, p.result)
-    predicted = _metrics(res.moments, res.W if weight is not None else None, 1.0)
-    predicted["norm_ratio"] = rms_norm(res.moments) / (s * rms_norm(base.moments))
-    message = search_message(search, "nc1_tilde")
-    if solver.branches:
-        message += f"; {solver.branches} evaluation(s) where two starts reached different minima"
+    predicted = _metrics(res.moments, res.W if weight is not None else None, found.ratio)
+    message = note or search_message(found.search, "nc1_tilde")
+    if found.solver.branches:
+        message += (
+            f"; {found.solver.branches} evaluation(s) where two starts reached different minima"
+        )
     return PairFit(
         status="fitted",
-        coupling=p.beta / lambda_H,
+        coupling=p.beta / lh,
         beta=p.beta,
-        scale=s,
+        scale=found.s,
         normalization=normalization,
-        perturbative=p.beta >= PERTURBATIVE_FACTOR * max(1.0, lambda_H),
+        perturbative=p.beta >= PERTURBATIVE_FACTOR * max(1.0, lh),
         predicted=predicted,
         measured=measured,
         residuals=_residuals(predicted, measured, _fitted(normalization)),
         objective=res.objective,
         grad_norm=res.grad_norm,
-        converged=search.reachable and not search.jump and res.converged,
+        converged=converged and found.converged and res.converged,
         message=message,
         solve=res,
     )

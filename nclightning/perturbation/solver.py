@@ -125,11 +125,19 @@ def objective(
     ) / (2 * N) + lambda_W / (2 * K) * W.square().sum()
 
 
-def minimize_model(model: Model, init: Tensor | None, *, tol: float, max_iter: int):
-    """Newton from ``init`` (eigenbasis ``[K, d]``) or the ridge start: a NewtonResult."""
+def minimize_model(
+    model: Model, init: Tensor | None, *, tol: float, max_iter: int, step_tol: float = 1e-8
+) -> NewtonResult:
+    """Newton from ``init`` (eigenbasis ``[K, d]``) or the ridge start (:mod:`._newton`)."""
     W0 = model.initial() if init is None else init
     return minimize(
-        model.evaluate, W0, hessian=model.hessian, tol=tol, max_iter=max_iter, escape=model.escape
+        model.evaluate,
+        W0,
+        hessian=model.hessian,
+        tol=tol,
+        max_iter=max_iter,
+        step_tol=step_tol,
+        escape=model.escape,
     )
 
 

@@ -1,6 +1,7 @@
 """Global minimisers of the unconstrained features model (docs/science.md §4, Theorem 2.1).
 
-The UFM is Eq. 2 with ``beta = 0`` (``H0`` irrelevant), balanced classes ``N = K n``.
+Owns :func:`ufm_minimizer`. The UFM is Eq. 2 with ``beta = 0`` (``H0`` irrelevant), balanced
+classes ``N = K n``; its scale ``rho`` is :func:`~nclightning.perturbation.ufm_scale`.
 """
 
 from __future__ import annotations

@@ -141,14 +141,19 @@ def test_norm_ratio_normalisation_is_free_of_a_common_rescaling(ref):
     assert moved.predicted["norm_ratio"] == pytest.approx(0.8, rel=1e-5)
 
 
-@pytest.mark.parametrize("case", ["balanced", "padded"])
-def test_matches_dense_reference_at_the_fitted_coupling(ref, case):
+@pytest.mark.parametrize(
+    ("case", "normalization"),
+    [("balanced", "total"), ("padded", "total"), ("padded", "norm_ratio")],
+)
+def test_matches_dense_reference_at_the_fitted_coupling(ref, case, normalization):
     """Objective and every predicted metric against L-BFGS + Newton over (W, H) on raw features."""
     h0, h, labels, m0, m = pair(ref, case)
+    t = 0.9 * rms(m0) / rms(m)  # an H with a norm ratio the model reaches
+    h, m = t * h, moments_times(m, t)
     K = m.num_classes
     W_net = torch.randn(K, m.dim, generator=torch.Generator().manual_seed(5)).double()
-    fit = fit_pair(m0, m, lambda_W=LW, lambda_H=LH, weight=W_net)
-    assert fit.status == "fitted" and fit.converged
+    fit = fit_pair(m0, m, lambda_W=LW, lambda_H=LH, weight=W_net, normalization=normalization)
+    assert fit.status == "fitted" and fit.converged, fit.message
     x0 = fit.scale * h0
     f_ref, W, H = ref.dense_minimize(x0, labels, K, LW, LH, fit.beta, seeds=(11, 12, 13))
     assert fit.objective <= f_ref * (1 + 1e-10)  # no worse than the best dense start
@@ -159,29 +164,41 @@ def test_matches_dense_reference_at_the_fitted_coupling(ref, case):
     dense["norm_ratio"] = float(H.square().sum(1).mean().sqrt() / x0.square().sum(1).mean().sqrt())
     for key in ("nc1", "nc1_tilde", "cdnv", "nc2_etf", "nc2_equinorm", "nc3", "norm_ratio"):
         assert fit.predicted[key] == pytest.approx(dense[key], rel=1e-6), key
-    # the fitted metric reproduces H's; the residuals are log10(predicted / measured of H)
+    # the fitted metrics reproduce H's; the residuals are log10(predicted / measured of H)
     measured = metrics_from_moments(ClassMoments.from_features(h, labels), weight=W_net)
+    measured["norm_ratio"] = float(
+        h.square().sum(1).mean().sqrt() / h0.square().sum(1).mean().sqrt()
+    )
     assert dense["nc1_tilde"] == pytest.approx(measured["nc1_tilde"], rel=1e-7)
-    for key in ("nc1", "cdnv", "nc2_etf", "nc2_equinorm", "nc3"):
+    fitted = ("norm_ratio",) if normalization == "norm_ratio" else ()
+    if fitted:
+        assert dense["norm_ratio"] == pytest.approx(measured["norm_ratio"], rel=1e-5)
+    for key in set(RESIDUAL_KEYS) - set(fitted):
         assert fit.residuals[key] == pytest.approx(math.log10(dense[key] / measured[key]), abs=1e-6)
+    assert set(fit.residuals) == set(RESIDUAL_KEYS) - set(fitted)
     assert fit.perturbative == (fit.beta >= PERTURBATIVE_FACTOR * max(1, LH))
     assert fit.coupling == pytest.approx(fit.beta / LH, rel=1e-15)
 
 
-def test_identical_layers(ref):
+@pytest.mark.parametrize("normalization", ["total", "norm_ratio"])
+def test_identical_layers(ref, normalization):
     """H0 == H (or H = t H0): beta = inf fits exactly; residuals 0, no NaN, no exception."""
     _, _, _, m0, _ = pair(ref, "imbalanced")
     W = torch.randn(m0.num_classes, m0.dim, generator=torch.Generator().manual_seed(2)).double()
+    kw = dict(lambda_W=LW, lambda_H=LH, weight=W, normalization=normalization)
     for t in (1.0, 5.0):
-        fit = fit_pair(m0, moments_times(m0, t), lambda_W=LW, lambda_H=LH, weight=W)
+        fit = fit_pair(m0, moments_times(m0, t), **kw)
         assert fit.status == "identical" and STATUS_CODES[fit.status] == 2
         assert fit.coupling == math.inf and fit.beta == math.inf and fit.solve is None
         assert fit.converged and fit.perturbative
         for key in ("nc1", "nc2_etf", "nc2_equinorm", "cdnv"):
             assert fit.residuals[key] == pytest.approx(0.0, abs=1e-12), key
-        assert fit.residuals["norm_ratio"] == pytest.approx(math.log10(1 / t), abs=1e-12)
         assert all(math.isfinite(v) for v in fit.residuals.values())
-        assert set(RESIDUAL_KEYS) == set(fit.residuals)  # nc3 too: the model's ridge W vs W
+        if normalization == "norm_ratio":  # fitted: no residual
+            assert set(fit.residuals) == set(RESIDUAL_KEYS) - {"norm_ratio"}
+        else:  # nc3 too: the model's ridge classifier against W
+            assert set(fit.residuals) == set(RESIDUAL_KEYS)
+            assert fit.residuals["norm_ratio"] == pytest.approx(math.log10(1 / t), abs=1e-12)
 
 
 def test_less_collapsed_layer_is_a_status_not_a_failure(ref):

@@ -176,3 +176,46 @@ def test_streaming_class_statistics_input(ref):
     assert torch.allclose(res.W, raw.W, atol=1e-10)
     for key in ("nc1", "nc1_tilde", "cdnv", "nc2_etf", "nc3"):
         assert res.metrics[key] == pytest.approx(raw.metrics[key], rel=1e-9), key
+
+
+@pytest.mark.parametrize("beta", [5e-5, 5e-4, 5e-3, 0.5])
+def test_predicted_metrics_converge_at_the_default_tolerance(ref, beta):
+    """Every metric of H* at the default tol (cold and warm-started) agrees to <= 1e-7 with a
+    solve at the float64 floor; the sensitive ones (nc1, nc2_etf) included. lambda = 5e-4 and
+    H0 at the UFM scale make beta / lambda_H span the strongly collapsing regime."""
+    h0, labels = ref.random_features(11, [12, 9, 15, 10], 10, within=0.7)
+    m = ClassMoments.from_features(h0, labels, per_class_scatter=True)
+    s = math.sqrt((1 - 5e-4) * 0.75 / float(m.sigma_b.trace()))  # Tr Sigma_B(s H0) = rho (K-1)/K
+    m = ClassMoments(
+        counts=m.counts,
+        means=s * m.means,
+        scatter=s * s * m.scatter,
+        class_ss=s * s * m.class_ss,
+        class_scatter=s * s * m.class_scatter,
+    )
+    kw = dict(lambda_W=5e-4, lambda_H=5e-4)
+    exact = solve(m, beta=beta, tol=1e-15, warn=False, **kw)
+    warm_start = solve(m, beta=3 * beta, **kw).W  # a nearby solution: small gradient, far W
+    for res in (solve(m, beta=beta, **kw), solve(m, beta=beta, init=warm_start, **kw)):
+        assert res.converged
+        for key in ("nc1", "nc1_tilde", "cdnv", "nc2_etf", "nc2_equinorm", "nc3"):
+            assert res.metrics[key] == pytest.approx(exact.metrics[key], rel=1e-7), key
+
+
+def test_a_small_gradient_alone_does_not_fix_the_metrics(ref):
+    """Negative control for the test above: stopping on the relative gradient only (no bound on
+    the Newton step) leaves nc1 of H* off by far more than 1e-7 after a warm start."""
+    from nclightning.perturbation._model import Model
+    from nclightning.perturbation._spectral import Spectrum
+    from nclightning.perturbation.solver import minimize_model, result_of
+
+    h0, labels = ref.random_features(11, [12, 9, 15, 10], 10, within=0.7)
+    m = ClassMoments.from_features(h0, labels)
+    spec = Spectrum.of(m).scaled(math.sqrt((1 - 5e-4) * 0.75 / float(m.sigma_b.trace())))
+    model = Model(spec, 5e-4, 5e-4, 5e-4)
+    warm = minimize_model(Model(spec, 5e-4, 5e-4, 1.5e-3), None, tol=1e-10, max_iter=200).x
+    loose = minimize_model(model, warm, tol=1e-10, max_iter=200, step_tol=math.inf)
+    tight = minimize_model(model, warm, tol=1e-10, max_iter=200)
+    assert loose.converged and loose.evaluation.rel <= 1e-10
+    nc1_loose, nc1_tight = (result_of(model, r).metrics["nc1"] for r in (loose, tight))
+    assert abs(nc1_loose / nc1_tight - 1) > 1e-6

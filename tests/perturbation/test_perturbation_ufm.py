@@ -43,21 +43,19 @@ def test_theorem_2_1_minimiser_structure(ref, lambda_H, seed):
     assert torch.allclose(W, math.sqrt(lambda_H / LAMBDA_W) * hbar, atol=1e-14)
 
 
+def _dense_ufm(ref, labels, K, n, d, lambda_H, seeds):
+    """Dense minimisation of the UFM (Eq. 2 with beta = 0; H0 plays no part)."""
+    h0 = torch.zeros(K * n, d, dtype=torch.float64)
+    return ref.dense_minimize(h0, labels, K, LAMBDA_W, lambda_H, 0.0, seeds=seeds)
+
+
 @pytest.mark.parametrize("lambda_H", [0.1, 0.6])
 def test_theorem_2_1_global(ref, lambda_H):
     """No local minimisation from random starts finds a lower UFM objective."""
     K, d, n = 3, 4, 3
     W, H, labels = ufm_minimizer(K, d, n, LAMBDA_W, lambda_H, seed=0)
     _, f_star = _grad_norm(ref, W, H, labels, K, LAMBDA_W, lambda_H)
-    f_dense, _, _ = ref.dense_minimize(
-        torch.zeros(K * n, d, dtype=torch.float64),
-        labels,
-        K,
-        LAMBDA_W,
-        lambda_H,
-        0.0,
-        seeds=(1, 2, 3),
-    )
+    f_dense, _, _ = _dense_ufm(ref, labels, K, n, d, lambda_H, seeds=(1, 2, 3))
     assert f_dense >= f_star - 1e-12
     assert f_dense == pytest.approx(f_star, rel=1e-9)
 
@@ -70,15 +68,7 @@ def test_theorem_2_1_zero_when_c_above_one(ref, lambda_H):
     assert not W.any() and not H.any()
     gnorm, f = _grad_norm(ref, W, H, labels, K, LAMBDA_W, lambda_H)
     assert gnorm <= 1e-12 and f == pytest.approx(0.5)
-    f_dense, W_d, H_d = ref.dense_minimize(
-        torch.zeros(K * n, d, dtype=torch.float64),
-        labels,
-        K,
-        LAMBDA_W,
-        lambda_H,
-        0.0,
-        seeds=(4, 5),
-    )
+    f_dense, W_d, H_d = _dense_ufm(ref, labels, K, n, d, lambda_H, seeds=(4, 5))
     assert f_dense == pytest.approx(0.5, rel=1e-10)
     assert float(W_d.abs().max()) < 1e-6 and float(H_d.abs().max()) < 1e-6
 
