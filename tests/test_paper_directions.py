@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from nclightning.cli import main
+from nclightning.record.keys import accuracy_key, layer_key
 
 pytestmark = pytest.mark.slow
 
@@ -52,13 +53,13 @@ def test_fig2_nc1_of_the_deepest_features_decreases_as_layers_are_added(tmp_path
     rows = _rows(tmp_path / "runs" / "layerwise_mlp_digits")
     stage_end = {}  # depth -> last probe at that depth
     for r in rows:
-        if r.get("nc/train/deepest/nc1"):
+        if r.get(layer_key("train", "deepest", "nc1")):
             stage_end[int(float(r["depth"]))] = r
     assert sorted(stage_end) == [1, 2, 3, 4, 5, 6]
     for metric in ("nc1", "nc1_tilde"):
-        values = [float(stage_end[d][f"nc/train/deepest/{metric}"]) for d in range(1, 7)]
+        values = [float(stage_end[d][layer_key("train", "deepest", metric)]) for d in range(1, 7)]
         assert all(b < a for a, b in pairwise(values)), (metric, values)
-    assert float(stage_end[6]["nc/train/accuracy"]) == 1.0
+    assert float(stage_end[6][accuracy_key("train")]) == 1.0
 
 
 def test_fig3_feature_weight_decay_moves_collapse_more_than_classifier_weight_decay(tmp_path):
@@ -77,7 +78,7 @@ def test_fig3_feature_weight_decay_moves_collapse_more_than_classifier_weight_de
         == 0
     )
     root = tmp_path / "runs" / "wd_study_digits"
-    key = "nc/train/penultimate/nc1"
+    key = layer_key("train", "penultimate", "nc1")
     for loss in ("mse", "ce"):
         nc1 = {d.name.removeprefix(f"{loss}_"): _final(d, key) for d in root.glob(f"{loss}_*")}
         base = nc1.pop("wd0.005_fc0.005")
@@ -85,4 +86,4 @@ def test_fig3_feature_weight_decay_moves_collapse_more_than_classifier_weight_de
         features = move["wd0.01_fc0.005"] + move["wd0.0_fc0.005"]
         classifier = move["wd0.005_fc0.01"] + move["wd0.005_fc0.0"]
         assert features > classifier, (loss, nc1, base)
-        assert all(_final(d, "nc/train/accuracy") == 1.0 for d in root.glob(f"{loss}_*"))
+        assert all(_final(d, accuracy_key("train")) == 1.0 for d in root.glob(f"{loss}_*"))

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from nclightning.errors import ConfigurationError
+from nclightning.errors import ConfigurationError, DataError
 from nclightning.metrics import ClassMoments, class_quantities, metrics_from_moments
 from nclightning.record import keys
 
@@ -105,16 +105,19 @@ def fit_pairs(
     weight: Tensor | None,
     feeding: Sequence[str],
     near: Mapping[str, float],
+    notes: list[str] | None = None,
 ) -> dict[str, Any]:
-    """``pair name -> PairFit`` (``None`` where the widths differ and the policy skips)."""
+    """``pair name -> PairFit``; ``None`` (a NaN row) where the widths differ and the policy
+    skips, where features are not finite, or where a layer cannot be fitted (a dead layer:
+    the reason goes to ``notes``)."""
     from nclightning.perturbation import fit_pair
 
     fits: dict[str, Any] = {}
     for h0, h in pairs:
         name = keys.pair_name(h0, h)
         m0 = match_width(moments[h0], moments[h], settings.width_mismatch)
+        fits[name] = None
         if m0 is None or not _finite(m0) or not _finite(moments[h]):
-            fits[name] = None
             continue
         kwargs: dict[str, Any] = {"lambda_W": settings.lambda_W, "lambda_H": settings.lambda_H}
         if settings.normalization is not None:
@@ -124,7 +127,11 @@ def fit_pairs(
         if settings.coupling != "fit":
             kwargs["coupling"] = float(settings.coupling)
         w = weight if h in feeding else None
-        fits[name] = fit_pair(m0, moments[h], weight=w, near=near.get(name), **kwargs)
+        try:
+            fits[name] = fit_pair(m0, moments[h], weight=w, near=near.get(name), **kwargs)
+        except DataError as err:
+            if notes is not None:
+                notes.append(f"pair {name}: {err}")
     return fits
 
 

@@ -306,7 +306,7 @@ class Probe:
                     f"{moments[h0].dim} vs {moments[h].dim}); its fit is NaN while they do "
                     "(width_mismatch='skip')",
                 )
-        fits, pair_row = self._fit_pairs(moments, weight, couplings)
+        fits, pair_row = self._fit_pairs(moments, weight, couplings, warn)
         row.update(pair_row)
         per_class = analysis.per_class(moments) if self.trainer.is_global_zero else {}
         return analysis.ProbeResult(row, moments, per_class, fits)
@@ -355,11 +355,11 @@ class Probe:
                     st.update(features[a].float(), zeros)
         return {a: st.moments().means[0] for a, st in stats.items()}
 
-    def _fit_pairs(self, moments, weight, couplings) -> tuple[dict[str, Any], dict[str, float]]:
+    def _fit_pairs(self, moments, weight, couplings, warn) -> tuple[dict, dict[str, float]]:
         """Pair fits on rank 0, broadcast (rows, or the error) so every rank agrees."""
         if not self.pairs:
             return {}, {}
-        t, fits, payload = self.trainer, {}, None
+        t, fits, payload, notes = self.trainer, {}, None, []
         if t.is_global_zero:
             try:
                 fits = analysis.fit_pairs(
@@ -369,7 +369,10 @@ class Probe:
                     weight=weight,
                     feeding=self.feeding,
                     near=couplings,
+                    notes=notes,
                 )
+                for note in notes:
+                    warn(f"pair-data:{note.split(':')[0]}", f"NeuralCollapseCallback: {note}")
                 payload = ("ok", analysis.pair_rows(self.settings.name, fits))
             except Exception as err:  # reaches every rank, then raised everywhere
                 payload = ("error", f"{type(err).__name__}: {err}")
