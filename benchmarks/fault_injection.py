@@ -114,6 +114,8 @@ def _check_files(folder: Path) -> list[str]:
     import torch
     import yaml
 
+    from nclightning.record.snapshots import OWNER_FILE, read_snapshot
+
     problems = []
     versions = sorted(p.name for p in (folder / RUN.parent).iterdir())
     if versions != ["version_0"]:
@@ -128,6 +130,11 @@ def _check_files(folder: Path) -> list[str]:
                 yaml.safe_load(path.read_text())
             elif path.suffix == ".csv":
                 _read_csv(path)
+            elif path.suffix == ".pt":
+                read_snapshot(path)
+            elif path.name == OWNER_FILE:
+                if not path.read_text().strip():
+                    problems.append(f"{path.relative_to(folder)} is empty")
             else:
                 problems.append(f"unexpected file {path.relative_to(folder)}")
         except Exception as err:
@@ -147,6 +154,10 @@ def _compare(ref: Path, got: Path) -> list[str]:
             if len(out) > 8:
                 break
     return out
+
+
+def _snapshot_names(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in (folder / RUN).rglob("probe-*.pt"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,8 +188,11 @@ def main(argv: list[str] | None = None) -> int:
         problems += _compare(
             work / "reference" / RUN / "metrics.csv", work / "killed" / RUN / "metrics.csv"
         )
-    print("PASS: every file loads; metrics.csv equals the uninterrupted run's" if not problems
-          else "FAIL:\n  " + "\n  ".join(problems))  # fmt: skip
+        ref_snaps, got_snaps = _snapshot_names(work / "reference"), _snapshot_names(work / "killed")
+        if ref_snaps != got_snaps:
+            problems.append(f"snapshots differ: {sorted(set(ref_snaps) ^ set(got_snaps))[:6]}")
+    verdict = "PASS: every file loads; metrics.csv and the snapshots match the uninterrupted run"
+    print(verdict if not problems else "FAIL:\n  " + "\n  ".join(problems))
     print(f"(runs in {work})")
     return 1 if problems else 0
 
