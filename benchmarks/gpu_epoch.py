@@ -1,12 +1,15 @@
-"""One CIFAR-shaped ResNet-18 training epoch with and without the NeuralCollapseCallback.
+"""A CIFAR-shaped ResNet-18 on one GPU: training speed, and the probe against a bare forward.
 
-Synthetic 3x32x32 inputs (a Gaussian mixture, 10 classes), bf16 autocast and channels_last on
-a GPU. Each configuration trains ``--epochs`` epochs; the callback probes the whole training
-set (un-augmented, fixed order) after each. Printed: training samples/s without the callback,
-wall time per epoch with and without it, and their ratio (the callback's overhead).
+Synthetic 3x32x32 inputs (a Gaussian mixture, 10 classes), bf16 autocast and channels_last.
+Three configurations train ``--epochs`` epochs each: no callback; the default probe
+(``h0``/``penultimate``, exact NC4, the fitted coupling of ``h0 -> penultimate``); and
+``layers="all"`` (stem, 8 blocks, pooled features; exact NC4). Each probe covers the whole
+training set (un-augmented, fixed order). Printed: training samples/s without the callback,
+each probe's time against a bare eval forward over the same samples (probe/bare), and the
+epoch-time ratio with/without the callback.
 
     python benchmarks/gpu_epoch.py                        # GPU defaults: 50,000 samples
-    python benchmarks/gpu_epoch.py --accelerator cpu --samples 512 --epochs 1   # smoke run
+    python benchmarks/gpu_epoch.py --accelerator cpu --samples 512 --epochs 2 --workers 0
 """
 
 from __future__ import annotations
@@ -23,25 +26,53 @@ from nclightning.data import SyntheticDataModule
 from nclightning.models import CollapseClassifier
 
 
-class EpochTimer(Callback):
-    def __init__(self) -> None:
-        self.times: list[float] = []
+def _sync(module) -> None:
+    if module.device.type == "cuda":
+        torch.cuda.synchronize(module.device)
+
+
+class Timer(Callback):
+    """Epoch times; with a probe callback also each probe and a bare forward after it."""
+
+    def __init__(self, nc: NeuralCollapseCallback | None) -> None:
+        self.nc, self.epochs, self.probes, self.bare = nc, [], [], []
+        if nc is not None:
+            run = nc.probe_now
+
+            def timed(trainer, module, epochs_trained, step=None):
+                _sync(module)
+                t = time.perf_counter()
+                result = run(trainer, module, epochs_trained, step)
+                _sync(module)
+                self.probes.append(time.perf_counter() - t)
+                return result
+
+            nc.probe_now = timed
 
     def on_train_epoch_start(self, trainer, module) -> None:
-        self._sync(module)
+        _sync(module)
         self._t = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, module) -> None:  # listed last: after the probe
-        self._sync(module)
-        self.times.append(time.perf_counter() - self._t)
+        _sync(module)
+        self.epochs.append(time.perf_counter() - self._t)
+        if self.nc is not None:
+            self.bare.append(self._bare_forward(trainer, module))
 
-    @staticmethod
-    def _sync(module) -> None:
-        if module.device.type == "cuda":
-            torch.cuda.synchronize(module.device)
+    def _bare_forward(self, trainer, module) -> float:
+        was = module.training
+        module.eval()
+        _sync(module)
+        t = time.perf_counter()
+        with torch.no_grad(), trainer.precision_plugin.forward_context():
+            for x, _ in self.nc._probe.loader:
+                module(x.to(module.device, non_blocking=True))
+        _sync(module)
+        module.train(was)
+        return time.perf_counter() - t
 
 
-def run(args, with_callback: bool) -> list[float]:
+def run(args, options: dict | None) -> Timer:
     seed_everything(0)
     gpu = args.accelerator != "cpu"
     dm = SyntheticDataModule(
@@ -50,6 +81,7 @@ def run(args, with_callback: bool) -> list[float]:
         test_samples_per_class=10,
         shape=(3, 32, 32),
         batch_size=args.batch_size,
+        eval_batch_size=args.probe_batch_size,
         num_workers=args.workers,
         seed=0,
     )
@@ -61,12 +93,10 @@ def run(args, with_callback: bool) -> list[float]:
         lr=0.05,
         scheduler="none",
     )
-    timer = EpochTimer()
-    callbacks = (
-        [NeuralCollapseCallback(log_figures_every_n_epochs=0, batch_size=512)]
-        if (with_callback)
-        else []
+    nc = (
+        None if options is None else NeuralCollapseCallback(log_figures_every_n_probes=0, **options)
     )
+    timer = Timer(nc)
     Trainer(
         accelerator=args.accelerator,
         devices=1,
@@ -78,9 +108,9 @@ def run(args, with_callback: bool) -> list[float]:
         enable_model_summary=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        callbacks=[*callbacks, timer],
+        callbacks=[*([nc] if nc else []), timer],
     ).fit(model, dm)
-    return timer.times
+    return timer
 
 
 def main() -> None:
@@ -88,21 +118,26 @@ def main() -> None:
     parser.add_argument("--accelerator", default="gpu")
     parser.add_argument("--samples", type=int, default=50_000)
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--probe-batch-size", type=int, default=1024)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--workers", type=int, default=4)
     args = parser.parse_args()
     if args.accelerator != "cpu":
         torch.backends.cudnn.benchmark = True
         print(torch.cuda.get_device_name(0))
-    bare = run(args, with_callback=False)
-    probed = run(args, with_callback=True)
-    # the first epoch includes warm-up (cudnn autotuning, worker start); use the others
-    b = statistics.median(bare[1:] or bare)
-    p = statistics.median(probed[1:] or probed)
     print(f"samples={args.samples} batch={args.batch_size} epochs={args.epochs}")
+    bare = run(args, None)
+    b = statistics.median(bare.epochs[1:] or bare.epochs)  # epoch 1 includes warm-up
     print(f"without callback: {b:.2f} s/epoch, {args.samples / b:.0f} training samples/s")
-    print(f"with callback (probe of all {args.samples} samples every epoch): {p:.2f} s/epoch")
-    print(f"epoch time ratio with/without callback: {p / b:.3f}")
+    for name, options in (("default probe + pair fit", {}), ('layers="all"', {"layers": "all"})):
+        t = run(args, options)
+        p = statistics.median(t.epochs[1:] or t.epochs)
+        probe = statistics.median(t.probes[1:] or t.probes)  # [0]: the baseline, with warm-up
+        fwd = statistics.median(t.bare)
+        print(
+            f"{name}: probe {probe:.2f} s vs bare forward {fwd:.2f} s: probe/bare = "
+            f"{probe / fwd:.3f}; epoch with/without callback = {p / b:.3f}"
+        )
 
 
 if __name__ == "__main__":

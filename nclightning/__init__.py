@@ -14,9 +14,11 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "NeuralCollapseCallback": "nclightning.callbacks",
+    "LayerwiseTraining": "nclightning.callbacks",
     "CollapseClassifier": "nclightning.models",
     "ClassStatistics": "nclightning.metrics",
     "collapse_metrics": "nclightning.metrics",
+    "fit_pair": "nclightning.perturbation",
 }
 
 __all__ = ["__version__", *_LAZY]

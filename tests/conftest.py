@@ -1,4 +1,10 @@
-"""Test-wide settings: W&B never touches the network or prompts; one intra-op thread."""
+"""Test-wide settings and collection rules.
+
+* W&B never touches the network or prompts; one intra-op thread; shared support modules
+  (``support``, ``ondisk``, ``runif``) importable from every test.
+* Tests that need a GPU carry ``RunIf(min_cuda_gpus=...)`` (``runif.py``): they are collected
+  everywhere, skipped without CUDA, and marked ``gpu`` here so that ``-m gpu`` selects them.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import lightning.pytorch  # noqa: F401  (see below)
+import pytest
 import torch
 
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -20,6 +28,19 @@ os.environ.setdefault("PYTHONHASHSEED", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
-# Shared test support modules (``ondisk``: dataset writers, ``support``: logger, references)
-# live beside this file.
+# Lightning binds its console handler to the sys.stderr of the moment it is first imported:
+# imported here, that is the session's stream, not the capsys buffer of whichever test first
+# imported it (closed after that test, so every later Lightning log line would fail to write).
+
+# Shared test support modules (``ondisk``: dataset writers, ``support``: logger, references,
+# ``runif``: hardware conditions) live beside this file.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection, which reads the markers
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark ``gpu`` every test whose ``RunIf`` asks for a CUDA device."""
+    for item in items:
+        needs = any(m.kwargs.get("min_cuda_gpus", 0) for m in item.iter_markers("skipif"))
+        if needs and item.get_closest_marker("gpu") is None:
+            item.add_marker(pytest.mark.gpu)

@@ -30,11 +30,15 @@ class RecordingLogger(Logger):
     def log_metrics(self, metrics, step=None) -> None:
         self.rows.append((step, dict(metrics)))
 
-    def probes(self) -> dict[int, dict[str, float]]:
-        """``epoch -> row`` of the callback's rows (those with ``nc/`` keys)."""
-        return {
-            int(row["epoch"]): row for _, row in self.rows if any(k.startswith("nc/") for k in row)
-        }
+    def probes(self, probe: str | None = None) -> dict[int, dict[str, float]]:
+        """``epochs_trained -> row`` of the probe rows (of one ``probe`` name, if given)."""
+        out = {}
+        for _, row in self.rows:
+            if "epochs_trained" not in row:
+                continue
+            if probe is None or any(k.startswith((f"nc-{probe}/", f"pm-{probe}-")) for k in row):
+                out.setdefault(int(row["epochs_trained"]), {}).update(row)  # probes of one epoch
+        return out
 
 
 def reference_metrics(h: np.ndarray, y: np.ndarray, K: int, weight=None) -> dict[str, float]:

@@ -1,8 +1,9 @@
 """The embedded default job, end to end: ``nclightning fit --config digits_mlp.yaml``.
 
-One run (about 30 s on 2 cores) serves the acceptance checks of the foundation (100% train
-accuracy, checkpoint, logs), of the callback (NC1 falls at least 10x, keys in the CSV) and of
-the report (figures).
+It trains the whole default job (150 epochs, about 30 s on 2 cores), so it is marked
+``slow``: CI runs it, ``pytest -m 'not slow'`` leaves it out. One run serves the acceptance
+checks of the foundation (100% train accuracy, checkpoint, logs), of the callback (NC1 falls
+at least 10x, keys in the CSV) and of the report (figures).
 """
 
 from __future__ import annotations
@@ -17,7 +18,17 @@ import torch
 from matplotlib.image import imread
 
 from nclightning.cli import main
-from nclightning.metrics import METRIC_KEYS
+from nclightning.metrics import MOMENT_KEYS
+from nclightning.record.keys import (
+    EPOCHS_TRAINED,
+    PAIR_QUANTITIES,
+    PAIR_STATUS,
+    accuracy_key,
+    layer_key,
+    pair_key,
+)
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -57,27 +68,53 @@ def test_reaches_100_percent_train_accuracy_and_writes_checkpoints(run):
     assert (run / "config.yaml").is_file()
 
 
+def _probes(run: Path) -> list[dict[str, str]]:
+    return [r for r in _rows(run) if r.get(EPOCHS_TRAINED)]
+
+
 def test_penultimate_nc1_falls_at_least_10x_and_every_key_is_logged(run):
-    probes = [r for r in _rows(run) if r.get("nc/train/penultimate/nc1")]
-    epochs = [float(r["epoch"]) for r in probes]
-    assert epochs == [float(e) for e in range(0, 151, 5)]
-    first = float(probes[0]["nc/train/penultimate/nc1"])
-    last = float(probes[-1]["nc/train/penultimate/nc1"])
+    probes = _probes(run)
+    assert [float(r[EPOCHS_TRAINED]) for r in probes] == [float(e) for e in range(0, 151, 5)]
+    assert not any(r.get("epoch") for r in probes)  # Lightning's epoch keeps its own meaning
+    nc1 = layer_key("train", "penultimate", "nc1")
+    first, last = float(probes[0][nc1]), float(probes[-1][nc1])
     assert first / last >= 10, (first, last)
     header = set(probes[0])
+    per_layer = (*MOMENT_KEYS, "nc4")
     for layer in ("penultimate", "h0"):
-        assert {f"nc/train/{layer}/{k}" for k in (*METRIC_KEYS, "nc4")} <= header
-    assert "nc/train/penultimate/nc3" in header and "nc/train/accuracy" in header
-    pm = {
-        f"pm/h0->penultimate/{k}"
-        for k in ("nc1", "nc1_tilde", "beta", "objective", "grad_norm", "converged", "reachable")
-    }
-    assert pm <= header
+        assert {layer_key("train", layer, k) for k in per_layer} <= header
+    assert {layer_key("train", "penultimate", k) for k in ("nc3", "unc3")} <= header
+    assert accuracy_key("train") in header
+    pair = "h0->penultimate"
+    quantities = [*PAIR_QUANTITIES, "predicted/nc1_tilde", "predicted/nc1", "residual/nc1"]
+    assert {pair_key("train", pair, q) for q in quantities} <= header
     final = probes[-1]
-    assert float(final["pm/h0->penultimate/reachable"]) == 1.0
-    assert float(final["pm/h0->penultimate/nc1_tilde"]) == pytest.approx(
-        float(final["nc/train/penultimate/nc1_tilde"]), rel=1e-4
+    assert float(final[pair_key("train", pair, "status")]) == PAIR_STATUS["fitted"]
+    assert float(final[pair_key("train", pair, "predicted/nc1_tilde")]) == pytest.approx(
+        float(final[layer_key("train", "penultimate", "nc1_tilde")]), rel=1e-4
     )
+
+
+def test_measure_of_the_last_checkpoint_reproduces_the_last_probe(run):
+    """``nclightning measure`` of ``last.ckpt`` logs what the training run's last probe did."""
+    root = run.parent.parent.parent
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        ckpt = run / "checkpoints" / "last.ckpt"
+        args = ["measure", "--config", "digits_mlp.yaml", "--ckpt_path", str(ckpt)]
+        assert main([*args, "--trainer.enable_progress_bar", "false"]) == 0
+    finally:
+        os.chdir(cwd)
+    (measured,) = _probes(run.parent / "measure_0")
+    last = _probes(run)[-1]
+    assert measured[EPOCHS_TRAINED] == last[EPOCHS_TRAINED] == "150.0"
+    probe_keys = [k for k in last if k.startswith(("nc-", "pm-")) and last[k]]
+    assert probe_keys and set(probe_keys) <= set(measured)
+    for key in probe_keys:
+        if key.endswith(("grad_norm", "objective")):  # a tolerance, not a value
+            continue
+        assert float(measured[key]) == pytest.approx(float(last[key]), rel=1e-6, abs=1e-12), key
 
 
 def test_report_draws_the_figures_of_the_default_run(run, capsys):

@@ -1,6 +1,9 @@
 """The paper's experimental claims, in their small offline versions (docs/science.md §6).
 
-Marked ``slow`` (about 1.5 minutes together on 2 cores); CI runs them.
+Each test trains the bundled offline config of one figure and asserts the *direction* of the
+paper's claim (docs/science.md §6.5): Fig. 2, layer-wise training (§6.2), and Fig. 3, the
+weight-decay study (§6.3). They train whole jobs, so they are marked ``slow`` (about 1.5
+minutes together on 2 cores); CI runs them, ``pytest -m 'not slow'`` leaves them out.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from nclightning.cli import main
+from nclightning.record.keys import accuracy_key, layer_key
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +37,7 @@ def _in_tmp(tmp_path, monkeypatch):
 
 
 def test_fig2_nc1_of_the_deepest_features_decreases_as_layers_are_added(tmp_path):
-    """Layer-wise training: nc1 and nc1_tilde of the deepest features after each stage."""
+    """§6.2: nc1 and nc1_tilde of the deepest features fall at every added layer."""
     assert (
         main(
             [
@@ -49,17 +53,17 @@ def test_fig2_nc1_of_the_deepest_features_decreases_as_layers_are_added(tmp_path
     rows = _rows(tmp_path / "runs" / "layerwise_mlp_digits")
     stage_end = {}  # depth -> last probe at that depth
     for r in rows:
-        if r.get("nc/train/deepest/nc1"):
+        if r.get(layer_key("train", "deepest", "nc1")):
             stage_end[int(float(r["depth"]))] = r
     assert sorted(stage_end) == [1, 2, 3, 4, 5, 6]
     for metric in ("nc1", "nc1_tilde"):
-        values = [float(stage_end[d][f"nc/train/deepest/{metric}"]) for d in range(1, 7)]
+        values = [float(stage_end[d][layer_key("train", "deepest", metric)]) for d in range(1, 7)]
         assert all(b < a for a, b in pairwise(values)), (metric, values)
-    assert float(stage_end[6]["nc/train/accuracy"]) == 1.0
+    assert float(stage_end[6][accuracy_key("train")]) == 1.0
 
 
 def test_fig3_feature_weight_decay_moves_collapse_more_than_classifier_weight_decay(tmp_path):
-    """WD study: |log nc1 change| summed over the x2/x0 variants, features vs classifier."""
+    """§6.3: |log nc1 change| summed over the x2/x0 variants, features vs classifier."""
     assert (
         main(
             [
@@ -74,7 +78,7 @@ def test_fig3_feature_weight_decay_moves_collapse_more_than_classifier_weight_de
         == 0
     )
     root = tmp_path / "runs" / "wd_study_digits"
-    key = "nc/train/penultimate/nc1"
+    key = layer_key("train", "penultimate", "nc1")
     for loss in ("mse", "ce"):
         nc1 = {d.name.removeprefix(f"{loss}_"): _final(d, key) for d in root.glob(f"{loss}_*")}
         base = nc1.pop("wd0.005_fc0.005")
@@ -82,4 +86,4 @@ def test_fig3_feature_weight_decay_moves_collapse_more_than_classifier_weight_de
         features = move["wd0.01_fc0.005"] + move["wd0.0_fc0.005"]
         classifier = move["wd0.005_fc0.01"] + move["wd0.005_fc0.0"]
         assert features > classifier, (loss, nc1, base)
-        assert all(_final(d, "nc/train/accuracy") == 1.0 for d in root.glob(f"{loss}_*"))
+        assert all(_final(d, accuracy_key("train")) == 1.0 for d in root.glob(f"{loss}_*"))

@@ -1,72 +1,49 @@
-"""W&B figures of the callback's history, drawn by :mod:`nclightning.plotting`."""
+"""W&B media of a probe: the report's named figures and per-class tables.
+
+The figures are :func:`nclightning.record.figures.probe_figures`, the same ones (and names)
+``nclightning report`` writes as PNG files: W&B shows ``figures/{name}``. Per-class matrices
+also go as tables, ``tables/{name}`` (``cosine_{probe}_{layer}``, ``cdnv_{probe}_{layer}``),
+up to :data:`~nclightning.callbacks.outputs.MAX_TABLE_CLASSES` classes.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from nclightning import plotting
+from nclightning.callbacks.outputs import MAX_TABLE_CLASSES, matrix_table
+from nclightning.record.figures import probe_figures, safe
 
-__all__ = ["collapse_figures", "history_series"]
-
-
-def history_series(rows: Sequence[Mapping[str, float]]) -> dict[str, list[tuple[float, float]]]:
-    """Flat ``key -> [(epoch, value), ...]`` from the callback's logged rows."""
-    out: dict[str, list[tuple[float, float]]] = {}
-    for row in rows:
-        epoch = row["epoch"]
-        for key, value in row.items():
-            if key != "epoch":
-                out.setdefault(key, []).append((epoch, value))
-    return out
+__all__ = ["probe_media"]
 
 
-def collapse_figures(
-    rows: Sequence[Mapping[str, float]], split: str, pairs: Sequence[tuple[str, str]]
-) -> dict[str, Any]:
-    """``{"figures/...": wandb.Image}``: metric curves per layer and, per pair, H0 vs H vs H*."""
-    import wandb
+def probe_media(
+    probe: str,
+    rows: Sequence[Mapping[str, float]],
+    result,
+    class_names: Sequence[str] | None,
+    epochs_trained: int,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(images, tables)``: ``{"figures/{name}": Figure}``, ``{"tables/{name}": (cols, rows)}``.
 
-    series = history_series(rows)
-    images: dict[str, Any] = {}
-    history = plotting.history_from_scalars(series, split)
-    if history:
-        fig = plotting.metric_curves(history, title=f"collapse metrics ({split} probe)")
-        images[f"figures/{split}/metric_curves"] = _image(wandb, fig)
-    last = rows[-1]
-    for h0, h in pairs:
-        prefix = f"pm/{h0}->{h}/"
-        predicted = {k[len(prefix) :]: v for k, v in last.items() if k.startswith(prefix)}
-        measured = [
-            {
-                k.rsplit("/", 1)[1]: v
-                for k, v in last.items()
-                if k.startswith(f"nc/{split}/{layer}/")
-            }
-            for layer in (h0, h)
-        ]
-        metrics = [m for m in plotting.METRIC_ORDER if m in predicted]
-        if not metrics:
+    ``rows`` are the probe rows so far (a held-out probe's together with the train probe's,
+    for the split comparison); ``result`` the latest probe's ``ProbeResult``.
+    """
+    snapshot = {
+        "layers": result.per_class,  # the per-class arrays, computed once per probe
+        "class_names": list(class_names) if class_names else None,
+        "epochs_trained": epochs_trained,
+    }
+    figures = probe_figures(rows, probe, snapshot=snapshot)
+    images = {f"figures/{name}": fig for name, fig in figures.items()}
+    tables: dict[str, Any] = {}
+    for alias, arrays in result.per_class.items():
+        K = arrays["cosine_matrix"].shape[0]
+        if K > MAX_TABLE_CLASSES:
             continue
-        fig = plotting.measured_vs_predicted(
-            measured[0],
-            measured[1],
-            predicted,
-            metrics,
-            beta=predicted.get("beta"),
-            labels=(f"{h0} (H0, measured)", f"{h} (H, measured)", "H* (model)"),
-            title=f"{h0} -> {h}, epoch {int(last['epoch'])}",
-        )
-        images[f"figures/{split}/pm/{h0}->{h}"] = _image(wandb, fig)
-    return images
-
-
-def _image(wandb, fig) -> Any:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    buf.seek(0)
-    return wandb.Image(Image.open(buf).convert("RGB"))
+        labels = list(class_names) if class_names and len(class_names) == K else None
+        labels = labels or [str(k) for k in range(K)]
+        for quantity, name in (("cosine_matrix", "cosine"), ("cdnv_matrix", "cdnv")):
+            key = f"tables/{name}_{safe(probe)}_{safe(alias)}"
+            tables[key] = matrix_table(arrays[quantity], labels)
+    return images, tables

@@ -14,14 +14,14 @@ carved out of the training set).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from nclightning.errors import DataError
 
@@ -44,8 +44,6 @@ _STAGE_SPLITS = {
     "predict": ("test",),
     None: ("train", "test"),
 }
-
-
 
 
 class ImageTransform:
@@ -318,21 +316,34 @@ class ClassificationDataModule(LightningDataModule):
         )
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A random permutation of ``range(n)`` per epoch, a function of ``(seed, epoch)`` only."""
+class EpochShuffleSampler(DistributedSampler):
+    """The training order of epoch ``e``: a permutation of ``range(n)`` drawn from ``(seed, e)``.
 
-    def __init__(self, n: int, seed: int = 0) -> None:
-        self.n, self.seed, self.epoch = int(n), int(seed), 0
+    Under DDP (a process group is initialised when the loader is built) rank ``r`` of ``R``
+    takes every ``R``-th index of that permutation, starting at ``r``, after the permutation is
+    wrapped around to a multiple of ``R`` (``DistributedSampler``'s padding), so the ranks'
+    indices interleave to the single-process order. Being a ``DistributedSampler``, Lightning
+    neither wraps nor replaces it and calls its ``set_epoch`` itself on every version: epochs
+    differ under DDP as they do in one process, and a resumed run sees the same batches.
+    """
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    def __init__(
+        self, n: int, seed: int = 0, num_replicas: int | None = None, rank: int | None = None
+    ) -> None:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if num_replicas is None:
+            num_replicas = torch.distributed.get_world_size() if distributed else 1
+        if rank is None:
+            rank = torch.distributed.get_rank() if distributed else 0
+        super().__init__(range(int(n)), num_replicas, rank, shuffle=True, seed=int(seed))
+        self.n = int(n)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[int]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=gen).tolist())
-
-    def __len__(self) -> int:
-        return self.n
+        order = torch.randperm(self.n, generator=gen)
+        if self.total_size > self.n:  # wrap around so every rank gets num_samples indices
+            order = order.repeat(-(-self.total_size // self.n))[: self.total_size]
+        return iter(order[self.rank : self.total_size : self.num_replicas].tolist())
 
 
 def _check_positive(name: str, value: int) -> None:

@@ -1,15 +1,24 @@
-"""Collapse metrics from class moments (docs/science.md §1).
+"""The collapse metrics of docs/science.md §1 from class moments, and :func:`metrics_from_moments`.
 
-All functions take a :class:`~nclightning.metrics.moments.ClassMoments` (float64) and return
-Python floats. Conventions (docs/science.md §1):
+Owns NC1, NC1-tilde, CDNV, NC2 (ETF, equinorm, equiangle, max-angle) and NC3, plus the one
+function that returns every scalar of :data:`~nclightning.metrics.names.METRIC_KEYS`
+computable from a :class:`~nclightning.metrics.moments.ClassMoments` (the measures of
+docs/science.md §8 live in :mod:`nclightning.metrics.measures`). Values are Python floats.
 
-* ``Sigma_B``, ``M`` (NC2) and NC3 centre the class means on the *mean of class means*
-  (:attr:`ClassMoments.mean_of_means`); for balanced classes this is the sample mean.
+Conventions (docs/science.md §9):
+
+* ``Sigma_B``, ``M`` (NC2), NC3 and the §8 measures centre the class means on the *mean of
+  class means* ``mu_c`` (:attr:`ClassMoments.mean_of_means`); balanced: the sample mean.
 * ``K`` is the number of classes present; absent classes are ignored here (the streaming
   statistics decide whether an absent class is an error).
-* ``std`` is the unbiased (``ddof=1``) standard deviation, as in Papyan et al.'s code.
+* Every ``std`` is unbiased (``ddof=1``, as in Papyan et al.'s code); the std of a single
+  value is 0.
 * The pseudo-inverse in NC1 drops eigenvalues of ``Sigma_B`` below ``eig_rtol`` times the
   largest one (default :data:`EIG_RTOL`).
+* Undefined values are NaN, never an exception: a ratio whose denominator is 0 (coinciding
+  class means, ``Sigma_B = 0``, a zero classifier), a cosine with a zero vector, fewer than
+  two classes. NC1 with ``Sigma_B = 0`` is NaN although ``pinv(0) = 0`` would give 0: a
+  dead layer must not read as perfect collapse.
 """
 
 from __future__ import annotations
@@ -19,17 +28,20 @@ import math
 import torch
 from torch import Tensor
 
-from nclightning.metrics.moments import ClassMoments
+from nclightning.errors import ConfigurationError
+from nclightning.metrics import measures
+from nclightning.metrics.moments import SPAN_RTOL, ClassMoments
+from nclightning.metrics.names import METRIC_KEYS, MOMENT_KEYS
 
 __all__ = [
     "EIG_RTOL",
-    "METRIC_KEYS",
     "cdnv",
     "metrics_from_moments",
     "nc1",
     "nc1_tilde",
     "nc2",
     "nc3",
+    "reported_keys",
 ]
 
 EIG_RTOL = 1e-10
@@ -40,64 +52,71 @@ EIG_RTOL = 1e-10
 ``1e-30 lambda_max``, far below the cut-off, while genuine between-class directions of a
 network's features sit far above it."""
 
-METRIC_KEYS = (
-    "nc1",
-    "nc1_tilde",
-    "cdnv",
-    "nc2_etf",
-    "nc2_equinorm",
-    "nc2_equiangle",
-    "nc2_maxangle",
-)
-"""Keys of the metrics computable from moments alone (``nc3``/``nc4`` need a classifier)."""
-
 _NAN = float("nan")
 
 
-def nc1(m: ClassMoments, eig_rtol: float = EIG_RTOL) -> float:
-    """``(1/K) Tr(Sigma_W Sigma_B^+)`` (Papyan et al. 2020).
+def _span_means(m: ClassMoments, mt: Tensor) -> Tensor:
+    """``mt`` projected on ``m.span_basis`` (checked to lie there up to :data:`SPAN_RTOL`)."""
+    basis = m.span_basis
+    assert basis is not None
+    proj = (mt @ basis) @ basis.T
+    if float(torch.linalg.matrix_norm(mt - proj)) > SPAN_RTOL * float(torch.linalg.matrix_norm(mt)):
+        raise ConfigurationError(
+            "nc1: the class means do not lie in the span of span_basis (the scatter was "
+            "accumulated on another span); build the basis from these class means "
+            "(ClassMoments.mean_span) or accumulate the full scatter"
+        )
+    return proj
 
-    Computed in the ``K``-dimensional range of the centred means ``M^T [K, d]``: with the thin
-    SVD ``M = U S V^T``, ``Sigma_B = U (S^2/K) U^T`` so
-    ``Tr(Sigma_W Sigma_B^+) = K sum_i (u_i^T Sigma_W u_i) / s_i^2`` over kept ``i``.
-    Cost ``O(K d^2 + K^2 d)`` instead of an ``O(d^3)`` eigendecomposition.
+
+def nc1(m: ClassMoments, eig_rtol: float = EIG_RTOL) -> float:
+    """``(1/K) Tr(Sigma_W Sigma_B^+)`` (Papyan et al. 2020; docs/science.md §1).
+
+    Computed in the range of the centred means ``M^T [K, d]``: with the thin SVD
+    ``M^T = U S V^T``, ``Sigma_B = V (S^2/K) V^T`` so ``(1/K) Tr(Sigma_W Sigma_B^+) =
+    sum_i (v_i^T Sigma_W v_i) / s_i^2`` over kept ``i``, each quadratic form from
+    :meth:`ClassMoments.within_quadratic` (full scatter or its projection on the span).
+    Cost ``O(K d^2 + K^2 d)``. NaN for ``K < 2`` or ``Sigma_B = 0``.
     """
     mt = m.centered_means  # [K, d]
-    K = mt.shape[0]
-    if K < 2:
+    if mt.shape[0] < 2:
         return _NAN
-    _, s, vh = torch.linalg.svd(mt, full_matrices=False)  # mt = U diag(s) Vh; Vh rows = u_i
+    if m.scatter is None and m.span_basis is not None:
+        mt = _span_means(m, mt)
+    _, s, vh = torch.linalg.svd(mt, full_matrices=False)  # rows of vh: v_i
     ev = s.square()
-    keep = ev > eig_rtol * ev.max()
-    if not bool(keep.any()):
+    if not float(ev.max()) > 0:
         return _NAN
-    u = vh[keep]  # [r, d]
-    quad = ((u @ m.sigma_w) * u).sum(1)  # u_i^T Sigma_W u_i
-    return float((K * quad / ev[keep]).sum() / K)
+    keep = ev > eig_rtol * ev.max()
+    quad = m.within_quadratic(vh[keep]) / m.total  # v_i^T Sigma_W v_i
+    return float((quad / ev[keep]).sum())
 
 
 def nc1_tilde(m: ClassMoments) -> float:
-    """``Tr(Sigma_W) / Tr(Sigma_B)`` (Eq. 3 of Tirer et al.; docs/science.md §1)."""
-    if int(m.present.sum()) < 2:
+    """``Tr(Sigma_W) / Tr(Sigma_B)`` (Eq. 3 of Tirer et al.; docs/science.md §1).
+
+    ``Tr(Sigma_W) =`` :attr:`ClassMoments.within_ss` ``/ N`` (from ``class_ss`` when no
+    scatter matrix was accumulated). NaN when ``Tr(Sigma_B) = 0`` or ``K < 2``.
+    """
+    mt = m.centered_means
+    if mt.shape[0] < 2:
         return _NAN
-    tr_b = float(torch.trace(m.sigma_b))
-    tr_w = float(torch.trace(m.scatter)) / m.total
-    return tr_w / tr_b if tr_b > 0 else _NAN
+    tr_b = float(mt.square().sum()) / mt.shape[0]
+    return m.within_ss / m.total / tr_b if tr_b > 0 else _NAN
 
 
 def cdnv(m: ClassMoments) -> float:
-    """Mean over ``k != l`` of ``(V_k + V_l) / (2 ||mu_k - mu_l||^2)`` (Galanti et al. 2022)."""
-    p = m.present
-    K = int(p.sum())
+    """Mean over ``k != l`` of ``(V_k + V_l) / (2 ||mu_k - mu_l||^2)`` (Galanti et al. 2022).
+
+    NaN for ``K < 2`` or when two class means coincide (see
+    :func:`~nclightning.metrics.measures.cdnv_pairs`).
+    """
+    ratio = measures.cdnv_pairs(m)
+    K = ratio.shape[0]
     if K < 2:
         return _NAN
-    v = m.class_ss[p] / m.counts[p]
-    mu = m.means[p]
-    # explicit differences: the |a|^2 + |b|^2 - 2ab shortcut cancels for nearby means
-    dist2 = torch.cdist(mu, mu, compute_mode="donot_use_mm_for_euclid_dist").square()
-    off = ~torch.eye(K, dtype=torch.bool, device=mu.device)
-    ratio = (v.unsqueeze(0) + v.unsqueeze(1))[off] / (2 * dist2[off])
-    return float(ratio.mean())
+    off = ~torch.eye(K, dtype=torch.bool, device=ratio.device)
+    return float(ratio[off].mean())
 
 
 def _std(x: Tensor) -> float:
@@ -111,50 +130,103 @@ def nc2(m: ClassMoments) -> dict[str, float]:
     * ``nc2_equinorm = std_k ||mu_k - mu_c|| / mean_k ||mu_k - mu_c||``;
     * ``nc2_equiangle = std_{k != l} cos(mu_k - mu_c, mu_l - mu_c)``;
     * ``nc2_maxangle = max_{k != l} |cos + 1/(K-1)|``.
+
+    NaN where undefined: every value for ``K < 2`` or ``M = 0``; the two angle values when a
+    centred mean is 0 (its cosines are undefined).
     """
+    keys = ("nc2_etf", "nc2_equinorm", "nc2_equiangle", "nc2_maxangle")
     mt = m.centered_means
     K = mt.shape[0]
     if K < 2:
-        return {"nc2_etf": _NAN, "nc2_equinorm": _NAN, "nc2_equiangle": _NAN, "nc2_maxangle": _NAN}
+        return dict.fromkeys(keys, _NAN)
     g = mt @ mt.T
     eye = torch.eye(K, dtype=g.dtype, device=g.device)
+    gn = float(torch.linalg.matrix_norm(g))
+    if not gn > 0:
+        return dict.fromkeys(keys, _NAN)
     etf = (eye - 1.0 / K) / math.sqrt(K - 1)
-    gn = torch.linalg.matrix_norm(g)
-    nc2_etf = float(torch.linalg.matrix_norm(g / gn - etf)) if gn > 0 else _NAN
-    norms = g.diagonal().clamp_min(0).sqrt()
-    cos = g / (norms.unsqueeze(0) * norms.unsqueeze(1))
-    off = ~eye.bool()
-    return {
-        "nc2_etf": nc2_etf,
+    norms = torch.linalg.vector_norm(mt, dim=1)
+    out = {
+        "nc2_etf": float(torch.linalg.matrix_norm(g / gn - etf)),
         "nc2_equinorm": _std(norms) / float(norms.mean()),
-        "nc2_equiangle": _std(cos[off]),
-        "nc2_maxangle": float((cos[off] + 1.0 / (K - 1)).abs().max()),
+        "nc2_equiangle": _NAN,
+        "nc2_maxangle": _NAN,
     }
+    if bool((norms > 0).all()):
+        cos = g / (norms.unsqueeze(0) * norms.unsqueeze(1))
+        off = ~eye.bool()
+        out["nc2_equiangle"] = _std(cos[off])
+        out["nc2_maxangle"] = float((cos[off] + 1.0 / (K - 1)).abs().max())
+    return out
 
 
 def nc3(m: ClassMoments, weight: Tensor) -> float:
     """Self-duality ``|| W/||W||_F - M^T/||M||_F ||_F`` with ``weight = W[K, d]`` (rows).
 
-    Only rows of present classes are compared.
+    Only rows of present classes are compared. NaN when ``W`` or ``M`` is 0 or ``K < 2``.
     """
-    w = weight.detach().to(device=m.means.device, dtype=torch.float64)
-    if w.shape != m.means.shape:
-        raise ValueError(
-            f"classifier weight must be [K, d] = {tuple(m.means.shape)}, got {tuple(w.shape)}"
-        )
-    w = w[m.present]
+    w = measures.check_weight(m, weight)[m.present]
     mt = m.centered_means
-    wn, mn = torch.linalg.matrix_norm(w), torch.linalg.matrix_norm(mt)
-    if wn == 0 or mn == 0:
+    wn, mn = float(torch.linalg.matrix_norm(w)), float(torch.linalg.matrix_norm(mt))
+    if mt.shape[0] < 2 or not (wn > 0 and mn > 0):
         return _NAN
     return float(torch.linalg.matrix_norm(w / wn - mt / mn))
 
 
+def reported_keys(
+    m: ClassMoments, weight: Tensor | None = None, ood_mean: Tensor | None = None
+) -> tuple[str, ...]:
+    """The keys :func:`metrics_from_moments` returns for these inputs, in display order.
+
+    A metric whose statistic was not accumulated is left out (``nc1`` without any scatter,
+    ``feature_norm`` without norm sums); one whose formula is undefined is NaN.
+    """
+    keys = set(MOMENT_KEYS)
+    if m.scatter is None and m.span_basis is None:
+        keys.discard("nc1")
+    if m.norm_sums is None:
+        keys.discard("feature_norm")
+    if weight is not None:
+        keys |= {"nc3", "unc3"}
+    if ood_mean is not None:
+        keys.add("nc5")
+    return tuple(k for k in METRIC_KEYS if k in keys)
+
+
 def metrics_from_moments(
-    m: ClassMoments, weight: Tensor | None = None, *, eig_rtol: float = EIG_RTOL
+    m: ClassMoments,
+    weight: Tensor | None = None,
+    *,
+    ood_mean: Tensor | None = None,
+    eig_rtol: float = EIG_RTOL,
 ) -> dict[str, float]:
-    """Every moment-based collapse metric: :data:`METRIC_KEYS`, plus ``nc3`` given ``weight``."""
-    out = {"nc1": nc1(m, eig_rtol), "nc1_tilde": nc1_tilde(m), "cdnv": cdnv(m), **nc2(m)}
+    """Every scalar computable from ``m`` (docs/science.md §1, §8), in display order.
+
+    :data:`~nclightning.metrics.names.MOMENT_KEYS` (see :func:`reported_keys` for which),
+    plus ``nc3``, ``unc3`` given the classifier ``weight[K, d]`` and ``nc5`` given the mean
+    feature ``ood_mean[d]`` of an out-of-distribution probe. Non-finite class means (a
+    diverging run) give NaN for every key; a non-finite scatter, ``class_ss`` or norm sum
+    gives NaN for the metrics that use it (the perturbation model's ``H*`` has NaN
+    ``class_ss`` without per-class scatter: its cdnv is NaN, the rest is defined).
+    """
+    keys = reported_keys(m, weight, ood_mean)
+    if weight is not None:
+        measures.check_weight(m, weight)
+    if not bool(torch.isfinite(m.means).all()):
+        return dict.fromkeys(keys, _NAN)
+    out: dict[str, float] = {}
+    if "nc1" in keys:
+        out["nc1"] = nc1(m, eig_rtol)
+    out["nc1_tilde"] = nc1_tilde(m)
+    out["cdnv"] = cdnv(m)
+    out.update(nc2(m))
+    out["gnc2_log"] = measures.gnc2_log(m)
     if weight is not None:
         out["nc3"] = nc3(m, weight)
-    return out
+        out["unc3"] = measures.unc3(m, weight)
+    if ood_mean is not None:
+        out["nc5"] = measures.nc5(m, ood_mean)
+    if "feature_norm" in keys:
+        out["feature_norm"] = measures.feature_norm(m)
+    out["class_mean_norm"] = measures.class_mean_norm(m)
+    return {k: out[k] for k in keys}

@@ -1,60 +1,82 @@
-"""Reduced per-class statistics of a feature matrix (docs/science.md §1-2).
+"""Reduced per-class statistics of a feature matrix: :class:`ClassMoments` (docs/science.md §1-2).
 
-Every collapse metric of docs/science.md §1 and every sufficient statistic the perturbation
-solver needs (docs/science.md §2: ``G0 = H0 H0^T``, class sums ``S0 = Y H0^T``, ``D_n = diag(n_k)``)
-is a function of four quantities, held here in float64:
+Every collapse metric of docs/science.md §1 and §8 and every sufficient statistic the
+perturbation solver needs (docs/science.md §2: ``G0 = H0 H0^T``, class sums ``S0 = Y H0^T``,
+``D_n = diag(n_k)``) is a function of these float64 quantities:
 
 * ``counts[K]``: samples per class ``n_k``;
 * ``means[K, d]``: class means ``mu_k`` (rows; 0 for a class with no sample);
-* ``scatter[d, d]``: pooled within-class scatter ``sum_k sum_i (h_ki - mu_k)(h_ki - mu_k)^T``
-  (so ``Sigma_W = scatter / N``);
+* ``scatter[d, d]`` (optional): pooled within-class scatter
+  ``sum_k sum_i (h_ki - mu_k)(h_ki - mu_k)^T`` (so ``Sigma_W = scatter / N``);
 * ``class_ss[K]``: per-class sum of squared deviations ``sum_i ||h_ki - mu_k||^2``
-  (``V_k = class_ss_k / n_k``, used by the CDNV).
-
-Optionally ``class_scatter[K, d, d]`` (per-class scatter matrices) when a caller can afford
-``K d^2`` memory; it makes ``class_ss`` transformable under linear maps (perturbation model).
+  (``V_k = class_ss_k / n_k``; ``Tr(scatter) = sum_k class_ss_k``);
+* ``class_scatter[K, d, d]`` (optional): per-class scatter matrices (``K d^2`` memory); they
+  make ``class_ss`` transformable under linear maps (the perturbation model's cdnv);
+* ``span_basis[d, r]``, ``span_scatter[r, r]`` (optional): the scatter projected on an
+  orthonormal basis of the span of the centred class means, ``B^T scatter B``: all that NC1
+  needs, at ``O(N d K)`` accumulation cost instead of ``O(N d^2)``;
+* ``norm_sums[K]`` (optional): ``sum_i ||h_ki||`` per class (the mean feature norm).
 
 Features are rows (``features[N, d]``), the PyTorch convention; docs/science.md writes columns.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
-__all__ = ["ClassMoments"]
+from nclightning.errors import ConfigurationError
+
+__all__ = ["SPAN_RTOL", "ClassMoments"]
+
+SPAN_RTOL = 1e-6
+"""Largest relative norm of a direction's component outside ``span_basis`` that
+:meth:`ClassMoments.within_quadratic` accepts (that component's scatter is unknown)."""
+
+
+def _check_shape(name: str, t: Tensor | None, shape: tuple[int, ...]) -> None:
+    if t is not None and tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
 
 
 @dataclass(frozen=True, eq=False)
 class ClassMoments:
-    """Float64 per-class moments of a set of features (see module docstring).
+    """Float64 per-class moments of a set of features (see the module docstring).
 
     Build from in-memory features with :meth:`from_features` (exact two-pass) or from a
     streaming :class:`~nclightning.metrics.ClassStatistics` via its ``moments()``.
+    Keep the positional order ``counts, means, scatter, class_ss, class_scatter``.
     """
 
     counts: Tensor  # [K]
     means: Tensor  # [K, d]
-    scatter: Tensor  # [d, d]
+    scatter: Tensor | None  # [d, d], None when not accumulated
     class_ss: Tensor  # [K]
-    class_scatter: Tensor | None = None  # [K, d, d], optional
+    class_scatter: Tensor | None = None  # [K, d, d]
+    span_basis: Tensor | None = None  # [d, r], orthonormal columns
+    span_scatter: Tensor | None = None  # [r, r] = span_basis^T scatter span_basis
+    norm_sums: Tensor | None = None  # [K], sum_i ||h_i|| per class
 
     def __post_init__(self) -> None:
+        if self.means.ndim != 2:
+            raise ValueError(f"means must be [K, d], got shape {tuple(self.means.shape)}")
         K, d = self.means.shape
-        if self.counts.shape != (K,) or self.class_ss.shape != (K,):
-            raise ValueError(
-                f"counts and class_ss must have shape ({K},), got {tuple(self.counts.shape)} "
-                f"and {tuple(self.class_ss.shape)}"
-            )
-        if self.scatter.shape != (d, d):
-            raise ValueError(f"scatter must have shape ({d}, {d}), got {tuple(self.scatter.shape)}")
-        if self.class_scatter is not None and self.class_scatter.shape != (K, d, d):
-            raise ValueError(
-                f"class_scatter must have shape ({K}, {d}, {d}), "
-                f"got {tuple(self.class_scatter.shape)}"
-            )
+        for name in ("counts", "class_ss", "norm_sums"):
+            _check_shape(name, getattr(self, name), (K,))
+        _check_shape("scatter", self.scatter, (d, d))
+        _check_shape("class_scatter", self.class_scatter, (K, d, d))
+        if (self.span_basis is None) != (self.span_scatter is None):
+            raise ValueError("span_basis and span_scatter go together: give both or neither")
+        if self.span_basis is not None:
+            if self.span_basis.ndim != 2 or self.span_basis.shape[0] != d:
+                raise ValueError(
+                    f"span_basis must be [d, r] with d={d}, got {tuple(self.span_basis.shape)}"
+                )
+            r = self.span_basis.shape[1]
+            _check_shape("span_scatter", self.span_scatter, (r, r))
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
@@ -65,11 +87,15 @@ class ClassMoments:
         num_classes: int | None = None,
         *,
         per_class_scatter: bool = False,
+        norm_sums: bool = False,
     ) -> ClassMoments:
-        """Exact two-pass moments of ``features[N, d]`` with ``labels[N]`` (float64).
+        """Exact two-pass float64 moments of ``features[N, d]`` with ``labels[N]``.
 
-        First pass: class means; second pass: deviations from them. ``num_classes`` defaults
-        to ``labels.max() + 1``.
+        First pass: class means; second pass: deviations from them. ``num_classes``
+        defaults to ``labels.max() + 1``. Includes ``scatter``; ``class_scatter`` with
+        ``per_class_scatter``; ``norm_sums`` (hence ``feature_norm``) with ``norm_sums``
+        (off by default: moments that a model transforms, like the perturbation model's
+        ``H*``, cannot carry them).
         """
         if features.ndim != 2:
             raise ValueError(f"features must be [N, d], got shape {tuple(features.shape)}")
@@ -80,21 +106,21 @@ class ClassMoments:
         h = features.detach().to(torch.float64)
         y = labels.detach().to(device=h.device, dtype=torch.long)
         K = int(num_classes) if num_classes is not None else int(y.max()) + 1 if y.numel() else 0
-        d = h.shape[1]
         counts = torch.bincount(y, minlength=K).to(torch.float64)
         if counts.numel() > K:
             raise ValueError(f"labels must lie in 0..{K - 1}, found {int(y.max())}")
-        sums = torch.zeros(K, d, dtype=torch.float64, device=h.device).index_add_(0, y, h)
+        zeros = torch.zeros(K, dtype=torch.float64, device=h.device)
+        sums = torch.zeros(K, h.shape[1], dtype=torch.float64, device=h.device).index_add_(0, y, h)
         means = sums / counts.clamp_min(1).unsqueeze(1)
         dev = h - means[y]
-        scatter = dev.T @ dev
-        class_ss = torch.zeros(K, dtype=torch.float64, device=h.device).index_add_(
-            0, y, dev.square().sum(1)
-        )
+        class_ss = zeros.clone().index_add_(0, y, dev.square().sum(1))
+        sums_of_norms = None
+        if norm_sums:
+            sums_of_norms = zeros.clone().index_add_(0, y, torch.linalg.vector_norm(h, dim=1))
         class_scatter = None
         if per_class_scatter:
             class_scatter = torch.stack([dev[y == k].T @ dev[y == k] for k in range(K)])
-        return cls(counts, means, scatter, class_ss, class_scatter)
+        return cls(counts, means, dev.T @ dev, class_ss, class_scatter, norm_sums=sums_of_norms)
 
     # -- shapes -----------------------------------------------------------------------------
     @property
@@ -115,7 +141,7 @@ class ClassMoments:
         """Boolean mask ``[K]`` of classes with at least one sample."""
         return self.counts > 0
 
-    # -- derived statistics (docs/science.md §1) ------------------------------------------------
+    # -- derived statistics (docs/science.md §1) --------------------------------------------
     @property
     def class_sums(self) -> Tensor:
         """``S0^T`` in docs/science.md §2 notation, as rows: ``[K, d]`` per-class feature sums."""
@@ -128,10 +154,10 @@ class ClassMoments:
 
     @property
     def mean_of_means(self) -> Tensor:
-        """Unweighted mean of the class means of present classes, ``[d]``.
+        """Unweighted mean ``mu_c`` of the class means of present classes, ``[d]``.
 
-        This is the centre used for ``Sigma_B``, ``M`` (NC2) and NC3; it equals
-        :attr:`global_mean` for balanced classes (docs/science.md §1).
+        The centre of ``Sigma_B``, ``M`` (NC2), NC3 and the measures of docs/science.md §8;
+        it equals :attr:`global_mean` for balanced classes (docs/science.md §9).
         """
         return self.means[self.present].mean(0)
 
@@ -141,9 +167,28 @@ class ClassMoments:
         return self.means[self.present] - self.mean_of_means
 
     @property
+    def within_ss(self) -> float:
+        """``Tr(scatter) = sum_k class_ss_k``: from ``class_ss`` (every scatter mode has it;
+        streamed, it is the more accurate of the two), or from ``scatter`` when ``class_ss``
+        is not finite (the perturbation model's ``H*`` without per-class scatter)."""
+        total = float(self.class_ss.sum())
+        if not math.isfinite(total) and self.scatter is not None:
+            return float(torch.trace(self.scatter))
+        return total
+
+    def _full_scatter(self, what: str) -> Tensor:
+        if self.scatter is None:
+            raise ConfigurationError(
+                f"{what} needs the full within-class scatter [d, d], which these moments do "
+                "not hold (accumulated with scatter='none' or a scatter_basis); accumulate "
+                "with ClassStatistics(scatter='full') or use ClassMoments.from_features"
+            )
+        return self.scatter
+
+    @property
     def sigma_w(self) -> Tensor:
-        """Within-class covariance ``Sigma_W = scatter / N``, ``[d, d]``."""
-        return self.scatter / self.total
+        """Within-class covariance ``Sigma_W = scatter / N``, ``[d, d]`` (needs ``scatter``)."""
+        return self._full_scatter("sigma_w") / self.total
 
     @property
     def sigma_b(self) -> Tensor:
@@ -156,8 +201,46 @@ class ClassMoments:
 
     @property
     def gram(self) -> Tensor:
-        """Uncentred second moment ``sum_i h_i h_i^T`` (``G0 = H0 H0^T`` of docs/science.md §2)."""
-        return self.scatter + self.means.T @ (self.counts.unsqueeze(1) * self.means)
+        """Uncentred second moment ``sum_i h_i h_i^T`` (``G0 = H0 H0^T``, docs/science.md §2)."""
+        means = self.means
+        return self._full_scatter("gram") + means.T @ (self.counts.unsqueeze(1) * means)
+
+    def within_quadratic(self, directions: Tensor) -> Tensor:
+        """``u^T scatter u`` for each row ``u`` of ``directions[r, d]``, ``[r]``.
+
+        From ``scatter`` when present, else from ``span_scatter``: each direction must then
+        lie in the span of ``span_basis`` (outside part at most :data:`SPAN_RTOL` of its
+        norm). Raises :class:`~nclightning.errors.ConfigurationError` when neither is held.
+        """
+        u = directions.to(device=self.means.device, dtype=torch.float64)
+        if self.scatter is not None:
+            return ((u @ self.scatter) * u).sum(1)
+        if self.span_basis is None:
+            self._full_scatter("within_quadratic (and nc1)")
+        a = u @ self.span_basis  # [r, r'] coordinates in the basis
+        outside = torch.linalg.vector_norm(u - a @ self.span_basis.T, dim=1)
+        if bool((outside > SPAN_RTOL * torch.linalg.vector_norm(u, dim=1)).any()):
+            raise ConfigurationError(
+                "within_quadratic: a direction lies outside the span of span_basis, where the "
+                "scatter was not accumulated; build the basis from these class means "
+                "(ClassMoments.mean_span) or accumulate the full scatter"
+            )
+        return ((a @ self.span_scatter) * a).sum(1)
+
+    def mean_span(self) -> Tensor:
+        """Orthonormal basis ``[d, r]`` of the span of the centred class means.
+
+        ``r = min(K' - 1, d)`` columns (``K'`` present classes): the right singular vectors
+        of :attr:`centered_means` with the largest singular values (the structural zero is
+        dropped, near-zero ones are kept so that nearby means stay inside the span). Pass it
+        as ``ClassStatistics(scatter_basis=...)`` to accumulate only what NC1 needs.
+        """
+        mt = self.centered_means
+        r = min(mt.shape[0] - 1, self.dim)
+        if r <= 0:
+            return mt.new_zeros(self.dim, 0)
+        _, _, vh = torch.linalg.svd(mt, full_matrices=False)
+        return vh[:r].T.contiguous()
 
     # -- utilities --------------------------------------------------------------------------
     def pad(self, dim: int) -> ClassMoments:
@@ -173,28 +256,28 @@ class ClassMoments:
             return self
         extra = dim - d
 
-        def grow(t: Tensor, dims: tuple[int, ...]) -> Tensor:
+        def grow(t: Tensor | None, dims: tuple[int, ...]) -> Tensor | None:
+            if t is None:
+                return None
             pads: list[int] = []
             for axis in reversed(range(t.ndim)):
                 pads += [0, extra] if axis in dims else [0, 0]
             return torch.nn.functional.pad(t, pads)
 
-        cs = self.class_scatter
         return replace(
             self,
             means=grow(self.means, (1,)),
             scatter=grow(self.scatter, (0, 1)),
-            class_scatter=None if cs is None else grow(cs, (1, 2)),
+            class_scatter=grow(self.class_scatter, (1, 2)),
+            span_basis=grow(self.span_basis, (0,)),
         )
 
     def to(self, *args, **kwargs) -> ClassMoments:
         """Move every tensor (``Tensor.to`` semantics)."""
-        cs = self.class_scatter
-        return replace(
-            self,
-            counts=self.counts.to(*args, **kwargs),
-            means=self.means.to(*args, **kwargs),
-            scatter=self.scatter.to(*args, **kwargs),
-            class_ss=self.class_ss.to(*args, **kwargs),
-            class_scatter=None if cs is None else cs.to(*args, **kwargs),
-        )
+        names = ("counts", "means", "scatter", "class_ss", "class_scatter")
+        names += ("span_basis", "span_scatter", "norm_sums")
+        moved = {}
+        for name in names:
+            t = getattr(self, name)
+            moved[name] = None if t is None else t.to(*args, **kwargs)
+        return replace(self, **moved)

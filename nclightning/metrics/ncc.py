@@ -1,9 +1,13 @@
-"""NC4, the nearest-class-centre (NCC) mismatch of a classifier (docs/science.md §1).
+"""NC4, the nearest-class-centre (NCC) mismatch (docs/science.md §1): :class:`NCCMismatch`.
 
-``NC4 = (1/N) #{i : argmax_k (W h_i + b)_k != argmin_k ||h_i - mu_k||}``. Labels play no
-part. The class means ``mu_k`` must be known before the first sample is classified, so a
-streaming pass uses *reference* means (those of the previous pass), and in-memory features
-use their own exact means in a second sweep (:func:`~nclightning.metrics.collapse_metrics`).
+Owns the NCC decision (:class:`NCCReference`: reference class means, optionally a linear
+classifier) and the streaming, DDP-reduced mismatch count :class:`NCCMismatch`:
+``NC4 = (1/N) #{i : prediction_i != argmin_k ||h_i - mu_k||}``, with the prediction the
+network's (any layer) or a classifier's ``argmax_k (W h_i + b)_k``. Labels play no part. The
+class means must be known before the first sample is classified: Papyan's NC4 uses the same
+probe's final means (a second sweep over cached features, or a second pass), a held-out
+probe's ``nc4_train_means`` the TRAIN probe's means. Also owns
+:func:`exact_float32_matmul`, used by every float32 product of this package.
 
 Features are rows (``features[B, d]``); ``weight[K, d]``, ``bias[K]`` follow
 ``torch.nn.Linear(d, K)``.
@@ -12,11 +16,16 @@ Features are rows (``features[B, d]``); ``weight[K, d]``, ``bias[K]`` follow
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor
+from torchmetrics import Metric
 
-__all__ = ["NCCReference", "exact_float32_matmul"]
+from nclightning.metrics.moments import ClassMoments
+from nclightning.metrics.state import Float64States
+
+__all__ = ["NCCMismatch", "NCCReference", "exact_float32_matmul"]
 
 
 @contextmanager
@@ -49,7 +58,8 @@ class NCCReference:
 
     Everything is stored in float64; :meth:`mismatches` works in the requested precision on
     features re-centred on the mean of the reference means, which keeps float32 decisions
-    accurate when the means are large compared with their spread.
+    accurate when the means are large compared with their spread. Ties go to the lowest
+    class index.
     """
 
     def __init__(
@@ -88,6 +98,8 @@ class NCCReference:
         self.centre = mu.mean(0)  # [d]
         mu_c = mu - self.centre
         self.sq_norms = mu_c.square().sum(1)  # [K']
+        self.coincident = mu.shape[0] >= 2 and not bool((mu_c != 0).any())
+        """Every eligible mean is the same point: the nearest centre is undefined."""
         self.proj = torch.cat([w, mu_c])  # [K + K', d]: classifier rows, then centred means
         self.bias = w @ self.centre + b  # logits of centred features: W(h - c) + (W c + b)
         self._cache: dict[tuple, tuple[Tensor, ...]] = {}
@@ -133,3 +145,77 @@ class NCCReference:
         elif pred is None:
             raise ValueError("NC4 needs a classifier (weight) or the predictions of each sample")
         return (pred != ncc).sum().to(torch.float64)
+
+
+class NCCMismatch(Float64States, Metric):
+    """Streaming NC4: the fraction of samples whose prediction is not the nearest class mean.
+
+    ``update(features[B, d], predictions[B])`` counts rows where ``predictions`` (the class
+    each sample is assigned by the network, e.g. the classifier's argmax; any layer's
+    features can be compared with it) differs from the nearest reference mean. Without
+    ``predictions`` the classifier given here votes (``argmax(W h + b)``). States: two
+    float64 ``"sum"`` counters, so torchmetrics' sync adds them across processes.
+
+    Args:
+        means: reference class means ``[K, d]`` (identical on every rank), or a
+            :class:`ClassMoments` (its ``present`` mask is then the default).
+        present: ``[K]`` classes eligible as nearest centre (default: finite rows).
+        weight, bias: optional classifier ``W[K, d]``, ``b[K]``.
+        compute_dtype: precision of the distances (default: float32, float64 for float64
+            features).
+        kwargs: ``torchmetrics.Metric`` options.
+
+    :meth:`compute` returns a 0-dim float64 tensor: the mismatch fraction, NaN before any
+    sample or when every eligible mean coincides (a dead layer: no nearest centre).
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+    _F64_STATES = ("mismatches", "samples")
+
+    def __init__(
+        self,
+        means: Tensor | ClassMoments,
+        present: Tensor | None = None,
+        *,
+        weight: Tensor | None = None,
+        bias: Tensor | None = None,
+        compute_dtype: torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if isinstance(means, ClassMoments):
+            present = means.present if present is None else present
+            means = means.means
+        if compute_dtype not in (None, torch.float32, torch.float64):
+            raise ValueError(f"compute_dtype must be None, float32 or float64, got {compute_dtype}")
+        self.compute_dtype = compute_dtype
+        self.reference = NCCReference(means, weight, bias, present)
+        self.add_state("mismatches", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("samples", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, features: Tensor, predictions: Tensor | None = None) -> None:
+        """Count a batch: ``features[B, d]`` (rows), ``predictions[B]`` class indices."""
+        ref = self.reference
+        if features.ndim != 2 or features.shape[1] != ref.dim:
+            raise ValueError(
+                f"features must be [B, d] with d={ref.dim} (rows), got {tuple(features.shape)}"
+            )
+        if predictions is not None and predictions.shape != features.shape[:1]:
+            raise ValueError(
+                f"predictions must be [B] with B={features.shape[0]}, "
+                f"got {tuple(predictions.shape)}"
+            )
+        if features.device != self.device:
+            self.to(features.device)
+        x = features.detach()
+        dtype = self.compute_dtype or (torch.float64 if x.dtype == torch.float64 else torch.float32)
+        self.mismatches += ref.mismatches(x, dtype, predictions)
+        self.samples += x.shape[0]
+
+    def compute(self) -> Tensor:
+        """Mismatch fraction (0-dim float64); NaN without samples or with coinciding means."""
+        if self.reference.coincident:
+            return torch.full((), float("nan"), dtype=torch.float64, device=self.samples.device)
+        return self.mismatches / self.samples  # 0 / 0 = NaN before any sample

@@ -6,7 +6,10 @@ Every backbone maps an input batch ``x[B, *input_shape]`` to penultimate feature
 * ``out_dim: int``, the feature width ``d``;
 * ``feature_layers: dict[str, str]``, alias -> module name relative to the backbone (``""`` is
   the backbone itself): ``"penultimate"`` always, ``"h0"`` (the input of the last same-width
-  block, docs/science.md §2) where the architecture has one.
+  block, docs/science.md §2) where the architecture has one;
+* ``feature_info: list[FeatureInfo]`` (:mod:`nclightning.models.protocols`, timm's
+  convention): every distinct feature layer in forward order with its width, known at
+  construction, the penultimate features (``""``) last.
 
 =====================  ===============================  ===============================
 name                   options (``backbone_kwargs``)    ``h0``

@@ -1,5 +1,11 @@
 """``CollapseClassifier``: feature backbone + linear classifier, trained into the terminal phase.
 
+This module owns the LightningModule (losses, weight-decay groups, schedules, logging) and the
+accessors the callbacks use to find things without guessing: ``get_classifier()`` (the final
+``nn.Linear``), ``feature_layers`` and ``feature_info`` (:mod:`nclightning.models.protocols`),
+and, with the ``mlp`` backbone, the :class:`~nclightning.models.protocols.LayerwiseModel`
+methods of layer-wise training (docs/science.md §6.2).
+
 ``forward(x)``: ``x[B, *input_shape] -> logits[B, K]``, ``logits = W h + b`` with
 ``h = features(x)`` ``[B, d]`` and ``W = classifier.weight [K, d]``, ``b = classifier.bias [K]``.
 
@@ -14,10 +20,10 @@ Losses (``loss``):
       L = 1/(2B) * sum_i [ k (z_{i,y_i} - M)^2 + sum_{c != y_i} z_{i,c}^2 ]
 
   With ``M = k = 1`` this is ``1/(2N) ||W H + b 1^T - Y||_F^2``, the data term of the paper's
-  Eq. 2 (docs/science.md §2; features as columns there). Unlike Hui & Belkin there is no extra
-  ``1/K`` averaging over the classes.
+  Eq. 2 (docs/science.md §2.1, §9.8; features as columns there). Unlike Hui & Belkin there is
+  no extra ``1/K`` averaging over the classes.
 
-Weight decay (docs/science.md §6, Fig. 3 of Tirer et al.) is applied to *all* parameters, in two
+Weight decay (docs/science.md §6.1, Fig. 3 of Tirer et al.) is applied to *all* parameters, in two
 groups: every backbone parameter (conv/linear weights, biases, BN affine parameters) gets
 ``weight_decay`` (lambda_H in the paper's analogy), every classifier parameter (weight and
 bias) gets ``classifier_weight_decay`` (lambda_W; ``None`` means the same as
@@ -45,7 +51,9 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from nclightning.errors import ConfigurationError
 from nclightning.models.backbones import build_backbone
+from nclightning.models.protocols import FeatureInfo, prefixed
 
 __all__ = ["CollapseClassifier", "EpochLR", "mse_loss"]
 
@@ -175,6 +183,38 @@ class CollapseClassifier(LightningModule):
             for alias, name in self.backbone.feature_layers.items()
         }
 
+    @property
+    def feature_info(self) -> list[FeatureInfo]:
+        """The backbone's ``feature_info`` with module names as in ``named_modules()``.
+
+        Every distinct feature layer in forward order, widths known before any forward; the
+        last entry is ``"backbone"`` (alias ``"penultimate"``), the classifier's input.
+        """
+        return prefixed(self.backbone.feature_info, "backbone")
+
+    def get_classifier(self) -> nn.Linear:
+        """The final linear classifier ``W[K, d], b[K]`` (timm's accessor name)."""
+        return self.classifier
+
+    def layerwise_blocks(self) -> nn.Sequential:
+        """The MLP's hidden blocks (:class:`~nclightning.models.protocols.LayerwiseModel`).
+
+        Raises :class:`~nclightning.errors.ConfigurationError` for another backbone.
+        """
+        blocks = getattr(self.backbone, "layerwise_blocks", None)
+        if blocks is None:
+            raise ConfigurationError(
+                "layer-wise training grows the 'mlp' backbone one block per stage; this "
+                f"CollapseClassifier has backbone {self.hparams.backbone!r}: use backbone 'mlp', "
+                "or a LightningModule that implements nclightning.models.LayerwiseModel"
+            )
+        return blocks()
+
+    def set_layerwise_depth(self, depth: int) -> None:
+        """Run the first ``depth`` MLP blocks, then the classifier (``LayerwiseModel``)."""
+        self.layerwise_blocks()  # the same clear error for a backbone that cannot grow
+        self.backbone.set_layerwise_depth(depth)
+
     def features(self, x: Tensor) -> Tensor:
         """Penultimate features ``[B, d]`` of ``x[B, *input_shape]``."""
         if self.use_channels_last and x.dim() == 4:
@@ -226,7 +266,7 @@ class CollapseClassifier(LightningModule):
 
         Each is ``{"name", "params", "weight_decay"}``; only trainable parameters
         (``requires_grad``) are included and empty groups are dropped, so frozen layers (e.g.
-        layer-wise training, docs/science.md §6 Fig. 2) are left out.
+        layer-wise training, docs/science.md §6.2, Fig. 2) are left out.
         """
         hp = self.hparams
         classifier_wd = (

@@ -1,4 +1,4 @@
-"""Multi-layer perceptron feature backbone (the layer-wise MLP of docs/science.md §6, Fig. 2).
+"""Multi-layer perceptron feature backbone (the layer-wise MLP of docs/science.md §6.2, Fig. 2).
 
 ``x[B, *input_shape]`` is flattened to ``[B, D]`` (``D = prod(input_shape)``) and passed
 through ``depth`` hidden blocks ``blocks.0 .. blocks.{depth-1}``, each
@@ -8,8 +8,14 @@ is the penultimate feature ``H`` ``[B, width]``; its input passes through the id
 perturbation model (docs/science.md §2).
 
 ``active_depth`` (default ``depth``) runs only the first blocks: layer-wise training
-(docs/science.md §6, Fig. 2; :class:`~nclightning.callbacks.LayerwiseTraining`) grows it one block
-per stage, and ``h0`` always taps the input of the deepest active block.
+(docs/science.md §6.2, Fig. 2; :class:`~nclightning.callbacks.LayerwiseTraining`) grows it one block
+per stage, and ``h0`` always taps the input of the deepest active block. The MLP implements the
+block half of :class:`~nclightning.models.protocols.LayerwiseModel` (``layerwise_blocks``,
+``set_layerwise_depth``); the classifier that owns it supplies the head.
+
+``feature_info`` (:class:`~nclightning.models.protocols.FeatureInfo`, widths known at
+construction): ``blocks.0 .. blocks.{depth-2}`` (the last of them is ``h0``'s features at full
+depth), then ``""``, the penultimate features (= the output of ``blocks.{depth-1}``).
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ from collections.abc import Sequence
 from typing import Literal
 
 from torch import Tensor, nn
+
+from nclightning.errors import ConfigurationError
+from nclightning.models.protocols import FeatureInfo
 
 __all__ = ["MLP"]
 
@@ -76,6 +85,18 @@ class MLP(nn.Module):
         self.feature_layers: dict[str, str] = {"penultimate": ""}
         if depth >= 2:
             self.feature_layers["h0"] = "h0"
+        self.feature_info: list[FeatureInfo] = [
+            FeatureInfo(
+                module=f"blocks.{i}",
+                num_chs=width,
+                reduction=None,
+                alias="h0" if i == depth - 2 else None,
+            )
+            for i in range(depth - 1)
+        ]
+        self.feature_info.append(
+            FeatureInfo(module="", num_chs=width, reduction=None, alias="penultimate")
+        )
 
     @property
     def active_depth(self) -> int:
@@ -85,8 +106,16 @@ class MLP(nn.Module):
     @active_depth.setter
     def active_depth(self, value: int) -> None:
         if not 1 <= int(value) <= self.depth:
-            raise ValueError(f"active_depth must be in 1..{self.depth}, got {value}")
+            raise ConfigurationError(f"active_depth must be in 1..{self.depth}, got {value}")
         self._active_depth = int(value)
+
+    def layerwise_blocks(self) -> nn.Sequential:
+        """The hidden blocks ``blocks.0 .. blocks.{depth-1}`` (layer-wise growth)."""
+        return self.blocks
+
+    def set_layerwise_depth(self, depth: int) -> None:
+        """Run the first ``depth`` blocks from now on (sets :attr:`active_depth`)."""
+        self.active_depth = depth
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.flatten(x)

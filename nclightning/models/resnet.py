@@ -10,6 +10,11 @@ in the same space: ``H0`` and ``H`` of the perturbation model (docs/science.md Â
 declare ``feature_layers = {"penultimate": "", "h0": "layer4.0"}`` (names relative to the
 backbone, ``""`` = the backbone itself); ``h0`` is a 4-D map the callback pools.
 
+``feature_info`` (:class:`~nclightning.models.protocols.FeatureInfo`, known at construction):
+the stem (``relu``), the residual blocks ``layer1.0 .. layer4.0`` and the pooled penultimate
+features ``""``, which are the pooled output of ``layer4.1`` (so that block has no entry of its
+own). Reductions: CIFAR stem 1, stages 1-2-4-8; ImageNet stem 2, stages 4-8-16-32.
+
 Reference: He et al., "Deep Residual Learning for Image Recognition", CVPR 2016. The CIFAR
 variant swaps the 7x7/2 stem + max-pool for a 3x3 stride-1 conv (the widely used
 kuangliu/pytorch-cifar layout), keeping 32x32 inputs at 4x4 resolution in ``layer4``.
@@ -24,9 +29,32 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
-__all__ = ["CifarResNet18", "ResNet18ImageNet", "image_shape"]
+from nclightning.models.protocols import FeatureInfo
+
+__all__ = ["CifarResNet18", "ResNet18ImageNet", "image_shape", "resnet18_feature_info"]
 
 RESNET_FEATURE_LAYERS = {"penultimate": "", "h0": "layer4.0"}
+
+
+def resnet18_feature_info(
+    width: int, stem_reduction: int, layer1_reduction: int
+) -> list[FeatureInfo]:
+    """``feature_info`` of a ResNet-18 with stage widths ``width * (1, 2, 4, 8)`` (module doc)."""
+    info = [FeatureInfo(module="relu", num_chs=width, reduction=stem_reduction, alias=None)]
+    for stage in range(4):
+        for block in range(2):
+            if (stage, block) == (3, 1):  # pooled, it is the penultimate entry below
+                continue
+            info.append(
+                FeatureInfo(
+                    module=f"layer{stage + 1}.{block}",
+                    num_chs=width * 2**stage,
+                    reduction=layer1_reduction * 2**stage,
+                    alias="h0" if (stage, block) == (3, 0) else None,
+                )
+            )
+    info.append(FeatureInfo(module="", num_chs=8 * width, reduction=None, alias="penultimate"))
+    return info
 
 
 def image_shape(name: str, input_shape: Sequence[int]) -> tuple[int, int, int]:
@@ -63,6 +91,7 @@ class CifarResNet18(nn.Module):
         self.layer4 = self._make_layer(8 * width, stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.out_dim: int = 8 * width
+        self.feature_info = resnet18_feature_info(width, stem_reduction=1, layer1_reduction=1)
         for m in self.modules():  # torchvision's initialisation
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -101,3 +130,4 @@ class ResNet18ImageNet(ResNet):
             nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
         self.fc = nn.Identity()
         self.out_dim: int = 512 * BasicBlock.expansion
+        self.feature_info = resnet18_feature_info(64, stem_reduction=2, layer1_reduction=4)

@@ -15,6 +15,11 @@ Every ``convN`` is a ``Sequential(Conv2d 3x3, BatchNorm2d, ReLU)``. Max-pools us
 this is the usual floor pooling. ``features.4.0`` (the input of the last conv block
 ``features.4.1``) has the same 512 channels as the penultimate features: ``H0`` of the
 perturbation model. ``feature_layers = {"penultimate": "", "h0": "features.4.0"}``.
+
+``feature_info`` (:class:`~nclightning.models.protocols.FeatureInfo`, known at construction):
+every conv block ``features.i.j`` (reduction ``2^i``, widths 64-128-256-256-512-512-512-512
+times ``width / 64``), then the pooled penultimate features ``""``. The last conv block keeps its
+own entry: the penultimate features average-pool its *max-pooled* map, a different feature.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from nclightning.models.protocols import FeatureInfo
 from nclightning.models.resnet import image_shape
 
 __all__ = ["VGG11BN"]
@@ -51,16 +57,26 @@ class VGG11BN(nn.Module):
         super().__init__()
         in_channels = image_shape("vgg11_bn", input_shape)[0]
         stages = []
-        for multipliers in VGG11_STAGES:
+        self.feature_info: list[FeatureInfo] = []
+        for i, multipliers in enumerate(VGG11_STAGES):
             convs = []
-            for m in multipliers:
+            for j, m in enumerate(multipliers):
                 convs.append(conv_bn_relu(in_channels, m * width))
                 in_channels = m * width
+                alias = "h0" if (i, j) == (4, 0) else None
+                self.feature_info.append(
+                    FeatureInfo(
+                        module=f"features.{i}.{j}", num_chs=in_channels, reduction=2**i, alias=alias
+                    )
+                )
             stages.append(nn.Sequential(*convs))
         self.features = nn.Sequential(*stages)
         self.pool = nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.out_dim: int = in_channels
+        self.feature_info.append(
+            FeatureInfo(module="", num_chs=in_channels, reduction=None, alias="penultimate")
+        )
         for m in self.modules():  # torchvision's VGG initialisation
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -32,7 +32,7 @@ from nclightning.perturbation.pair import (
     DEFAULT_NORMALIZATION,
     PERTURBATIVE_FACTOR,
     RESIDUAL_KEYS,
-    STATUS_CODES,
+    STATUSES,
     PairFit,
     fit_pair,
 )
@@ -52,7 +52,7 @@ __all__ = [
     "NORMALIZATIONS",
     "PERTURBATIVE_FACTOR",
     "RESIDUAL_KEYS",
-    "STATUS_CODES",
+    "STATUSES",
     "BetaFit",
     "ConvergenceWarning",
     "FlowTrajectory",

@@ -7,14 +7,17 @@ so that the minimiser ``H*`` of Eq. 2 reproduces ``nc1_tilde(H)`` of the later l
 with ``H``'s: ``residual = log10(predicted / measured)`` (0 when equal). The coupling
 ``beta / lambda_H`` is reported, not ``beta`` of the raw features (docs/science.md §7).
 
-Statuses (``PairFit.status``; ``STATUS_CODES`` for the run record):
+Statuses (``PairFit.status``, :data:`STATUSES`; their logged codes are
+``nclightning.record.keys.PAIR_STATUS``):
 
 * ``"fitted"``: a coupling reproduces ``nc1_tilde(H)``;
 * ``"not_more_collapsed"``: ``nc1_tilde(H) >= nc1_tilde(H0)``. No finite coupling can reach it
   (``beta -> inf`` gives ``H* = H0``): coupling ``inf``, predicted = ``H0``'s metrics, residuals
   against ``H``. A measurement, not a failure;
 * ``"identical"``: ``H`` equals ``H0`` up to a positive factor: coupling ``inf``, the residual of
-  every feature metric 0 (``nc3`` compares the model's ridge classifier with ``weight``).
+  every feature metric 0 (``nc3`` compares the model's ridge classifier with ``weight``);
+* ``"fixed"``: no fit: ``H*`` at a given ``coupling`` (``fit_pair(..., coupling=c)``), every
+  metric a residual, ``nc1_tilde`` included.
 
 ``perturbative``: ``beta >= PERTURBATIVE_FACTOR * max(1, lambda_H)`` (``beta`` of the
 normalised problem), the regime ``beta >> max(1, lambda_H)`` of Theorems 4.1-4.2 and Eq. 5
@@ -43,7 +46,7 @@ from nclightning.perturbation._scale import (
     same_up_to_scale,
     scale_search,
 )
-from nclightning.perturbation._search import RootSearch, Solver
+from nclightning.perturbation._search import Point, RootSearch, Solver
 from nclightning.perturbation._spectral import Spectrum
 from nclightning.perturbation.fit import DEFAULT_COUPLING_RANGE, metric_of, search_message
 from nclightning.perturbation.solver import DEFAULT_TOL, SolveResult, result_of, ridge_classifier
@@ -52,7 +55,7 @@ __all__ = [
     "DEFAULT_NORMALIZATION",
     "PERTURBATIVE_FACTOR",
     "RESIDUAL_KEYS",
-    "STATUS_CODES",
+    "STATUSES",
     "PairFit",
     "fit_pair",
 ]
@@ -64,10 +67,11 @@ the same metrics to 3 digits and the norm ratio worse). ``"norm_ratio"`` predict
 metrics better on two of three networks, at 4-5 times the cost, and only by tying ``H0``'s
 scale to ``||H|| / ||H0||``, which moves with any gain on ``H`` alone."""
 PERTURBATIVE_FACTOR = 10.0
-STATUS_CODES = {"fitted": 0, "not_more_collapsed": 1, "identical": 2}
-RESIDUAL_KEYS = ("nc1", "nc2_etf", "nc2_equinorm", "nc3", "cdnv", "norm_ratio")
-"""Metrics compared between ``H*`` and ``H`` (``nc3`` with ``weight``; ``norm_ratio`` unless
-the normalisation fits it)."""
+STATUSES = ("fitted", "not_more_collapsed", "identical", "fixed")
+RESIDUAL_KEYS = ("nc1_tilde", "nc1", "nc2_etf", "nc2_equinorm", "nc3", "cdnv", "norm_ratio")
+"""Metrics compared between ``H*`` and ``H``, less those fitted (``nc1_tilde`` when the
+status is ``"fitted"``, ``norm_ratio`` with the ``"norm_ratio"`` normalisation); ``nc3`` with
+``weight``."""
 
 _SCALE_FREE = (
     "nc1",
@@ -173,6 +177,7 @@ def fit_pair(
     normalization: str = DEFAULT_NORMALIZATION,
     coupling_range: tuple[float, float] = DEFAULT_COUPLING_RANGE,
     near: float | None = None,
+    coupling: float | None = None,
     points_per_decade: float = 1.0,
     rtol: float = 1e-8,
     tol: float = DEFAULT_TOL,
@@ -189,6 +194,8 @@ def fit_pair(
         coupling_range: searched ``beta / lambda_H`` (grid of ``points_per_decade`` per
             decade, scanned from the top: the largest coupling reproducing the target).
         near: a previous coupling, tried first inside the final bracket (same root to ``rtol``).
+        coupling: no fit: ``H*`` at this ``beta / lambda_H`` (status ``"fixed"``; with
+            ``"norm_ratio"`` the scale is still fitted to the measured norm ratio).
         rtol: relative accuracy of the coupling; tol: solver tolerance.
 
     Raises:
@@ -213,6 +220,10 @@ def fit_pair(
     target = measured["nc1_tilde"]
     if not math.isfinite(target):
         raise DataError(f"nc1_tilde of H is {target}: a dead layer or one class; cannot fit")
+    if coupling is not None:
+        return _fixed_pair(
+            m0, measured, normalization, float(coupling), lambda_W, lambda_H, weight, tol
+        )
     args = dict(lambda_W=lambda_W, lambda_H=lambda_H, weight=weight, measured=measured)
     if same_up_to_scale(m0, m, measured["norm_ratio"]):
         return _limit("identical", m0, normalization, **args)
@@ -278,13 +289,60 @@ def _search_at_scale(
     return _AtScale(s, search, solver, lambda_H, ratio)
 
 
+@dataclass
+class _AtCoupling:
+    """``H*`` at a given coupling for ``s H0`` (no search): the interface of :class:`_AtScale`."""
+
+    s: float
+    point: Point
+    solver: Solver
+    lambda_H: float
+    ratio: float
+
+    @property
+    def search(self) -> _AtCoupling:  # ``search.point``, as for a search
+        return self
+
+    @property
+    def coupling(self) -> float:
+        return self.point.beta / self.lambda_H
+
+    @property
+    def converged(self) -> bool:
+        return bool(self.point.result.converged)
+
+
+def _fixed_pair(m0, measured, normalization, coupling, lambda_W, lambda_H, weight, tol) -> PairFit:
+    """``H*`` of ``s H0`` at ``coupling``: status ``"fixed"``, every metric a residual."""
+    if not (math.isfinite(coupling) and coupling > 0):
+        raise ConfigurationError(f"coupling must be a positive number, got {coupling!r}")
+    base = Spectrum.of(m0)
+
+    def at_scale(s: float, near=None, window=None) -> _AtCoupling:
+        spec = base.scaled(s)
+        solver = Solver(spec, lambda_W, lambda_H, metric_of("nc1_tilde"), tol)
+        point = solver.at(lambda_H * coupling, [None])
+        ratio = point.model.rms(point.W) / (s * rms_norm(base.moments))
+        return _AtCoupling(s, point, solver, lambda_H, ratio)
+
+    note = f"fixed coupling {coupling:g} (no fit)"
+    if normalization == "norm_ratio":
+        s0 = fixed_scale(m0, "between", lambda_W, lambda_H)
+        found, converged, msg = scale_search(at_scale, s0, measured["norm_ratio"])
+        note = f"{note}; {msg}" if msg else note
+    else:
+        found, converged = at_scale(fixed_scale(m0, normalization, lambda_W, lambda_H)), True
+    return _pair_fit(found, normalization, weight, measured, converged, note, status="fixed")
+
+
 def _pair_fit(
-    found: _AtScale,
+    found: _AtScale | _AtCoupling,
     normalization: str,
     weight: Tensor | None,
     measured: dict[str, float],
     converged: bool,
     note: str | None,
+    status: str = "fitted",
 ) -> PairFit:
     """The comparison of ``H*`` with ``H`` at the found coupling (moments of ``H*``)."""
     p, lh = found.search.point, found.lambda_H
@@ -295,8 +353,9 @@ def _pair_fit(
         message += (
             f"; {found.solver.branches} evaluation(s) where two starts reached different minima"
         )
+    fitted = _fitted(normalization) + (("nc1_tilde",) if status == "fitted" else ())
     return PairFit(
-        status="fitted",
+        status=status,
         coupling=p.beta / lh,
         beta=p.beta,
         scale=found.s,
@@ -304,7 +363,7 @@ def _pair_fit(
         perturbative=p.beta >= PERTURBATIVE_FACTOR * max(1.0, lh),
         predicted=predicted,
         measured=measured,
-        residuals=_residuals(predicted, measured, _fitted(normalization)),
+        residuals=_residuals(predicted, measured, fitted),
         objective=res.objective,
         grad_norm=res.grad_norm,
         converged=converged and found.converged and res.converged,

@@ -60,13 +60,16 @@ DEPTH = "depth"
 
 ACCURACY = "accuracy"
 
-PAIR_STATUS = {"fitted": 0, "not_more_collapsed": 1, "identical": 2}
+PAIR_STATUS = {"fitted": 0, "not_more_collapsed": 1, "identical": 2, "fixed": 3}
 """Numeric codes of a pair fit's ``status`` (loggers take numbers):
 
 * ``fitted``: a finite coupling whose ``H*`` has the measured ``nc1_tilde`` of ``H``;
 * ``not_more_collapsed``: ``H`` is no more collapsed than ``H0``; no finite coupling reaches
   it, the closest the model comes is ``H* = H0`` (coupling infinite);
-* ``identical``: ``H`` equals ``H0``; the coupling is infinite and every residual zero."""
+* ``identical``: ``H`` equals ``H0``; the coupling is infinite and every residual zero;
+* ``fixed``: no fit: ``H*`` at the coupling the callback was given (``coupling=<number>``).
+
+The names are :data:`nclightning.perturbation.STATUSES`, in this order."""
 
 PAIR_QUANTITIES = (
     "coupling",

@@ -34,11 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from nclightning.errors import ConfigurationError
+from nclightning.files import atomic_save, file_mode
 
 __all__ = [
     "FORMAT",
     "OWNER_FILE",
-    "atomic_save",
     "claim_directory",
     "list_snapshots",
     "read_snapshot",
@@ -49,33 +49,6 @@ __all__ = [
 FORMAT = 2
 OWNER_FILE = ".nclightning-owner"
 _NAME = re.compile(r"probe-(\d+)\.pt")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save(obj)`` to ``path`` through a temporary file in the same folder and a rename.
-
-    The file gets the mode a plain ``open(path, "w")`` would give it (``0o666 & ~umask``).
-    """
-    import torch
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def snapshot_path(directory: str | Path, epochs_trained: int) -> Path:
@@ -145,7 +118,7 @@ def claim_directory(directory: str | Path, token: str) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{OWNER_FILE}.", dir=directory)
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
-    os.chmod(tmp, 0o666 & ~_umask())
+    os.chmod(tmp, file_mode())
     try:
         os.link(tmp, owner)  # atomic: fails if another process claimed it meanwhile
     except FileExistsError:

@@ -15,8 +15,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from nclightning import NeuralCollapseCallback
 from nclightning.data import SyntheticDataModule
+from nclightning.errors import ConfigurationError
 from nclightning.metrics import ClassMoments, metrics_from_moments
 from nclightning.models import CollapseClassifier
+from nclightning.record.keys import accuracy_key, layer_key, pair_key
+from nclightning.record.snapshots import list_snapshots, read_snapshot
 
 K = 4
 
@@ -102,7 +105,7 @@ class FeatureRecorder(Callback):
 def test_logged_metrics_equal_a_float64_reference_on_independently_extracted_features():
     dm, model, logger = _data(), _model(), RecordingLogger()
     recorder = FeatureRecorder(dm, "backbone.blocks.1")
-    cb = NeuralCollapseCallback(pairs=[], log_figures_every_n_epochs=0)
+    cb = NeuralCollapseCallback(pairs=[], log_figures_every_n_probes=0)
     _trainer([cb, recorder], epochs=2, logger=logger).fit(model, dm)
     probes = logger.probes()
     assert sorted(probes) == [0, 1, 2]  # baseline + every epoch
@@ -112,19 +115,15 @@ def test_logged_metrics_equal_a_float64_reference_on_independently_extracted_fea
             weight = rec["W"] if layer == "penultimate" else None
             expected = reference_metrics(rec[layer], rec["y"], K, weight)
             for key, value in expected.items():
-                got = row[f"nc/train/{layer}/{key}"]
+                got = row[layer_key("train", layer, key)]
                 assert got == pytest.approx(value, rel=1e-5), (epoch, layer, key)
-        assert "nc/train/h0/nc3" not in row  # h0 does not feed the classifier
-        assert row["nc/train/accuracy"] == pytest.approx(np.mean(rec["pred"] == rec["y"]))
-        # nc4: the network's prediction vs the nearest class mean of the previous probe
-        if epoch == 0:
-            assert "nc/train/penultimate/nc4" not in row
-        else:
-            prev = recorder.epochs[epoch - 1]
-            for layer in ("penultimate", "h0"):
-                means = np.stack([prev[layer][prev["y"] == k].mean(0) for k in range(K)])
-                expected = np.mean(rec["pred"] != nearest_mean(rec[layer], means))
-                assert row[f"nc/train/{layer}/nc4"] == pytest.approx(expected, abs=1e-9)
+        assert layer_key("train", "h0", "nc3") not in row  # h0 does not feed the classifier
+        assert row[accuracy_key("train")] == pytest.approx(np.mean(rec["pred"] == rec["y"]))
+        # nc4 (Papyan): the network's prediction vs the nearest class mean of THIS probe
+        for layer in ("penultimate", "h0"):
+            means = np.stack([rec[layer][rec["y"] == k].mean(0) for k in range(K)])
+            expected = np.mean(rec["pred"] != nearest_mean(rec[layer], means))
+            assert row[layer_key("train", layer, "nc4")] == pytest.approx(expected, abs=1e-12)
 
 
 class NamedNet(LightningModule):
@@ -165,37 +164,46 @@ def _loader(n_per_class=30, classes=range(K), dim=16, seed=0, batch_size=25):
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
 
 
-def test_user_module_with_named_layers_and_probe_loader():
+def test_user_module_with_named_layers_and_a_named_probe_loader():
     logger, loader = RecordingLogger(), _loader()
     cb = NeuralCollapseCallback(
         layers={"h0": "body.3", "h": "body.5"},
         pairs=[],
         probe=loader,
-        log_figures_every_n_epochs=0,
+        name="extra",
+        log_figures_every_n_probes=0,
     )
     _trainer([cb], epochs=1, logger=logger).fit(NamedNet(), _loader(seed=1))
     row = logger.probes()[1]
-    assert {"nc/custom/h/nc1", "nc/custom/h0/nc1", "nc/custom/accuracy"} <= set(row)
-    assert "nc/custom/h/nc3" in row and "nc/custom/h0/nc3" not in row  # body.5 feeds head
-    assert all(math.isfinite(row[f"nc/custom/{a}/nc1"]) for a in ("h", "h0"))
+    keys = {layer_key("extra", "h", "nc1"), layer_key("extra", "h0", "nc1"), accuracy_key("extra")}
+    assert keys <= set(row)
+    assert layer_key("extra", "h", "nc3") in row  # body.5 feeds head
+    assert layer_key("extra", "h0", "nc3") not in row
+    assert all(math.isfinite(row[layer_key("extra", a, "nc1")]) for a in ("h", "h0"))
+    assert "epoch" not in row and row["epochs_trained"] == 1.0  # one meaning per name
+
+
+def test_a_probe_loader_needs_a_name():
+    with pytest.raises(ConfigurationError, match="needs a name"):
+        NeuralCollapseCallback(probe=_loader())
 
 
 def test_unknown_layer_lists_the_models_modules():
     cb = NeuralCollapseCallback(layers=["body.7"], pairs=[])
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(ConfigurationError) as err:
         _trainer([cb], epochs=1).fit(NamedNet(), _loader())
     msg = str(err.value)
     assert "unknown layer 'body.7'" in msg and "body.5" in msg and "head" in msg
 
 
 def test_module_without_feature_layers_needs_layers():
-    with pytest.raises(ValueError, match="layers="):
+    with pytest.raises(ConfigurationError, match="layers="):
         _trainer([NeuralCollapseCallback()], epochs=1).fit(NamedNet(), _loader())
 
 
 def test_pair_must_name_probed_layers():
     cb = NeuralCollapseCallback(layers={"a": "body.1"}, pairs=[("a", "b")])
-    with pytest.raises(ValueError, match="probed layers are a"):
+    with pytest.raises(ConfigurationError, match="probed layers are a"):
         _trainer([cb], epochs=1).fit(NamedNet(), _loader())
 
 
@@ -207,14 +215,15 @@ def test_nan_features_give_nan_metrics_and_one_warning_not_a_crash():
             pl_module.poison = trainer.current_epoch >= 1  # diverges in the second epoch
 
     cb = NeuralCollapseCallback(
-        layers={"h": "body.5"}, pairs=[], probe=_loader(), log_figures_every_n_epochs=0
+        layers={"h": "body.5"}, pairs=[], probe=_loader(), name="p", log_figures_every_n_probes=0
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _trainer([Poison(), cb], epochs=3, logger=logger).fit(model, _loader(seed=1))
     probes = logger.probes()
-    assert math.isfinite(probes[1]["nc/custom/h/nc1"])
-    assert math.isnan(probes[2]["nc/custom/h/nc1"]) and math.isnan(probes[3]["nc/custom/h/nc1"])
+    key = layer_key("p", "h", "nc1")
+    assert math.isfinite(probes[1][key])
+    assert math.isnan(probes[2][key]) and math.isnan(probes[3][key])
     messages = [str(w.message) for w in caught if "NaN/Inf" in str(w.message)]
     assert len(messages) == 1 and "'h'" in messages[0]
 
@@ -223,17 +232,17 @@ def test_class_missing_from_the_probe_is_named_and_the_rest_is_measured():
     logger = RecordingLogger()
     probe = _loader(classes=[0, 1, 3])  # class 2 absent
     cb = NeuralCollapseCallback(
-        layers={"h": "body.5"}, pairs=[], probe=probe, log_figures_every_n_epochs=0
+        layers={"h": "body.5"}, pairs=[], probe=probe, name="p", log_figures_every_n_probes=0
     )
     with pytest.warns(UserWarning, match=r"class\(es\) 2 have no sample"):
         _trainer([cb], epochs=1, logger=logger).fit(NamedNet(), _loader(seed=1))
-    assert math.isfinite(logger.probes()[1]["nc/custom/h/nc1"])
+    assert math.isfinite(logger.probes()[1][layer_key("p", "h", "nc1")])
 
 
 def test_probe_restores_modes_hooks_and_grad_even_on_error():
     model = NamedNet()
     cb = NeuralCollapseCallback(
-        layers={"h": "body.5"}, pairs=[], probe=_loader(), log_figures_every_n_epochs=0
+        layers={"h": "body.5"}, pairs=[], probe=_loader(), name="p", log_figures_every_n_probes=0
     )
     seen = {}
 
@@ -247,7 +256,7 @@ def test_probe_restores_modes_hooks_and_grad_even_on_error():
             seen["grad"] = torch.is_grad_enabled()
 
     _trainer([cb, Check()], epochs=1).fit(model, _loader(seed=1))
-    assert len(cb._history) == 2  # the epoch-end probe ran before Check looked
+    assert len(cb.history) == 2  # the epoch-end probe ran before Check looked
     assert seen["modes"] == [True, True, True, False, True, True, True, True, True]
     assert seen["hooks"] == 0 and seen["grad"]
 
@@ -259,12 +268,16 @@ def test_probe_restores_modes_hooks_and_grad_even_on_error():
 
     model = NamedNet()
     model.head.register_forward_hook(explode)
-    cb = NeuralCollapseCallback(layers={"h": "body.5"}, pairs=[], probe=_loader())
+    cb = NeuralCollapseCallback(layers={"h": "body.5"}, pairs=[], probe=_loader(), name="p")
     with pytest.raises(Boom):
         _trainer([cb], epochs=1).fit(model, _loader(seed=1))
     assert all(m.training for m in model.modules())
     assert all(not m._forward_hooks for m in model.body.modules())
     assert torch.is_grad_enabled()
+
+
+def _snapshot_files(folder):
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
 
 
 def test_snapshots_are_atomic_loadable_and_match_the_logged_values(tmp_path):
@@ -273,68 +286,108 @@ def test_snapshots_are_atomic_loadable_and_match_the_logged_values(tmp_path):
         pairs=[],
         snapshot_dir=str(tmp_path / "snap"),
         snapshot_features=50,
-        log_figures_every_n_epochs=0,
+        log_figures_every_n_probes=0,
     )
     _trainer([cb], epochs=2, logger=logger).fit(model, dm)
-    files = sorted(p.name for p in (tmp_path / "snap").iterdir())
-    assert files == ["epoch_0000.pt", "epoch_0001.pt", "epoch_0002.pt"]  # no temp files left
-    snap = torch.load(tmp_path / "snap" / "epoch_0002.pt", weights_only=True)
-    assert snap["epoch"] == 2 and snap["split"] == "train"
-    layer = snap["layers"]["penultimate"]
-    m = ClassMoments(layer["counts"], layer["means"], layer["scatter"], layer["class_ss"])
+    assert _snapshot_files(tmp_path / "snap") == ["probe-0000.pt", "probe-0001.pt", "probe-0002.pt"]
+    snap = read_snapshot(tmp_path / "snap" / "probe-0002.pt")
+    assert snap["epochs_trained"] == 2 and snap["probe"] == "train"
     row = logger.probes()[2]
+    assert snap["row"] == {k: v for k, v in row.items() if k != "epochs_trained"}
+    layer = snap["layers"]["h0"]  # its scatter projected on the span of the class means
+    m = ClassMoments(
+        counts=layer["counts"],
+        means=layer["means"],
+        scatter=layer.get("scatter"),
+        class_ss=layer["class_ss"],
+        span_basis=layer.get("span_basis"),
+        span_scatter=layer.get("span_scatter"),
+        norm_sums=layer["norm_sums"],
+    )
     for key, value in metrics_from_moments(m).items():
-        assert value == pytest.approx(row[f"nc/train/penultimate/{key}"], rel=1e-12)
+        assert value == pytest.approx(row[layer_key("train", "h0", key)], rel=1e-10), key
     assert snap["features"]["penultimate"].shape == (50, 24)
     assert snap["features"]["penultimate"].dtype == torch.float16
     assert torch.equal(snap["labels"], dm.probe_targets("train")[:50])
+    mode = (tmp_path / "snap" / "probe-0002.pt").stat().st_mode & 0o777
+    assert mode == 0o666 & ~_umask()  # the permissions of any other file written
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_snapshots_default_to_the_runs_version_folder_and_refuse_another_runs(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    dm = _data()
+    cb = NeuralCollapseCallback(coupling=1.0, log_figures_every_n_probes=0)
+    _trainer([cb], epochs=1, logger=CSVLogger(tmp_path, name="run", version=0)).fit(_model(), dm)
+    folder = tmp_path / "run" / "version_0" / "snapshots" / "train"
+    assert [p.name for p in list_snapshots(folder)] == ["probe-0000.pt", "probe-0001.pt"]
+    other = NeuralCollapseCallback(snapshot_dir=str(folder), log_figures_every_n_probes=0)
+    with pytest.raises(ConfigurationError, match="belongs to another run"):
+        _trainer([other], epochs=1).fit(_model(), _data())
+    assert [p.name for p in list_snapshots(folder)] == ["probe-0000.pt", "probe-0001.pt"]
 
 
 def test_max_samples_draws_one_balanced_subset_for_the_whole_run(tmp_path):
     dm = _data(samples_per_class=50)
     cb = NeuralCollapseCallback(
-        pairs=[], max_samples=60, seed=3, snapshot_dir=str(tmp_path), log_figures_every_n_epochs=0
+        pairs=[], max_samples=60, seed=3, snapshot_dir=str(tmp_path), log_figures_every_n_probes=0
     )
     _trainer([cb], epochs=2).fit(_model(), dm)
-    counts = [
-        torch.load(p, weights_only=True)["layers"]["penultimate"]["counts"]
-        for p in sorted(tmp_path.iterdir())
-    ]
+    counts = [read_snapshot(p)["layers"]["penultimate"]["counts"] for p in list_snapshots(tmp_path)]
+    assert len(counts) == 3
     assert all(torch.equal(c, torch.full((K,), 15.0, dtype=torch.float64)) for c in counts)
     subset = cb.state_dict()["subset"]
     targets = dm.probe_targets("train")
     assert len(subset) == 60 and torch.equal(targets[subset].bincount(), torch.full((K,), 15))
-    again = NeuralCollapseCallback(pairs=[], max_samples=60, seed=3, log_figures_every_n_epochs=0)
+    again = NeuralCollapseCallback(pairs=[], max_samples=60, seed=3, log_figures_every_n_probes=0)
     _trainer([again], epochs=1).fit(_model(), _data(samples_per_class=50))
     assert torch.equal(again.state_dict()["subset"], subset)  # same seed, same subset
 
 
 def test_every_n_epochs_and_last_epoch(tmp_path):
     logger = RecordingLogger()
-    cb = NeuralCollapseCallback(pairs=[], every_n_epochs=2, log_figures_every_n_epochs=0)
+    cb = NeuralCollapseCallback(pairs=[], every_n_epochs=2, log_figures_every_n_probes=0)
     _trainer([cb], epochs=5, logger=logger).fit(_model(), _data())
     assert sorted(logger.probes()) == [0, 2, 4, 5]
 
 
-def test_fitted_beta_is_the_full_range_solution_of_the_snapshot_moments(tmp_path):
-    """beta="fit" (searched near the previous beta first) = fit_beta over the whole range."""
-    from nclightning import perturbation
+def test_fitted_coupling_searched_near_the_previous_one_is_the_full_range_fit(tmp_path):
+    """The callback searches near its previous coupling first: it must still find the root that
+    a fresh full-range fit of the same moments finds."""
+    from nclightning.perturbation import fit_pair
 
     logger = RecordingLogger()
-    cb = NeuralCollapseCallback(snapshot_dir=str(tmp_path), log_figures_every_n_epochs=0)
+    cb = NeuralCollapseCallback(snapshot_dir=str(tmp_path), log_figures_every_n_probes=0)
     _trainer([cb], epochs=3, logger=logger).fit(_model(), _data())
     for epoch in (2, 3):
-        snap = torch.load(tmp_path / f"epoch_{epoch:04d}.pt", weights_only=True)
-        h0 = ClassMoments(**snap["layers"]["h0"])
-        row = logger.probes()[epoch]
-        target = row["nc/train/penultimate/nc1_tilde"]
-        ref = perturbation.fit_beta(
-            h0, target, lambda_W=5e-4, lambda_H=5e-4, beta_range=(1e-8, 1e8)
+        result_row = logger.probes()[epoch]
+        snap = read_snapshot(tmp_path / f"probe-{epoch:04d}.pt")
+        m0, m = (
+            ClassMoments(
+                counts=snap["layers"][a]["counts"],
+                means=snap["layers"][a]["means"],
+                scatter=snap["layers"][a].get("scatter"),
+                class_ss=snap["layers"][a]["class_ss"],
+                span_basis=snap["layers"][a].get("span_basis"),
+                span_scatter=snap["layers"][a].get("span_scatter"),
+            )
+            for a in ("h0", "penultimate")
         )
-        assert ref.reachable and row["pm/h0->penultimate/reachable"] == 1.0
-        assert row["pm/h0->penultimate/beta"] == pytest.approx(ref.beta, rel=1e-4)
-        assert row["pm/h0->penultimate/nc1_tilde"] == pytest.approx(target, rel=1e-4)
-        assert snap["pairs"]["h0->penultimate"]["beta"] == row["pm/h0->penultimate/beta"]
+        ref = fit_pair(m0, m, lambda_W=5e-4, lambda_H=5e-4)
+        got = result_row[pair_key("train", "h0->penultimate", "coupling")]
+        assert ref.status == "fitted" and got == pytest.approx(ref.coupling, rel=1e-4)
+        assert result_row[pair_key("train", "h0->penultimate", "predicted/nc1_tilde")] == (
+            pytest.approx(result_row[layer_key("train", "penultimate", "nc1_tilde")], rel=1e-4)
+        )
+        assert snap["pairs"]["h0->penultimate"]["coupling"] == got
 
 
 def test_missing_class_is_reported_with_the_datamodules_class_name():
@@ -345,33 +398,37 @@ def test_missing_class_is_reported_with_the_datamodules_class_name():
     probe = DataLoader(
         torch.utils.data.Subset(dm.probe_dataset("train"), keep.tolist()), batch_size=32
     )
-    cb = NeuralCollapseCallback(pairs=[], probe=probe, log_figures_every_n_epochs=0)
+    cb = NeuralCollapseCallback(pairs=[], probe=probe, name="p", log_figures_every_n_probes=0)
     with pytest.warns(UserWarning, match=r"1 \(bee\) have no sample"):
         _trainer([cb], epochs=1).fit(_model(), dm)
 
 
 def test_width_mismatch_is_refused_by_default_and_zero_padded_on_request():
     layers = {"narrow": "head", "wide": "body.5"}  # 4 logits vs 20 features
-    cb = NeuralCollapseCallback(layers=layers, pairs=[("wide", "narrow")], probe=_loader())
-    with pytest.raises(ValueError, match=r"differ in width \(H0 has d=20, H has d=4\)"):
+    cb = NeuralCollapseCallback(
+        layers=layers, pairs=[("wide", "narrow")], probe=_loader(), name="p"
+    )
+    with pytest.raises(ConfigurationError, match=r"differ in width \(H0 has d=20, H has d=4\)"):
         _trainer([cb], epochs=1).fit(NamedNet(), _loader(seed=1))
     logger = RecordingLogger()
     cb = NeuralCollapseCallback(
         layers=layers,
         pairs=[("narrow", "wide")],
         probe=_loader(),
+        name="p",
         width_mismatch="pad",
-        beta=1.0,
-        log_figures_every_n_epochs=0,
+        coupling=1.0,
+        log_figures_every_n_probes=0,
     )
     _trainer([cb], epochs=1, logger=logger).fit(NamedNet(), _loader(seed=1))
     row = logger.probes()[1]
-    assert row["pm/narrow->wide/converged"] == 1.0 and math.isfinite(row["pm/narrow->wide/nc1"])
+    assert row[pair_key("p", "narrow->wide", "converged")] == 1.0
+    assert math.isfinite(row[pair_key("p", "narrow->wide", "predicted/nc1")])
     # a wider H0 cannot be padded into a narrower H
     cb = NeuralCollapseCallback(
-        layers=layers, pairs=[("wide", "narrow")], probe=_loader(), width_mismatch="pad"
+        layers=layers, pairs=[("wide", "narrow")], probe=_loader(), name="p", width_mismatch="pad"
     )
-    with pytest.raises(ValueError, match="differ in width"):
+    with pytest.raises(ConfigurationError, match="differ in width"):
         _trainer([cb], epochs=1).fit(NamedNet(), _loader(seed=1))
 
 
@@ -379,13 +436,13 @@ def test_without_a_probe_dataset_the_train_loader_is_probed_in_index_order():
     """No DataModule: the Trainer's own train loader's dataset, in order, with a warning."""
     train = _loader(seed=1)
     logger = RecordingLogger()
-    cb = NeuralCollapseCallback(layers={"h": "body.5"}, pairs=[], log_figures_every_n_epochs=0)
+    cb = NeuralCollapseCallback(layers={"h": "body.5"}, pairs=[], log_figures_every_n_probes=0)
     model = NamedNet()
     with pytest.warns(UserWarning, match="no probe_dataset"):
         _trainer([cb], epochs=1, logger=logger).fit(model, train)
     x, y = train.dataset.tensors
-    assert torch.equal(cb._subset, torch.arange(len(y)))  # every sample, in order
+    assert torch.equal(cb.state_dict()["subset"], torch.arange(len(y)))  # every sample, in order
     model.eval()
     with torch.no_grad():  # the last probe ran on the final weights
         expected = float((model(x).argmax(1) == y).double().mean())
-    assert logger.probes()[1]["nc/train/accuracy"] == pytest.approx(expected)
+    assert logger.probes()[1][accuracy_key("train")] == pytest.approx(expected)

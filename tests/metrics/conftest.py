@@ -1,4 +1,4 @@
-"""Independent float64 two-pass reference for the collapse metrics (docs/science.md §1).
+"""Independent float64 two-pass reference for the collapse metrics (docs/science.md §1, §8).
 
 Written with numpy and explicit per-class loops, sharing no code with
 ``nclightning.metrics``. Features are rows ``x[N, d]``. The NC1 pseudo-inverse is
@@ -9,6 +9,7 @@ Exposed to the tests as the session fixture ``ref``.
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -48,8 +49,10 @@ def reference_moments(x, y, K):
     )
 
 
-def reference_metrics(x, y, K, weight=None):
-    """``{nc1, nc1_tilde, cdnv, nc2_*, [nc3]}`` by the textbook formulas of docs/science.md §1."""
+def reference_metrics(x, y, K, weight=None, ood_mean=None):
+    """Every scalar of docs/science.md §1 and §8 by the textbook formulas: ``nc1``,
+    ``nc1_tilde``, ``cdnv``, ``nc2_*``, ``gnc2_log``, ``feature_norm``, ``class_mean_norm``,
+    plus ``nc3``, ``unc3`` given ``weight[K, d]`` and ``nc5`` given ``ood_mean[d]``."""
     r = reference_moments(x, y, K)
     Kp = len(r.classes)
     out = {
@@ -82,7 +85,54 @@ def reference_metrics(x, y, K, weight=None):
     if weight is not None:
         W = np.asarray(weight, dtype=np.float64)[r.classes].T  # d x K
         out["nc3"] = float(np.linalg.norm(W / np.linalg.norm(W) - r.M / np.linalg.norm(r.M)))
+    out.update(reference_measures(x, y, K, weight, ood_mean))
     return out
+
+
+def reference_measures(x, y, K, weight=None, ood_mean=None):
+    """The scalars of docs/science.md §8, by explicit loops over classes and pairs."""
+    x = np.asarray(x, dtype=np.float64)
+    r = reference_moments(x, y, K)
+    Kp = len(r.classes)
+    u = [r.M[:, i] / np.linalg.norm(r.M[:, i]) for i in range(Kp)]
+    dists = [np.linalg.norm(u[i] - u[j]) for i in range(Kp) for j in range(i + 1, Kp)]
+    logs = [math.log(1.0 / r) if r > 0 else math.nan for r in dists]  # log(1/0): undefined
+    out = {
+        "gnc2_log": float(np.var(logs, ddof=1)) if len(logs) > 1 else 0.0,
+        "feature_norm": float(np.mean(np.sqrt(np.sum(x**2, axis=1)))),
+        "class_mean_norm": float(np.mean([np.linalg.norm(r.M[:, i]) for i in range(Kp)])),
+    }
+    if weight is not None:
+        W = np.asarray(weight, dtype=np.float64)
+        cos = [
+            W[k] @ r.M[:, i] / (np.linalg.norm(W[k]) * np.linalg.norm(r.M[:, i]))
+            for i, k in enumerate(r.classes)
+        ]
+        out["unc3"] = float(np.var(cos, ddof=1))
+    if ood_mean is not None:
+        v = np.asarray(ood_mean, dtype=np.float64) - r.means.mean(axis=0)
+        cos = [
+            abs(r.M[:, i] @ v) / (np.linalg.norm(r.M[:, i]) * np.linalg.norm(v)) for i in range(Kp)
+        ]
+        out["nc5"] = float(np.mean(cos))
+    return out
+
+
+def reference_class_quantities(x, y, K):
+    """``class_var[K]``, ``cdnv_matrix[K, K]``, ``cosine_matrix[K, K]`` (NaN: absent class,
+    diagonal of the CDNV matrix), by explicit loops."""
+    r = reference_moments(x, y, K)
+    var = np.full(K, np.nan)
+    cdnv = np.full((K, K), np.nan)
+    cos = np.full((K, K), np.nan)
+    for i, k in enumerate(r.classes):
+        var[k] = r.V[i]
+        for j, l in enumerate(r.classes):
+            a, b = r.M[:, i], r.M[:, j]
+            cos[k, l] = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+            if k != l:
+                cdnv[k, l] = (r.V[i] + r.V[j]) / (2 * np.sum((r.means[i] - r.means[j]) ** 2))
+    return {"class_var": var, "cdnv_matrix": cdnv, "cosine_matrix": cos}
 
 
 def reference_nc4(x, means, weight, bias=None):
@@ -128,6 +178,8 @@ def ref():
     return SimpleNamespace(
         moments=reference_moments,
         metrics=reference_metrics,
+        measures=reference_measures,
+        class_quantities=reference_class_quantities,
         nc4=reference_nc4,
         rel_err=rel_err,
         collapsed_data=collapsed_data,

@@ -1,4 +1,7 @@
-"""NC4, the NCC mismatch (docs/science.md §1): exact in memory, streaming with reference means."""
+"""NC4, the NCC mismatch (docs/science.md §1): exact in memory, streaming with NCCMismatch.
+
+Every value is compared with a brute-force count (explicit distances to every mean).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from nclightning.metrics import ClassStatistics, collapse_metrics
+from nclightning.metrics import ClassMoments, ClassStatistics, NCCMismatch, collapse_metrics
 
 K, D, N = 6, 12, 3000
 
@@ -20,129 +23,135 @@ def problem():
     x = mu[y] + 1.5 * rng.standard_normal((N, D))
     w = mu - mu.mean(0) + 1.0 * rng.standard_normal((K, D))
     b = rng.standard_normal(K)
-    x_prev = x + 0.8 * rng.standard_normal((1, D)) + 0.5 * rng.standard_normal((N, D))
-    return x, y, w, b, x_prev
+    x_train = x + 0.8 * rng.standard_normal((1, D)) + 0.5 * rng.standard_normal((N, D))
+    return x, y, w, b, x_train
 
 
 def _t(a):
     return torch.from_numpy(np.ascontiguousarray(a))
 
 
+def _means(x, y, classes=range(K)):
+    return np.stack([x[y == k].astype(np.float64).mean(0) for k in classes])
+
+
+def _nearest(x, means):
+    return ((x[:, None, :] - means[None]) ** 2).sum(2).argmin(1)
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_exact_nc4_in_memory_matches_brute_force(problem, ref, dtype):
     x, y, w, b, _ = problem
     x = x.astype(dtype)
-    means = np.stack([x[y == k].astype(np.float64).mean(0) for k in range(K)])
+    means = _means(x, y)
     expected = ref.nc4(x, means, w, b)
     assert 0.05 < expected < 0.95
     got = collapse_metrics(_t(x), _t(y), _t(w), _t(b))
-    assert got["nc4"] == pytest.approx(expected, abs=0.5 / N)  # same count of mismatches
+    assert float(got["nc4"]) == pytest.approx(expected, abs=0.5 / N)  # same mismatch count
     # bias-free classifier (MSE setting of docs/science.md §6)
-    assert collapse_metrics(_t(x), _t(y), _t(w))["nc4"] == pytest.approx(
+    assert float(collapse_metrics(_t(x), _t(y), _t(w))["nc4"]) == pytest.approx(
         ref.nc4(x, means, w), abs=0.5 / N
     )
 
 
-def test_streaming_nc4_uses_previous_pass_means(problem, ref):
-    x, y, w, b, x_prev = problem
-    prev = ClassStatistics(K, D)
-    for xb, yb in zip(_t(x_prev).split(250), _t(y).split(250)):
-        prev.update(xb, yb)
-    prev_moments = prev.moments()
-
-    stats = ClassStatistics(K, D)
-    stats.set_reference(prev_moments, _t(w), _t(b))
-    for xb, yb in zip(_t(x).split(137), _t(y).split(137)):
-        stats.update(xb, yb)
-    got = stats.compute()
-    assert stats.nc4_reference == "previous_pass"
-    prev_means = np.stack([x_prev[y == k].mean(0) for k in range(K)])
-    expected = ref.nc4(x, prev_means, w, b)
-    assert got["nc4"] == pytest.approx(expected, abs=0.5 / N)
-    # meaningful: the current pass's own means give a different value
-    own = np.stack([x[y == k].mean(0) for k in range(K)])
-    assert abs(ref.nc4(x, own, w, b) - expected) > 5 / N
-    # nc3 uses the classifier given with the reference and the *current* means
-    assert got["nc3"] == pytest.approx(ref.metrics(x, y, K, w)["nc3"], rel=1e-9)
+def test_collapse_metrics_with_given_predictions(problem):
+    """Any layer: the network's predictions against the layer's own final class means."""
+    x, y, _, _, _ = problem
+    rng = np.random.default_rng(3)
+    preds = np.where(rng.random(N) < 0.7, y, rng.integers(0, K, N))  # a noisy "network"
+    expected = float(np.mean(preds != _nearest(x, _means(x, y))))
+    assert 0.05 < expected < 0.95
+    got = collapse_metrics(_t(x), _t(y), predictions=_t(preds), chunk_size=777)
+    assert float(got["nc4"]) == pytest.approx(expected, abs=0.5 / N)
+    assert "nc3" not in got and "nc4" not in collapse_metrics(_t(x), _t(y))
 
 
-def test_nc4_absent_without_reference_and_reference_survives_reset(problem, ref):
-    x, y, w, b, _ = problem
-    stats = ClassStatistics(K, D)
-    stats.update(_t(x), _t(y))
-    assert "nc4" not in stats.compute() and stats.nc4_reference is None
-
-    means = np.stack([x[y == k].mean(0) for k in range(K)])
-    stats.reset()
-    stats.set_reference(_t(means), _t(w), _t(b), source="custom")
-    stats.update(_t(x[:1000]), _t(y[:1000]))
-    stats.reset()  # new pass: counts cleared, reference kept
-    stats.update(_t(x), _t(y))
-    got = stats.compute()
-    assert stats.nc4_reference == "custom"
-    assert got["nc4"] == pytest.approx(ref.nc4(x, means, w, b), abs=0.5 / N)
-
-    stats.clear_reference()
-    assert "nc4" not in stats.compute()
-    assert "nc3" in stats.compute()
-
-
-def test_nc4_counts_samples_seen_with_reference_and_cache_is_invalidated(problem, ref):
-    x, y, w, b, _ = problem
-    means = np.stack([x[y == k].mean(0) for k in range(K)])
-    stats = ClassStatistics(K, D)
-    stats.update(_t(x[:1000]), _t(y[:1000]))
-    first = stats.compute()
-    stats.set_reference(_t(means), _t(w), _t(b))
-    assert "nc4" in stats.compute() and "nc4" not in first  # cached value not reused
-    assert np.isnan(stats.compute()["nc4"])  # reference set, no sample counted yet
-    stats.update(_t(x[1000:]), _t(y[1000:]))
-    assert stats.compute()["nc4"] == pytest.approx(ref.nc4(x[1000:], means, w, b), abs=0.5 / N)
-    assert int(stats.nc4_samples) == N - 1000
+@pytest.mark.parametrize("with_classifier", [False, True])
+def test_streaming_against_given_means(problem, with_classifier):
+    """A held-out probe against the TRAIN probe's means (``nc4_train_means``), in batches."""
+    x, y, w, b, x_train = problem
+    train = ClassMoments.from_features(_t(x_train), _t(y), K)
+    rng = np.random.default_rng(4)
+    preds = np.where(rng.random(N) < 0.6, y, rng.integers(0, K, N))
+    if with_classifier:
+        ncc = NCCMismatch(train, weight=_t(w), bias=_t(b))
+        votes = np.argmax(x @ w.T + b, axis=1)
+        batches = zip(_t(x).split(301), [None] * 10)
+    else:
+        ncc = NCCMismatch(train.means, train.present)
+        votes = preds
+        batches = zip(_t(x).split(301), _t(preds).split(301))
+    for xb, pb in batches:
+        ncc.update(xb, pb)
+    nearest = _nearest(x, _means(x_train, y))
+    expected = float(np.mean(votes != nearest))
+    assert 0.05 < expected < 0.95
+    got = ncc.compute()
+    assert got.dtype == torch.float64 and got.ndim == 0
+    assert float(got) == pytest.approx(expected, abs=0.5 / N)
+    # meaningful: the probe's own means give a different value
+    assert abs(float(np.mean(votes != _nearest(x, _means(x, y)))) - expected) > 5 / N
 
 
-def test_nc4_nearest_centre_over_present_classes_only(problem, ref):
+def test_nearest_centre_over_present_classes_only(problem):
     x, y, w, b, _ = problem
     keep = y != 2  # class 2 absent from the whole pass
     xk, yk = x[keep], y[keep]
     got = collapse_metrics(_t(xk), _t(yk), _t(w), _t(b), num_classes=K, allow_missing_classes=True)
     present = [k for k in range(K) if k != 2]
-    means = np.stack([xk[yk == k].mean(0) for k in present])
+    ncc = np.array(present)[_nearest(xk, _means(xk, yk, present))]
     x_clf = np.argmax(xk @ w.T + b, axis=1)
-    dist = np.stack([np.sum((xk - m) ** 2, 1) for m in means], 1)
-    ncc = np.array(present)[np.argmin(dist, 1)]
-    assert got["nc4"] == pytest.approx(np.mean(x_clf != ncc), abs=0.5 / N)
+    assert float(got["nc4"]) == pytest.approx(np.mean(x_clf != ncc), abs=0.5 / len(yk))
 
 
-def test_set_reference_validates_shapes(problem):
-    _, _, w, b, _ = problem
-    stats = ClassStatistics(K, D)
-    with pytest.raises(ValueError, match="reference means"):
-        stats.set_reference(torch.zeros(K, D + 1), _t(w), _t(b))
+@pytest.mark.filterwarnings("ignore:The ``compute`` method of metric NCCMismatch was called before")
+def test_nan_without_samples_reset_and_states():
+    """NaN before any sample (torchmetrics warns about exactly that: silenced here)."""
+    ncc = NCCMismatch(torch.eye(3, 4))
+    assert ncc.compute().isnan()
+    ncc.update(torch.eye(3, 4), torch.tensor([0, 1, 1]))
+    assert float(ncc.compute()) == pytest.approx(1 / 3)
+    assert {k: float(v) for k, v in ncc.metric_state.items()} == {
+        "mismatches": 1.0,
+        "samples": 3.0,
+    }
+    ncc.set_dtype(torch.float16)  # states stay float64 under module-wide casts
+    assert {v.dtype for v in ncc.metric_state.values()} == {torch.float64}
+    ncc.reset()
+    assert ncc.compute().isnan()
+
+
+def test_coinciding_means_give_nan():
+    """A dead layer: every class mean is the same point, so no nearest centre exists."""
+    same = torch.ones(3, 4)
+    ncc = NCCMismatch(same)
+    ncc.update(torch.randn(5, 4), torch.zeros(5, dtype=torch.long))
+    assert ncc.compute().isnan()
+    one = NCCMismatch(torch.ones(3, 4), torch.tensor([True, False, False]))  # one class: defined
+    one.update(torch.randn(5, 4), torch.tensor([0, 0, 1, 0, 2]))
+    assert float(one.compute()) == pytest.approx(2 / 5)
+
+
+def test_validation():
+    ncc = NCCMismatch(torch.zeros(3, 4) + torch.arange(3.0).unsqueeze(1))
+    with pytest.raises(ValueError, match="rows"):
+        ncc.update(torch.zeros(2, 5), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="predictions must be"):
+        ncc.update(torch.zeros(2, 4), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match=r"classifier \(weight\) or the predictions"):
+        ncc.update(torch.zeros(2, 4))
     with pytest.raises(ValueError, match="weight"):
-        stats.set_reference(torch.zeros(K, D), torch.zeros(K, D + 1))
+        NCCMismatch(torch.zeros(3, 4), weight=torch.zeros(3, 5))
     with pytest.raises(ValueError, match="bias"):
-        stats.set_reference(torch.zeros(K, D), _t(w), torch.zeros(K + 1))
+        NCCMismatch(torch.zeros(3, 4), weight=torch.zeros(3, 4), bias=torch.zeros(4))
+    with pytest.raises(ValueError, match="no class is present"):
+        NCCMismatch(torch.zeros(3, 4), torch.zeros(3, dtype=torch.bool))
 
 
-def test_streaming_nc4_against_given_predictions(problem):
-    """Any layer: NC4 = fraction where the network's prediction != the nearest reference mean."""
-    x, y, _, _, x_prev = problem
-    prev_means = np.stack([x_prev[y == k].mean(0) for k in range(K)])
-    rng = np.random.default_rng(3)
-    preds = np.where(rng.random(N) < 0.7, y, rng.integers(0, K, N))  # a noisy "network"
-    nearest = ((x[:, None, :] - prev_means[None]) ** 2).sum(2).argmin(1)  # brute force
-    expected = float(np.mean(preds != nearest))
-    assert 0.05 < expected < 0.95
-
-    stats = ClassStatistics(K, D)
-    stats.set_reference(_t(prev_means), source="previous_probe")  # no classifier needed
-    for xb, yb, pb in zip(_t(x).split(301), _t(y).split(301), _t(preds).split(301)):
-        stats.update(xb, yb, predictions=pb)
-    got = stats.compute()
-    assert got["nc4"] == pytest.approx(expected, abs=0.5 / N)
-    assert stats.nc4_reference == "previous_probe" and "nc3" not in got
-
-    # without a classifier, predictions are required
-    with pytest.raises(ValueError, match="predictions"):
-        stats.update(_t(x[:5]), _t(y[:5]))
+def test_class_statistics_keeps_no_nc4_state():
+    """NC4 moved out of ClassStatistics: its compute() never reports an NCC key."""
+    stats = ClassStatistics(3, 4)
+    stats.set_classifier(torch.randn(3, 4))
+    stats.update(torch.randn(30, 4), torch.arange(3).repeat(10))
+    assert {"nc4", "nc4_train_means"}.isdisjoint(stats.compute())
+    assert set(stats.metric_state) == {"packed"}

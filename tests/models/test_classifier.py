@@ -69,7 +69,7 @@ def test_mse_loss_matches_hand_computation(M, k):
 
 
 def test_mse_is_paper_data_term():
-    """M = k = 1: 1/(2N) ||W H + b 1^T - Y||_F^2 with features as columns (docs/science.md §2)."""
+    """M = k = 1: 1/(2N) ||W H + b 1^T - Y||_F^2, features as columns (docs/science.md §9.8)."""
     torch.manual_seed(1)
     model = CollapseClassifier(3, (4,), loss="mse", backbone_kwargs={"depth": 1, "width": 6})
     model = model.double()
@@ -127,7 +127,7 @@ def test_weight_decay_groups(cwd, expected_cwd, bias):
     all_names = [n for n, _ in model.named_parameters()]
     backbone_names = [n for n in all_names if n.startswith("backbone.")]
     assert names["features"] == backbone_names
-    # BN affine parameters and biases are decayed with the features (docs/science.md §6).
+    # BN affine parameters and biases are decayed with the features (docs/science.md §6.1).
     assert "backbone.bn1.weight" in names["features"] and "backbone.bn1.bias" in names["features"]
     assert names["classifier"] == (
         ["classifier.weight", "classifier.bias"] if bias else ["classifier.weight"]

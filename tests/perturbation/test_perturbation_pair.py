@@ -19,8 +19,9 @@ from nclightning.metrics import ClassMoments, metrics_from_moments
 from nclightning.perturbation import (
     PERTURBATIVE_FACTOR,
     RESIDUAL_KEYS,
-    STATUS_CODES,
+    STATUSES,
     fit_pair,
+    solve,
     ufm_scale,
 )
 
@@ -170,8 +171,8 @@ def test_matches_dense_reference_at_the_fitted_coupling(ref, case, normalization
         h.square().sum(1).mean().sqrt() / h0.square().sum(1).mean().sqrt()
     )
     assert dense["nc1_tilde"] == pytest.approx(measured["nc1_tilde"], rel=1e-7)
-    fitted = ("norm_ratio",) if normalization == "norm_ratio" else ()
-    if fitted:
+    fitted = ("nc1_tilde", "norm_ratio") if normalization == "norm_ratio" else ("nc1_tilde",)
+    if "norm_ratio" in fitted:
         assert dense["norm_ratio"] == pytest.approx(measured["norm_ratio"], rel=1e-5)
     for key in set(RESIDUAL_KEYS) - set(fitted):
         assert fit.residuals[key] == pytest.approx(math.log10(dense[key] / measured[key]), abs=1e-6)
@@ -188,7 +189,7 @@ def test_identical_layers(ref, normalization):
     kw = dict(lambda_W=LW, lambda_H=LH, weight=W, normalization=normalization)
     for t in (1.0, 5.0):
         fit = fit_pair(m0, moments_times(m0, t), **kw)
-        assert fit.status == "identical" and STATUS_CODES[fit.status] == 2
+        assert fit.status == "identical" and fit.status in STATUSES
         assert fit.coupling == math.inf and fit.beta == math.inf and fit.solve is None
         assert fit.converged and fit.perturbative
         for key in ("nc1", "nc2_etf", "nc2_equinorm", "cdnv"):
@@ -205,7 +206,7 @@ def test_less_collapsed_layer_is_a_status_not_a_failure(ref):
     """nc1_tilde(H) >= nc1_tilde(H0): coupling inf, predicted = H0's metrics, finite residuals."""
     _, _, _, m, m0 = pair(ref, "balanced")  # swapped: H0 is the more collapsed layer
     fit = fit_pair(m0, m, lambda_W=LW, lambda_H=LH)
-    assert fit.status == "not_more_collapsed" and STATUS_CODES[fit.status] == 1
+    assert fit.status == "not_more_collapsed" and fit.status in STATUSES
     assert fit.coupling == math.inf and fit.converged and "not more collapsed" in fit.message
     h0_metrics = metrics_from_moments(m0)
     meas = metrics_from_moments(m)
@@ -254,3 +255,25 @@ def test_bad_pairs_are_refused_clearly(ref):
     dead = moments_times(m, 0.0)
     with pytest.raises(DataError, match="no between-class spread"):
         fit_pair(m0, dead, lambda_W=LW, lambda_H=LH)
+
+
+@pytest.mark.parametrize("normalization", ["between", "norm_ratio"])
+def test_a_fixed_coupling_is_the_minimiser_at_that_coupling(ref, normalization):
+    """``coupling=c``: no fit, H* of s H0 at beta = c lambda_H; at the fitted coupling it
+    is the fitted H*, and it agrees with a direct solve of the scaled moments."""
+    _, _, _, m0, m = pair(ref, "balanced")
+    kw = dict(lambda_W=LW, lambda_H=LH, normalization=normalization)
+    fitted = fit_pair(m0, m, **kw)
+    fixed = fit_pair(m0, m, coupling=fitted.coupling, **kw)
+    assert fitted.status == "fitted" and fixed.status == "fixed" and fixed.status in STATUSES
+    assert fixed.coupling == pytest.approx(fitted.coupling, rel=1e-15)
+    assert fixed.scale == pytest.approx(fitted.scale, rel=1e-5)
+    for key, value in fitted.predicted.items():
+        assert fixed.predicted[key] == pytest.approx(value, rel=1e-5), key
+    assert "nc1_tilde" in fixed.residuals and "nc1_tilde" not in fitted.residuals
+    assert fixed.residuals["nc1_tilde"] == pytest.approx(0.0, abs=1e-5)
+    direct = solve(moments_times(m0, fixed.scale), lambda_W=LW, lambda_H=LH, beta=fixed.beta)
+    for key in ("nc1", "nc1_tilde", "nc2_etf", "nc2_equinorm"):
+        assert fixed.predicted[key] == pytest.approx(direct.metrics[key], rel=1e-6), key
+    elsewhere = fit_pair(m0, m, coupling=10 * fitted.coupling, **kw)
+    assert elsewhere.residuals["nc1_tilde"] > 0  # a larger coupling: H* less collapsed than H

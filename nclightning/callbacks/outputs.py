@@ -1,0 +1,150 @@
+"""Where a probe's results go: the Trainer's loggers, W&B extras, snapshot files.
+
+* :func:`log_row`: every scalar into ``trainer.callback_metrics`` (all ranks, identical) and
+  through every logger (rank 0), at Lightning's global step, with ``epochs_trained``;
+* :class:`WandbOutputs`: W&B only: ``epochs_trained`` as the x-axis of every probe key, the
+  callback's settings in the run config, figures and per-class tables as media, the last
+  probe's values in the run summary;
+* :func:`snapshot`: the snapshot file of a probe (:mod:`nclightning.record.snapshots`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from nclightning.record import keys
+from nclightning.record.snapshots import write_snapshot
+
+__all__ = ["WandbOutputs", "log_row", "snapshot"]
+
+MAX_TABLE_CLASSES = 100
+"""Per-class matrices go to W&B as tables up to this many classes (images always)."""
+
+
+def log_row(trainer, row: Mapping[str, float], epochs_trained: int, step: int) -> None:
+    """``row`` into ``callback_metrics`` on every rank and through every logger on rank 0."""
+    for name, value in row.items():
+        trainer.callback_metrics[name] = torch.tensor(float(value))
+    if trainer.is_global_zero:
+        record = {**row, keys.EPOCHS_TRAINED: float(epochs_trained)}
+        for logger in trainer.loggers:
+            logger.log_metrics(record, step=step)
+
+
+def wandb_runs(trainer) -> list:
+    from lightning.pytorch.loggers import WandbLogger
+
+    return [lg.experiment for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+
+
+class WandbOutputs:
+    """W&B extras of one callback instance (probe ``probe``); all methods run on rank 0."""
+
+    def __init__(self, probe: str) -> None:
+        self.probe = probe
+
+    def setup(self, trainer, settings: Mapping[str, Any]) -> None:
+        for run in wandb_runs(trainer):
+            run.define_metric(keys.EPOCHS_TRAINED)
+            for pattern in (f"nc-{self.probe}/*", f"pm-{self.probe}-*", "figures/*", "tables/*"):
+                run.define_metric(pattern, step_metric=keys.EPOCHS_TRAINED)
+            run.config.update(
+                {f"neural_collapse/{self.probe}": dict(settings)}, allow_val_change=True
+            )
+
+    def media(
+        self, trainer, images: Mapping[str, Any], tables: Mapping[str, Any], epochs_trained: int
+    ):
+        runs = wandb_runs(trainer)
+        if not runs or not (images or tables):
+            return
+        import wandb
+
+        payload: dict[str, Any] = {k: _image(wandb, fig) for k, fig in images.items()}
+        for key, (columns, rows) in tables.items():
+            payload[key] = wandb.Table(columns=list(columns), data=[list(r) for r in rows])
+        payload[keys.EPOCHS_TRAINED] = epochs_trained
+        for run in runs:
+            run.log(payload)
+
+    def summary(self, trainer, row: Mapping[str, float]) -> None:
+        for run in wandb_runs(trainer):
+            for key, value in row.items():
+                if math.isfinite(value):
+                    run.summary[key] = value
+
+
+def matrix_table(matrix: torch.Tensor, names: Sequence[str]) -> tuple[list[str], list[list]]:
+    """``(columns, rows)`` of a ``[K, K]`` matrix with class names (a W&B table)."""
+    columns = ["class", *names]
+    rows = [[names[i], *(float(v) for v in matrix[i])] for i in range(matrix.shape[0])]
+    return columns, rows
+
+
+def _image(wandb, fig) -> Any:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    buf.seek(0)
+    return wandb.Image(Image.open(buf).convert("RGB"))
+
+
+def snapshot(
+    directory,
+    *,
+    probe: str,
+    epochs_trained: int,
+    step: int,
+    row: Mapping[str, float],
+    moments: Mapping[str, Any],
+    fits: Mapping[str, Any],
+    class_names: Sequence[str] | None,
+    classifier_weight: torch.Tensor | None,
+    feeds: str | None,
+    kept: Mapping[str, torch.Tensor] | None,
+) -> None:
+    """Write the snapshot of one probe (the layout of :mod:`nclightning.record.snapshots`)."""
+    layers = {}
+    for alias, m in moments.items():
+        entry = {"counts": m.counts.cpu(), "means": m.means.cpu(), "class_ss": m.class_ss.cpu()}
+        for name in ("norm_sums", "scatter", "span_basis", "span_scatter"):
+            value = getattr(m, name, None)
+            if value is not None:
+                entry[name] = value.cpu()
+        layers[alias] = entry
+    payload: dict[str, Any] = {
+        "probe": probe,
+        "epochs_trained": int(epochs_trained),
+        "step": int(step),
+        "row": {k: float(v) for k, v in row.items()},
+        "class_names": list(class_names) if class_names else None,
+        "layers": layers,
+        "feeds": feeds,
+        "pairs": {name: _fit_entry(fit) for name, fit in fits.items() if fit is not None},
+    }
+    if classifier_weight is not None:
+        payload["classifier"] = {"weight": classifier_weight.detach().double().cpu()}
+    if kept:
+        kept = dict(kept)
+        payload["labels"] = kept.pop("labels")
+        payload["features"] = kept
+    write_snapshot(directory, payload)
+
+
+def _fit_entry(fit) -> dict[str, Any]:
+    return {
+        "status": fit.status,
+        "normalization": fit.normalization,
+        "coupling": float(fit.coupling),
+        "scale": float(fit.scale),
+        "predicted": dict(fit.predicted),
+        "measured": dict(fit.measured),
+        "residuals": dict(fit.residuals),
+    }

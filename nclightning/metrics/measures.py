@@ -1,0 +1,193 @@
+"""The further collapse measures of docs/science.md §8, from class moments (no extra pass).
+
+Owns ``gnc2_log`` (hyperspherical uniformity), ``unc3`` (uniform duality), ``nc5`` (ID/OOD
+orthogonality), ``feature_norm``, ``class_mean_norm``, the per-class arrays of
+:func:`class_quantities` and the pairwise CDNV ratios that :func:`~nclightning.metrics.cdnv`
+averages. Same conventions as :mod:`nclightning.metrics.formulas` (docs/science.md §9):
+centre ``mu_c`` = the mean of the present class means, variances ``ddof=1`` (0 for a single
+value), NaN where a formula is undefined (a zero vector in a cosine, coinciding means).
+
+Memory: every pairwise quantity is a ``[K, K]`` float64 matrix (8 MB at K = 1000); no
+``[K, K, d]`` tensor is formed. Pairwise distances use the Gram matrix of the centred rows
+except for close pairs, where ``|a|^2 + |b|^2 - 2 a.b`` cancels (close class means, close
+unit vectors): those are recomputed from explicit differences in chunks
+(:func:`pairwise_sq_distances`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from nclightning.metrics.moments import ClassMoments
+
+__all__ = [
+    "cdnv_pairs",
+    "check_weight",
+    "class_mean_norm",
+    "class_quantities",
+    "feature_norm",
+    "gnc2_log",
+    "nc5",
+    "pairwise_sq_distances",
+    "unc3",
+]
+
+_NAN = float("nan")
+
+
+CLOSE_RTOL = 1e-2
+"""Pairs whose squared distance is below this fraction of their squared norms (about the
+rows' mean) are recomputed from explicit differences (the Gram shortcut loses
+``log10(1 / fraction)`` digits there)."""
+
+
+def pairwise_sq_distances(x: Tensor) -> Tensor:
+    """Squared Euclidean distances ``[n, n]`` between the rows of ``x[n, d]`` (float64).
+
+    The rows are centred on their mean, distances come from the Gram matrix (one GEMM), and
+    every pair closer than :data:`CLOSE_RTOL` of its squared norms is recomputed from the
+    explicit difference, in chunks: relative error ``<= d eps / CLOSE_RTOL`` (``6e-12`` at
+    d = 512) everywhere, memory ``O(n^2 + n d)``.
+    """
+    c = x - x.mean(0)
+    sq = c.square().sum(1)
+    norms = sq.unsqueeze(0) + sq.unsqueeze(1)
+    d2 = (norms - 2 * (c @ c.T)).clamp_min(0.0)
+    i, j = (d2 < CLOSE_RTOL * norms).nonzero(as_tuple=True)
+    step = max(1, 2**22 // max(1, c.shape[1]))
+    for start in range(0, i.numel(), step):
+        a, b = i[start : start + step], j[start : start + step]
+        d2[a, b] = (c[a] - c[b]).square().sum(1)
+    return d2
+
+
+def cdnv_pairs(m: ClassMoments) -> Tensor:
+    """``(V_k + V_l) / (2 ||mu_k - mu_l||^2)`` over present classes, ``[K', K']``.
+
+    ``V_k = class_ss_k / n_k``. NaN where the two means coincide (the diagonal included).
+    """
+    p = m.present
+    v = m.class_ss[p] / m.counts[p]
+    dist2 = pairwise_sq_distances(m.means[p])
+    ratio = (v.unsqueeze(0) + v.unsqueeze(1)) / (2 * dist2)
+    return torch.where(dist2 > 0, ratio, _NAN)
+
+
+def check_weight(m: ClassMoments, weight: Tensor) -> Tensor:
+    """The classifier ``weight[K, d]`` as float64 on the moments' device (shape checked)."""
+    w = weight.detach().to(device=m.means.device, dtype=torch.float64)
+    if w.shape != m.means.shape:
+        raise ValueError(
+            f"classifier weight must be [K, d] = {tuple(m.means.shape)}, got {tuple(w.shape)}"
+        )
+    return w
+
+
+def _var(x: Tensor) -> float:
+    return float(x.var()) if x.numel() > 1 else 0.0
+
+
+def _unit(rows: Tensor) -> Tensor | None:
+    """Rows normalised to unit norm, or ``None`` when a row is 0 (its direction undefined)."""
+    norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+    if not bool((norms > 0).all()):
+        return None
+    return rows / norms
+
+
+def gnc2_log(m: ClassMoments) -> float:
+    """Variance (ddof 1) over pairs ``k < l`` of ``log(1 / ||u_k - u_l||)`` (docs/science.md §8).
+
+    ``u_k = (mu_k - mu_c) / ||mu_k - mu_c||``; hyperspherical uniformity (Liu et al. 2023):
+    0 when all pairwise distances are equal (with ``K = 2``, one pair: 0). NaN for ``K < 2``,
+    a centred mean equal to 0, or two coinciding directions (an infinite log).
+    """
+    mt = m.centered_means
+    K = mt.shape[0]
+    u = _unit(mt) if K >= 2 else None
+    if u is None:
+        return _NAN
+    iu = torch.triu_indices(K, K, 1, device=u.device)
+    dist = pairwise_sq_distances(u)[iu[0], iu[1]].sqrt()
+    if not bool((dist > 0).all()):
+        return _NAN
+    return _var(-torch.log(dist))
+
+
+def unc3(m: ClassMoments, weight: Tensor) -> float:
+    """Variance (ddof 1) over present ``k`` of ``cos(w_k, mu_k - mu_c)`` (docs/science.md §8).
+
+    Uniform duality: 0 when every classifier row makes the same angle with its centred class
+    mean. ``weight = W[K, d]``. NaN for ``K < 2`` or a zero row of ``W`` or of ``M^T``.
+    """
+    w = check_weight(m, weight)[m.present]
+    mt = m.centered_means
+    wu, mu = _unit(w), _unit(mt)
+    if mt.shape[0] < 2 or wu is None or mu is None:
+        return _NAN
+    return _var((wu * mu).sum(1))
+
+
+def nc5(m: ClassMoments, ood_mean: Tensor) -> float:
+    """Mean over present ``k`` of ``|cos(mu_k - mu_c, mu_ood - mu_c)|`` (docs/science.md §8).
+
+    ``ood_mean[d]``: the mean feature of an out-of-distribution probe (NECO, Ammar et al.
+    2024). Both vectors are centred on the in-distribution ``mu_c`` (the centre of NC2):
+    centring makes the value invariant to a common translation of ID and OOD features, which
+    an uncentred cosine is not (post-ReLU features share a large positive offset). NaN for
+    ``K < 2``, ``mu_ood = mu_c`` or a centred class mean equal to 0.
+    """
+    v = ood_mean.detach().to(device=m.means.device, dtype=torch.float64).reshape(-1)
+    if v.shape != (m.dim,):
+        raise ValueError(f"ood_mean must be [d] = ({m.dim},), got {tuple(ood_mean.shape)}")
+    mt = m.centered_means
+    mu, vu = _unit(mt), _unit((v - m.mean_of_means).unsqueeze(0))
+    if mt.shape[0] < 2 or mu is None or vu is None:
+        return _NAN
+    return float((mu @ vu[0]).abs().mean())
+
+
+def feature_norm(m: ClassMoments) -> float:
+    """Mean feature norm ``(1/N) sum_i ||h_i||`` (needs ``m.norm_sums``); NaN for ``N = 0``."""
+    if m.norm_sums is None:
+        raise ValueError("feature_norm needs ClassMoments.norm_sums (per-class sums of ||h_i||)")
+    N = m.total
+    return float(m.norm_sums.sum()) / N if N > 0 else _NAN
+
+
+def class_mean_norm(m: ClassMoments) -> float:
+    """``(1/K) sum_k ||mu_k - mu_c||`` over present classes; 0 for one class, NaN for none."""
+    mt = m.centered_means
+    if mt.shape[0] == 0:
+        return _NAN
+    return float(torch.linalg.vector_norm(mt, dim=1).mean())
+
+
+def class_quantities(m: ClassMoments) -> dict[str, Tensor]:
+    """Per-class arrays of docs/science.md §8 (float64, rows/columns = class indices).
+
+    * ``class_var[K]``: ``V_k = class_ss_k / n_k``;
+    * ``cdnv_matrix[K, K]``: ``(V_k + V_l) / (2 ||mu_k - mu_l||^2)``, NaN on the diagonal and
+      where two means coincide;
+    * ``cosine_matrix[K, K]``: ``cos(mu_k - mu_c, mu_l - mu_c)`` (the simplex ETF has
+      ``-1/(K-1)`` off the diagonal), 1 on the diagonal, NaN for a centred mean equal to 0.
+
+    Entries of absent classes are NaN. Memory ``O(K^2 + K d)`` (K = 1000, d = 512: a few
+    ``[K, K]`` matrices of 8 MB each).
+    """
+    K, p = m.num_classes, m.present
+    nan = torch.full((K, K), _NAN, dtype=torch.float64, device=m.means.device)
+    class_var = torch.where(p, m.class_ss / m.counts.clamp_min(1), _NAN)
+    idx = p.nonzero().flatten()
+    cdnv_matrix, cosine_matrix = nan.clone(), nan.clone()
+    if idx.numel():
+        cdnv_matrix[idx.unsqueeze(1), idx] = cdnv_pairs(m)
+        mt = m.centered_means
+        norms = torch.linalg.vector_norm(mt, dim=1)
+        ok = norms > 0
+        cos = (mt @ mt.T) / (norms.unsqueeze(0) * norms.unsqueeze(1))
+        cos = torch.where(ok.unsqueeze(0) & ok.unsqueeze(1), cos, _NAN)
+        cos.diagonal().copy_(torch.where(ok, 1.0, _NAN))
+        cosine_matrix[idx.unsqueeze(1), idx] = cos
+    return {"class_var": class_var, "cdnv_matrix": cdnv_matrix, "cosine_matrix": cosine_matrix}

@@ -1,0 +1,169 @@
+"""The packed float64 state of :class:`~nclightning.metrics.ClassStatistics` and its exact merge.
+
+Owns the layout of the one state tensor (so that torchmetrics' sync gathers it in one
+collective) and :func:`merge_packed_states`, the exact pairwise (Chan et al.) merge used as
+its ``dist_reduce_fx`` and by ``merge_state`` (docs/science.md §10).
+
+Parts (float64), per class ``k`` with shift ``c_k`` and shifted deviations ``e = h - c_k``:
+``n[K]`` counts, ``c[K, d]`` shifts, ``t[K, d] = sum e``, ``r[K] = sum ||e||^2``,
+``a[K] = sum ||h||`` and, by scatter mode, ``q[d, d] = sum e e^T`` ("full"),
+``qk[K, d, d]`` per class ("per_class"), ``qs[r, r] = B^T (sum e e^T) B`` ("span", basis
+``B[d, r]``) or nothing ("none").
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from nclightning.metrics.moments import ClassMoments
+
+__all__ = [
+    "SCATTER_MODES",
+    "Float64States",
+    "Layout",
+    "merge_packed_states",
+    "shift_increments",
+    "state_moments",
+]
+
+SCATTER_MODES = ("full", "per_class", "span", "none")
+
+
+class Layout:
+    """Offsets of the parts of the packed state for ``K`` classes, ``d`` dims, a scatter mode."""
+
+    def __init__(self, num_classes: int, dim: int, mode: str, rank: int = 0) -> None:
+        if mode not in SCATTER_MODES:
+            raise ValueError(f"scatter mode must be one of {SCATTER_MODES}, got {mode!r}")
+        K, d = num_classes, dim
+        shapes = {"n": (K,), "c": (K, d), "t": (K, d), "r": (K,), "a": (K,)}
+        if mode == "full":
+            shapes["q"] = (d, d)
+        elif mode == "per_class":
+            shapes["qk"] = (K, d, d)
+        elif mode == "span":
+            shapes["qs"] = (rank, rank)
+        self.num_classes, self.dim, self.mode = K, d, mode
+        self.shapes = shapes
+        self.slices: dict[str, slice] = {}
+        off = 0
+        for name, shape in shapes.items():
+            size = 1
+            for s in shape:
+                size *= s
+            self.slices[name] = slice(off, off + size)
+            off += size
+        self.size = off
+
+    def views(self, packed: Tensor) -> dict[str, Tensor]:
+        """Views of ``packed[..., size]`` shaped ``[..., *shape]`` (writable for 1-D input)."""
+        lead = packed.shape[:-1]
+        return {k: packed[..., self.slices[k]].reshape(*lead, *self.shapes[k]) for k in self.shapes}
+
+
+def _sym(a: Tensor) -> Tensor:
+    return a + a.transpose(-1, -2)
+
+
+def shift_increments(
+    n: Tensor, t: Tensor, e: Tensor, mode: str, basis: Tensor | None = None
+) -> dict[str, Tensor]:
+    """Exact float64 increments of ``t``, ``r`` and the scatter part when shifts move.
+
+    ``n[..., K]``, ``t[..., K, d]`` of a state and ``e[..., K, d] = c_old - c_new``: the
+    deviations become ``h - c_new = (h - c_old) + e``, so ``t += n e``,
+    ``r += 2 e.t + n ||e||^2``, ``q += sum_k (e_k t_k^T + t_k e_k^T + n_k e_k e_k^T)``
+    (as ``A + A^T``, ``A = E^T (T + N E / 2)``; per class for ``qk``; in the coordinates
+    ``E B``, ``T B`` of the basis for ``qs``). ``e`` is of the order of the within-class
+    spread, so nothing cancels. Leading dimensions broadcast (one per merged state).
+    """
+    ne = n.unsqueeze(-1) * e
+    half = t + 0.5 * ne
+    out = {"t": ne, "r": (e * (2 * t + ne)).sum(-1)}
+    if mode == "full":
+        out["q"] = _sym(e.transpose(-1, -2) @ half)
+    elif mode == "per_class":
+        out["qk"] = _sym(e.unsqueeze(-1) * half.unsqueeze(-2))
+    elif mode == "span":
+        assert basis is not None
+        b = basis.to(device=e.device, dtype=e.dtype)
+        out["qs"] = _sym((e @ b).transpose(-1, -2) @ (half @ b))
+    return out
+
+
+def merge_packed_states(stacked: Tensor, layout: Layout, basis: Tensor | None = None) -> Tensor:
+    """Exact merge of packed states ``stacked[R, size]`` -> ``[size]``.
+
+    For each class the common shift ``c*_k`` is the shift of the first state holding samples
+    of ``k``; every state moves to it (:func:`shift_increments` with ``e = c^r - c*``), then
+    all parts add. With a common fixed shift every ``e`` is 0 and the merge is a plain sum.
+    Commutative and associative up to rounding.
+    """
+    if stacked.ndim == 1:
+        return stacked
+    if stacked.shape[0] == 1:
+        return stacked[0].clone()
+    K = layout.num_classes
+    v = layout.views(stacked)
+    n, c, t = v["n"], v["c"], v["t"]  # [R, K], [R, K, d], [R, K, d]
+    has = n > 0
+    first = has.to(torch.int8).argmax(0)  # first state holding class k (0 if none)
+    c_star = c[first, torch.arange(K, device=c.device)]  # [K, d]
+    e = torch.where(has.unsqueeze(-1), c - c_star, 0.0)  # [R, K, d]
+    inc = shift_increments(n, t, e, layout.mode, basis)
+    out = torch.empty_like(stacked[0])
+    o = layout.views(out)
+    o["c"].copy_(c_star)
+    for name in layout.shapes:
+        if name != "c":
+            o[name].copy_((v[name] + inc[name] if name in inc else v[name]).sum(0))
+    return out
+
+
+def _half_sym(a: Tensor) -> Tensor:
+    return 0.5 * (a + a.transpose(-1, -2))
+
+
+def state_moments(
+    v: dict[str, Tensor], layout: Layout, basis: Tensor | None = None
+) -> ClassMoments:
+    """:class:`ClassMoments` of the state views ``v`` (float64, absent classes: mean 0).
+
+    ``mu_k = c_k + t_k / n_k``, scatter ``= q - sum_k t_k t_k^T / n_k`` (per class for
+    ``qk``, in basis coordinates for ``qs``), ``class_ss_k = r_k - ||t_k||^2 / n_k``.
+    """
+    n, c, t = v["n"], v["c"], v["t"]
+    present = n > 0
+    off = t / n.clamp_min(1).unsqueeze(1)  # mu_k - c_k
+    means = torch.where(present.unsqueeze(1), c + off, 0.0)
+    class_ss = (v["r"] - (off * t).sum(1)).clamp_min(0.0)
+    scatter = class_scatter = span_basis = span = None
+    if layout.mode == "full":
+        scatter = _half_sym(v["q"] - off.T @ t)
+    elif layout.mode == "per_class":
+        class_scatter = _half_sym(v["qk"] - off.unsqueeze(2) * t.unsqueeze(1))
+        scatter = class_scatter.sum(0)
+    elif layout.mode == "span":
+        assert basis is not None
+        span_basis = basis.to(device=n.device, dtype=n.dtype)
+        span = _half_sym(v["qs"] - (off @ span_basis).T @ (t @ span_basis))
+    norm_sums = v["a"].clone()
+    return ClassMoments(
+        n.clone(), means, scatter, class_ss, class_scatter, span_basis, span, norm_sums
+    )
+
+
+class Float64States:
+    """Mixin for a ``torchmetrics.Metric``: the states named in ``_F64_STATES`` stay float64
+    under module-wide dtype casts (``.half()``, ``set_dtype``); they still follow devices."""
+
+    _F64_STATES: tuple[str, ...] = ()
+
+    def _apply(self, fn, exclude_state=()):  # type: ignore[no-untyped-def]
+        this = super()._apply(fn, exclude_state=(*exclude_state, *self._F64_STATES))  # type: ignore[misc]
+        dev = this.device
+        for key in self._F64_STATES:
+            this._defaults[key] = this._defaults[key].to(dev)
+            setattr(this, key, getattr(this, key).to(dev))
+        return this
