@@ -147,7 +147,10 @@ def compare(name: str, h0, h, weight) -> dict[str, object]:
             coupling=math.inf,
             perturbative=True,
             scale=1.0,
-            residuals={k: math.log10(a[k] / b[k]) for k in COMMON},
+            residuals={
+                **{k: math.log10(a[k] / b[k]) for k in COMMON},
+                "norm_ratio": -math.log10(rows[NORMALIZATIONS[0]][0].measured["norm_ratio"]),
+            },
             measured=rows[NORMALIZATIONS[0]][0].measured,
         ),
         0.0,

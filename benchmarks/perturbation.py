@@ -1,23 +1,25 @@
-"""Speed of the perturbation-model solver (docs/science.md §2), with in-run baselines.
+"""Speed of the perturbation-model solver and of fit_pair (docs/science.md §2, §7, §10).
 
-Run: ``python benchmarks/perturbation.py [--repeats 5] [--joint-cap 120]``. Float64, CPU, 2
-threads (``--threads``). Three measurements, each a median over ``--repeats`` runs:
+Run: ``python benchmarks/perturbation.py [--repeats 5] [--threads 2] [--only 1234]``. Float64,
+CPU. Four measurements, each a median over ``--repeats`` runs, with in-run baselines:
 
-1. ``solve`` from statistics (a ``ClassMoments``) at ``d=512, K=100`` to relative gradient
-   norm ``<= 1e-9`` for several ``beta`` (target: < 2 s).
-2. Flatness in ``N``: moments of ``N = 10^3 .. 10^6`` synthetic features (one streaming pass
-   in chunks, reported separately), then the same solve: its time must not grow with ``N``.
-3. Ratio at ``N=50,000, d=512, K=10``: the statistics solver against a *dense* solver over
-   ``(W, H)`` to the same tolerance in the same run (target: >= 100x). The dense solver is
-   the same preconditioned L-BFGS with ``H = H*(W)`` materialised as an ``N x d`` matrix at
-   every evaluation (variable projection: objective, gradient, relative gradient norm and
-   preconditioner all computed from the dense ``H``), so both take the same iterations and
-   the ratio is the cost of carrying ``H``. ``--joint-cap S`` (default 0: off) also runs
-   plain joint L-BFGS over ``(W, H)`` (``torch.optim.LBFGS``, strong Wolfe, memory 5: each
-   stored pair is ``2 N d`` floats) for about ``S`` seconds (checked every 5 iterations).
+1. ``solve`` from statistics (a ``ClassMoments``, ``H0`` at the UFM scale) from the ridge start,
+   for ``beta / lambda_H`` in ``[1e-2, 1e4]``, at ``d=512, K=100`` and ``d=1024, K=10``: time,
+   Newton iterations, Hessian-vector products (the solver docstring quotes these counts).
+2. Flatness in ``N``: the same problem streamed ``N / 10^3`` times (``N = 10^3 .. 10^6``): the
+   solve's time must not grow with ``N``.
+3. Ratio at ``N=50,000, d=512, K=10``: the statistics solver against the same Newton optimiser
+   with ``H = H*(W)`` materialised as an ``N x d`` matrix at every evaluation and
+   Hessian-vector product (autograd), same preconditioners (target: >= 100x).
+   ``--joint-cap S`` also runs plain joint L-BFGS over ``(W, H)`` for about ``S`` seconds.
+4. ``fit_pair`` (the whole coupling search, default normalisation) at ``d=1024, K=10`` (target
+   < 1 s) and ``d=512, K=100`` (target < 2 s); ``H`` is ``H0`` with its within-class spread
+   halved. In-run ratios: over one solve at the fitted coupling, and over one eval forward of
+   ``benchmarks/callback.py``'s MLP (6 x 1024, 8192 CIFAR-shaped samples): the callback's
+   whole probe may cost 1.15 forwards.
 
-Features are synthetic: Gaussian class means (between-class std 1 per direction scaled to
-``||mu_k|| ~ 3``) and anisotropic within-class noise (spectrum ``~ 1/j``), ``nc1_tilde ~ 1``.
+Features are synthetic: Gaussian class means (``||mu_k|| ~ 3``) and anisotropic within-class
+noise (spectrum ``~ 1/j``), ``nc1_tilde ~ 1``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import time
 import torch
 
 from nclightning.metrics import ClassMoments
-from nclightning.perturbation import fit_pair, solve
+from nclightning.perturbation import DEFAULT_NORMALIZATION, fit_pair, solve
 from nclightning.perturbation._linesearch import Evaluation
 from nclightning.perturbation._model import Model
 from nclightning.perturbation._newton import minimize
@@ -143,7 +145,8 @@ class DenseModel:
             yh = self.y.T @ H / self.N
             scale = float(whh.norm() + yh.norm()) + self.lw / self.K * float(W.norm())
         # ctx: the statistics model's K x K quantities, for its preconditioners only
-        return Evaluation(float(f), grad, float(grad.norm()) / scale, self.stats.state(We))
+        rel = float(grad.norm()) / scale
+        return Evaluation(float(f.detach()), grad, rel, self.stats.state(We))
 
     def hessian(self, We, ev):
         _, preconds = self.stats.hessian(We, ev)
@@ -202,11 +205,8 @@ def joint_lbfgs(h0, labels, K, lambda_W, lambda_H, beta, tol, cap_s):
 
 
 def _normalised(m: ClassMoments) -> ClassMoments:
-    """``H0`` at the UFM scale: ``Tr Sigma_B = rho (K-1)/K`` (fit_pair's default rule)."""
-    s = fixed_scale(m, "between", LAMBDA_W, LAMBDA_H)
-    return ClassMoments(
-        counts=m.counts, means=s * m.means, scatter=s * s * m.scatter, class_ss=s * s * m.class_ss
-    )
+    """``H0`` at the UFM scale: ``Tr Sigma_B = rho (K-1)/K`` (the ``"between"`` rule)."""
+    return _scaled(m, fixed_scale(m, "between", LAMBDA_W, LAMBDA_H))
 
 
 def solves(K: int, d: int, repeats: int) -> None:
@@ -303,34 +303,44 @@ def bare_forward(repeats: int) -> float:
     return _median_time(run, repeats)[0]
 
 
+def _scaled(m: ClassMoments, s: float) -> ClassMoments:
+    return ClassMoments(
+        counts=m.counts, means=s * m.means, scatter=s * s * m.scatter, class_ss=s * s * m.class_ss
+    )
+
+
 def pair_fits(repeats: int, forward: float) -> None:
     """[4] fit_pair (the whole coupling search) and its in-run ratios."""
-    print("\n[4] fit_pair, H = H0 with the within-class spread halved, default normalisation")
+    print("\n[4] fit_pair, H = H0 with the within-class spread halved")
     print(
-        f"{'d':>5} {'K':>4} {'median s':>9} {'target':>7} {'near s':>7} {'solve s':>8} "
-        f"{'/solve':>7} {'/forward':>8} {'coupling':>9}"
+        f"{'d':>5} {'K':>4} {'normalisation':>13} {'median s':>9} {'target':>7} {'near s':>7} "
+        f"{'solve s':>8} {'/solve':>7} {'/forward':>8} {'coupling':>9}"
     )
-    for d, K, target in ((1024, 10, 1.0), (512, 100, 2.0)):
+    cases = [(1024, 10, 1.0, DEFAULT_NORMALIZATION), (1024, 10, 1.0, "norm_ratio")]
+    cases.append((512, 100, 2.0, DEFAULT_NORMALIZATION))  # norm_ratio there: ~4x, not run
+    for d, K, target, norm in cases:
         m0, m = pair_moments(K, d)
 
-        def fit(near=None, m0=m0, m=m):
-            return fit_pair(m0, m, lambda_W=LAMBDA_W, lambda_H=LAMBDA_H, near=near)
+        def fit(near=None, m0=m0, m=m, norm=norm):
+            kw = dict(lambda_W=LAMBDA_W, lambda_H=LAMBDA_H, normalization=norm)
+            return fit_pair(m0, m, near=near, **kw)
 
         fit()  # warm-up
-        med, _, result = _median_time(fit, repeats)
-        near, _, _ = _median_time(lambda f=fit, c=result.coupling: f(c), repeats)
-        h0 = _normalised(m0)
+        med, _, res = _median_time(fit, repeats)
+        near, _, _ = _median_time(lambda f=fit, c=res.coupling: f(c), repeats)
+        h0 = _scaled(m0, res.scale)
         one, _, _ = _median_time(
-            lambda h0=h0, b=result.beta: solve(h0, lambda_W=LAMBDA_W, lambda_H=LAMBDA_H, beta=b),
+            lambda h0=h0, b=res.beta: solve(h0, lambda_W=LAMBDA_W, lambda_H=LAMBDA_H, beta=b),
             repeats,
         )
         print(
-            f"{d:>5d} {K:>4d} {med:>9.3f} {target:>6.1f}s {near:>7.3f} {one:>8.3f} "
-            f"{med / one:>7.1f} {med / forward:>8.3f} {result.coupling:>9.4g}"
+            f"{d:>5d} {K:>4d} {norm:>13} {med:>9.3f} {target:>6.1f}s {near:>7.3f} "
+            f"{one:>8.3f} {med / one:>7.1f} {med / forward:>8.3f} {res.coupling:>9.4g}"
         )
     print(
-        f"  /solve: fit_pair over one solve at the fitted coupling from the ridge start; "
-        f"/forward: over one eval forward of the callback benchmark's MLP ({forward:.3f} s)"
+        "  near: with the fitted coupling as near=; /solve: over one solve at the fitted "
+        f"coupling from the ridge start; /forward: over one eval forward of the callback "
+        f"benchmark's MLP ({forward:.3f} s)"
     )
 
 

@@ -9,11 +9,12 @@ therefore fixes ``s`` by a rule, and reports ``beta / lambda_H`` of the problem 
   minimiser (Theorem 2.1: ``K`` orthogonal class means of squared norm ``rho``; centred on their
   mean, ``rho (1 - 1/K)``). ``s`` moves like ``1/t`` when ``H0`` is rescaled by ``t``: every
   output is invariant to rescaling ``H0``, ``H`` or both, except the measured ``||H||/||H0||``.
-* ``"total"``: ``(1/N) sum_i ||s h0_i||^2 = rho``, the mean squared feature norm of the UFM
-  minimiser (every feature has norm ``sqrt(rho)``). Same invariance as ``"between"``.
-* ``"norm_ratio"`` (the default of ``fit_pair``, chosen by ``benchmarks/pair_normalisation.py``):
-  ``s`` fitted together with ``beta`` so that ``H*`` also reproduces the measured RMS norm
-  ratio ``||H|| / ||H0||`` (so ``norm_ratio`` is fitted, not a residual; :func:`scale_search`).
+* ``"total"`` (the default of ``fit_pair``, chosen by ``benchmarks/pair_normalisation.py``):
+  ``(1/N) sum_i ||s h0_i||^2 = rho``, the mean squared feature norm of the UFM minimiser (every
+  feature has norm ``sqrt(rho)``). Same invariance as ``"between"``.
+* ``"norm_ratio"``: ``s`` fitted together with ``beta`` so that ``H*`` also reproduces the
+  measured RMS norm ratio ``||H|| / ||H0||`` (so ``norm_ratio`` is fitted, not a residual;
+  :func:`scale_search`).
   The measured ratio changes when one layer alone is rescaled, so this fit is invariant only
   to a common rescaling of both layers.
 

@@ -60,8 +60,12 @@ __all__ = [
     "fit_pair",
 ]
 
-DEFAULT_NORMALIZATION = "norm_ratio"
-"""Measured best by ``benchmarks/pair_normalisation.py`` (docs/science.md §7)."""
+DEFAULT_NORMALIZATION = "total"
+"""Chosen by ``benchmarks/pair_normalisation.py`` (docs/science.md §7): of the normalisations
+free of the scale of either layer, the one whose ``H*`` predicts best (``"between"`` predicts
+the same metrics to 3 digits and the norm ratio worse). ``"norm_ratio"`` predicts the other
+metrics better on two of three networks, at 4-5 times the cost, and only by tying ``H0``'s
+scale to ``||H|| / ||H0||``, which moves with any gain on ``H`` alone."""
 PERTURBATIVE_FACTOR = 10.0
 STATUSES = ("fitted", "not_more_collapsed", "identical", "fixed")
 RESIDUAL_KEYS = ("nc1_tilde", "nc1", "nc2_etf", "nc2_equinorm", "nc3", "cdnv", "norm_ratio")

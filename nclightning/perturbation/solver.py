@@ -22,11 +22,14 @@ conjugate-gradient directions preconditioned per iteration by whichever of two a
 of the Hessian (per-coordinate ``K x K`` blocks, or the Hessian at fixed ``H``) predicts the
 curvature of the gradient step best, strong-Wolfe line search. From the ridge regression of
 ``Y`` on ``H0`` (the ``beta -> inf`` solution) or ``init``. Measured by
-``benchmarks/perturbation.py`` (``lambda_W = lambda_H = 5e-4``, tol 1e-10, ``H0`` at the UFM
-scale): 2-6 Newton iterations and 10-150 Hessian-vector products per solve from the ridge
-start for every ``beta / lambda_H`` in ``[1e-2, 1e4]`` at ``d = 1024, K = 10`` and ``d = 512,
-K = 100``; the objective is non-convex and from some starts a non-global local minimum is
-reached (``fit_pair`` compares two starts, docs/science.md §10).
+``benchmarks/perturbation.py`` [1] (``lambda_W = lambda_H = 5e-4``, default tol, ``H0`` at the
+UFM scale, ridge start, ``beta / lambda_H`` in ``[1e-2, 1e4]``): 3-10 Newton iterations and
+15-90 Hessian-vector products at ``d = 1024, K = 10``; 4-16 iterations and 38-295 products at
+``d = 512, K = 100``, the most at ``beta / lambda_H ~ 1e3``, where neither preconditioner
+captures the curvature well. The objective is non-convex: from some starts a non-global local
+minimum is reached (``fit_pair`` compares starts, docs/science.md §10), and where ``H0`` has
+empty coordinates (zero-padded, or ``N < d``) a saddle is left along a direction of negative
+curvature.
 
 **Stopping measure.** The *relative gradient norm*::
 
@@ -34,8 +37,10 @@ reached (``fit_pair`` compares two starts, docs/science.md §10).
 
 at ``H = H*(W)``: the gradient ``(W H H^T - Y H^T)/N + lambda_W/K W`` divided by the sum of the
 norms of its three terms (a scale-free relative residual of the stationarity equation; 0 when
-the denominator vanishes). At the default ``tol = 1e-10`` the metrics of ``H*`` agree with a
-solve to the float64 floor to better than 1e-7 relative (tested).
+the denominator vanishes). A small gradient does not bound the error of ``W`` where the
+Hessian is ill-conditioned, so convergence also requires a negligible Newton step
+(:mod:`._newton`); at the default ``tol = 1e-10`` the metrics of ``H*`` then agree with a solve
+to the float64 floor to better than 1e-7 relative, also after a warm start (tested).
 """
 
 from __future__ import annotations
