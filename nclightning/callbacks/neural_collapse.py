@@ -237,7 +237,7 @@ class NeuralCollapseCallback(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "settings": self._settings_record(),
+            "settings": outputs.settings_record(self.settings, self.name),
             "subset": self._subset,
             "history": list(self._history),
             "couplings": dict(self._couplings),
@@ -250,7 +250,7 @@ class NeuralCollapseCallback(Callback):
         self._saved_settings = dict(saved)
         differ = {
             k: (saved.get(k), v)
-            for k, v in self._settings_record().items()
+            for k, v in outputs.settings_record(self.settings, self.name).items()
             if k in saved and saved[k] != v
         }
         if differ:
@@ -357,10 +357,13 @@ class NeuralCollapseCallback(Callback):
         if self._started or self._probe is None:
             return
         self._started = True
-        folder = self._snapshot_folder(trainer)  # every rank: trainer.log_dir is collective
+        # every rank: trainer.log_dir is collective
+        folder = outputs.snapshot_folder(self.snapshot_dir, trainer, self.name)
         error = None
         if trainer.is_global_zero:
-            self._wandb.setup(trainer, self._settings_record() | self._fit_record())
+            record = outputs.settings_record(self.settings, self.name)
+            record |= outputs.fit_record(self.pair_settings, self.settings, self.every_n_epochs)
+            self._wandb.setup(trainer, record)
             try:
                 self._snapshots = None if folder is None else claim_directory(folder, self._token)
             except ConfigurationError as err:
@@ -368,15 +371,6 @@ class NeuralCollapseCallback(Callback):
         error = trainer.strategy.broadcast(error)
         if error:
             raise ConfigurationError(error)
-
-    def _snapshot_folder(self, trainer) -> Path | None:
-        """``snapshot_dir``, else ``{version folder}/snapshots/{name}`` when there is one."""
-        if self.snapshot_dir is False:
-            return None
-        if self.snapshot_dir is not None:
-            return Path(self.snapshot_dir)
-        log_dir = trainer.log_dir if trainer.loggers else None
-        return None if log_dir is None else Path(log_dir) / "snapshots" / self.name
 
     def _write_outputs(self, trainer, result, row, epochs_trained: int, step: int) -> None:
         if self._snapshots is not None:
@@ -398,50 +392,15 @@ class NeuralCollapseCallback(Callback):
         if n > 0 and (len(self._history) % n == 0 or last or trainer.state.fn != "fit"):
             from nclightning.callbacks.figures import probe_media
 
+            train = self._train_sibling(trainer)
             images, tables = probe_media(
                 self.name,
-                self._rows_with_train(trainer),
+                outputs.merge_by_epoch(train.history if train else [], self.history),
                 result,
                 self._probe.class_names,
                 epochs_trained,
             )
             self._wandb.media(trainer, images, tables, epochs_trained)
-
-    def _rows_with_train(self, trainer) -> list[dict[str, float]]:
-        """This probe's rows, merged with the train probe's (same epochs) for split figures."""
-        train = self._train_sibling(trainer)
-        if train is None:
-            return self.history
-        by_epoch = {r[keys.EPOCHS_TRAINED]: dict(r) for r in train.history}
-        for r in self._history:
-            by_epoch.setdefault(r[keys.EPOCHS_TRAINED], {}).update(r)
-        return [by_epoch[e] for e in sorted(by_epoch)]
-
-    # -- settings records -----------------------------------------------------------------------
-    def _settings_record(self) -> dict[str, Any]:
-        """The settings that make this probe's state meaningful (checked on resume)."""
-        s = self.settings
-        layers = s.layers if not isinstance(s.layers, Mapping) else dict(s.layers)
-        return {
-            "probe": self.name,
-            "layers": list(layers) if isinstance(layers, (list, tuple)) else layers,
-            "include": list(s.include or []),
-            "exclude": list(s.exclude or []),
-            "pairs": [list(p) for p in s.pairs] if s.pairs is not None else None,
-            "max_samples": s.max_samples,
-            "seed": s.seed,
-        }
-
-    def _fit_record(self) -> dict[str, Any]:
-        p = self.pair_settings
-        return {
-            "lambda_W": p.lambda_W,
-            "lambda_H": p.lambda_H,
-            "coupling": p.coupling,
-            "normalization": p.normalization,
-            "every_n_epochs": self.every_n_epochs,
-            "pool": self.settings.pool,
-        }
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -5,13 +5,17 @@
 * :class:`WandbOutputs`: W&B only: ``epochs_trained`` as the x-axis of every probe key, the
   callback's settings in the run config, figures and per-class tables as media, the last
   probe's values in the run summary;
-* :func:`snapshot`: the snapshot file of a probe (:mod:`nclightning.record.snapshots`).
+* :func:`snapshot`: the snapshot file of a probe (:mod:`nclightning.record.snapshots`), in
+  :func:`snapshot_folder`;
+* :func:`settings_record`, :func:`fit_record`: the settings kept in checkpoints (checked on
+  resume) and in the W&B run config.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,7 +23,15 @@ import torch
 from nclightning.record import keys
 from nclightning.record.snapshots import write_snapshot
 
-__all__ = ["WandbOutputs", "log_row", "snapshot"]
+__all__ = [
+    "WandbOutputs",
+    "fit_record",
+    "log_row",
+    "merge_by_epoch",
+    "settings_record",
+    "snapshot",
+    "snapshot_folder",
+]
 
 MAX_TABLE_CLASSES = 100
 """Per-class matrices go to W&B as tables up to this many classes (images always)."""
@@ -147,4 +159,53 @@ def _fit_entry(fit) -> dict[str, Any]:
         "predicted": dict(fit.predicted),
         "measured": dict(fit.measured),
         "residuals": dict(fit.residuals),
+    }
+
+
+def snapshot_folder(snapshot_dir, trainer, name: str) -> Path | None:
+    """``snapshot_dir``, else ``{version folder}/snapshots/{name}`` when the Trainer logs.
+
+    Calls ``trainer.log_dir``, a collective under DDP: call it on every rank.
+    """
+    if snapshot_dir is False:
+        return None
+    if snapshot_dir is not None:
+        return Path(snapshot_dir)
+    log_dir = trainer.log_dir if trainer.loggers else None
+    return None if log_dir is None else Path(log_dir) / "snapshots" / name
+
+
+def merge_by_epoch(
+    train_rows: Sequence[Mapping[str, float]], rows: Sequence[Mapping[str, float]]
+) -> list[dict[str, float]]:
+    """A held-out probe's rows merged with the train probe's of the same epochs (split figures)."""
+    by_epoch = {r[keys.EPOCHS_TRAINED]: dict(r) for r in train_rows}
+    for r in rows:
+        by_epoch.setdefault(r[keys.EPOCHS_TRAINED], {}).update(r)
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def settings_record(settings, name: str) -> dict[str, Any]:
+    """The probe settings that make a probe's state meaningful (checked on resume)."""
+    layers = settings.layers if not isinstance(settings.layers, Mapping) else dict(settings.layers)
+    return {
+        "probe": name,
+        "layers": list(layers) if isinstance(layers, (list, tuple)) else layers,
+        "include": list(settings.include or []),
+        "exclude": list(settings.exclude or []),
+        "pairs": [list(p) for p in settings.pairs] if settings.pairs is not None else None,
+        "max_samples": settings.max_samples,
+        "seed": settings.seed,
+    }
+
+
+def fit_record(pair_settings, settings, every_n_epochs: int) -> dict[str, Any]:
+    """The pair-fit and schedule settings, for the W&B run config."""
+    return {
+        "lambda_W": pair_settings.lambda_W,
+        "lambda_H": pair_settings.lambda_H,
+        "coupling": pair_settings.coupling,
+        "normalization": pair_settings.normalization,
+        "every_n_epochs": every_n_epochs,
+        "pool": settings.pool,
     }
