@@ -201,7 +201,9 @@ class Probe:
         widths, itemsize = self._widths(self._example)
         plan = self.pass_plan
         if plan is None or {lp.alias: lp.dim for lp in plan.layers} != widths:
-            h0 = [h0 for h0, _ in self.pairs]
+            skip = self.pair_settings.width_mismatch == "skip"
+            # a pair skipped for its widths is NaN: its H0 needs no full scatter
+            h0 = [a for a, b in self.pairs if not (skip and widths.get(a) != widths.get(b))]
             budget = self.settings.cache_budget
             budget = passes.default_budget(self.device) if budget == "auto" else int(budget)
             samples = len(self.loader.dataset)

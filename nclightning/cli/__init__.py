@@ -63,7 +63,6 @@ COMMANDS = {
 }
 LIGHT_COMMANDS = ("theory", "report")  # no Lightning import, their own errors
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
-_resolve_config_args = resolve_config_args  # the name other modules used before
 
 
 def __getattr__(name: str):

@@ -82,9 +82,9 @@ def main(argv: list[str]) -> int:
     wd.add_argument("--only", nargs="+", metavar="LABEL", help="run only these variant labels")
     wd.add_argument("--dry-run", action="store_true", help="print the runs, train nothing")
     args, extra = parser.parse_known_args(argv)  # extra: overrides passed on to every run
-    from nclightning.cli import _resolve_config_args, run_trainer_cli
+    from nclightning.cli import resolve_config_args, run_trainer_cli
 
-    config = _resolve_config_args(["--config", args.config])[1]
+    config = resolve_config_args(["--config", args.config])[1]
     w, c = _base_decays(config)
     runs = variants(w, c, tuple(args.losses), tuple(args.factors))
     if args.only:
@@ -97,9 +97,14 @@ def main(argv: list[str]) -> int:
             )
             return 2
         runs = [v for v in runs if v.label in args.only]
+    folders = []
     for i, v in enumerate(runs, 1):
         cmd = ["fit", "--config", config, *v.overrides(), *extra]
         print(f"{PROG}: [{i}/{len(runs)}] {v.label}: nclightning {' '.join(cmd)}", flush=True)
         if not args.dry_run:
-            run_trainer_cli(cmd)
+            log_dir = run_trainer_cli(cmd).trainer.log_dir
+            if log_dir is not None:
+                folders.append(log_dir)
+    if folders:
+        print(f"{PROG}: {len(folders)} runs; overlay them: nclightning report {' '.join(folders)}")
     return 0

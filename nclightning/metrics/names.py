@@ -15,6 +15,8 @@ __all__ = [
     "NCC_KEYS",
     "OOD_KEYS",
     "PER_CLASS_KEYS",
+    "SCALE_FREE_KEYS",
+    "SCALE_KEYS",
     "SCATTER_KEYS",
 ]
 
@@ -47,6 +49,12 @@ the same probe's final class means (``nc4``, Papyan's NC4) or against the TRAIN 
 
 OOD_KEYS = ("nc5",)
 """Scalars that need the mean feature of an out-of-distribution probe."""
+
+SCALE_KEYS = ("feature_norm", "class_mean_norm")
+"""Scalars that measure a layer's scale (not invariant to rescaling its features)."""
+
+SCALE_FREE_KEYS = tuple(k for k in METRIC_KEYS if k not in (*NCC_KEYS, *OOD_KEYS, *SCALE_KEYS))
+"""Scalars of the moments and the classifier that rescaling the features leaves unchanged."""
 
 MOMENT_KEYS = tuple(k for k in METRIC_KEYS if k not in (*CLASSIFIER_KEYS, *NCC_KEYS, *OOD_KEYS))
 """Scalars computed from class moments alone (:func:`~nclightning.metrics.metrics_from_moments`).

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from nclightning.errors import ConfigurationError, DataError
 from nclightning.metrics import ClassMoments, metrics_from_moments
+from nclightning.metrics.names import SCALE_FREE_KEYS
 from nclightning.perturbation._inputs import as_moments
 from nclightning.perturbation._scale import (
     NORMALIZATIONS,
@@ -73,18 +74,7 @@ RESIDUAL_KEYS = ("nc1_tilde", "nc1", "nc2_etf", "nc2_equinorm", "nc3", "cdnv", "
 status is ``"fitted"``, ``norm_ratio`` with the ``"norm_ratio"`` normalisation); ``nc3`` with
 ``weight``."""
 
-_SCALE_FREE = (
-    "nc1",
-    "nc1_tilde",
-    "cdnv",
-    "nc2_etf",
-    "nc2_equinorm",
-    "nc2_equiangle",
-    "nc2_maxangle",
-    "gnc2_log",
-    "nc3",
-    "unc3",
-)
+_SCALE_FREE = SCALE_FREE_KEYS
 _INF = math.inf
 
 

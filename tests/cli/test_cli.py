@@ -211,14 +211,14 @@ def test_help_lists_bundled_configs(capsys):
 
 
 def test_config_names_resolve_to_bundled_files_only_when_no_such_path(tmp_path):
-    assert cli._resolve_config_args(["fit", "--config", "digits_mlp"]) == [
+    assert cli.resolve_config_args(["fit", "--config", "digits_mlp"]) == [
         "fit",
         "--config",
         str(CONFIG_DIR / "digits_mlp.yaml"),
     ]
     local = tmp_path / "digits_mlp.yaml"
     local.write_text("seed_everything: 1\n")
-    assert cli._resolve_config_args(["fit", "--config=digits_mlp.yaml"]) == [
+    assert cli.resolve_config_args(["fit", "--config=digits_mlp.yaml"]) == [
         "fit",
         "--config=digits_mlp.yaml",
     ]
