@@ -97,7 +97,7 @@ def measure(name: str, model, dm, epochs: int, **options) -> None:
     print(
         f"{name:16s} N={len(nc._probe.loader.dataset):5d}  probe {probe:7.3f} s  bare forward "
         f"{bare:7.3f} s  probe/bare = {probe / bare:.3f}  (pair fits {fit:.3f} s = "
-        f"{fit / bare:.3f} of a bare forward; {len(timer.bare)} pairs)\n"
+        f"{fit / bare:.3f} of a bare forward; median of {len(timer.bare)} probes)\n"
         f"{'':16s} {plan.describe(nc.name, len(nc._probe.loader.dataset))}"
     )
 
