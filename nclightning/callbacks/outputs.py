@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from nclightning.perturbation import DEFAULT_NORMALIZATION
 from nclightning.record import keys
 from nclightning.record.snapshots import write_snapshot
 
@@ -205,7 +206,7 @@ def fit_record(pair_settings, settings, every_n_epochs: int) -> dict[str, Any]:
         "lambda_W": pair_settings.lambda_W,
         "lambda_H": pair_settings.lambda_H,
         "coupling": pair_settings.coupling,
-        "normalization": pair_settings.normalization,
+        "normalization": pair_settings.normalization or DEFAULT_NORMALIZATION,
         "every_n_epochs": every_n_epochs,
         "pool": settings.pool,
     }
