@@ -12,8 +12,6 @@ from nclightning.files import file_mode
 __all__ = ["atomic_write_bytes", "file_mode", "remove_created", "remove_stale_temporaries"]
 
 
-
-
 def remove_stale_temporaries(path: str | Path) -> None:
     """Delete ``.{name}.*`` files beside ``path``: temporaries of writes a crash interrupted.
 
