@@ -7,9 +7,11 @@ CIFAR-shaped ResNet-18 (synthetic 32x32 inputs), one process trains a few epochs
 penultimate`` pair. After each probe the same loader runs once more as a bare ``model(x)``
 eval/no-grad forward. Printed per model: the median probe time, the median bare-forward time,
 their ratio (target <= 1.15), the pair fit's share, and the plan (cache or stream, memory).
-``--all-layers`` adds the ResNet with ``layers="all"`` (stem, 8 blocks, pooled features).
+``--all-layers`` adds the ResNet with ``layers="all"`` (stem, 8 blocks, pooled features);
+``--streamed`` adds the MLP with ``cache_budget=0`` (no feature cache: exact NC4 by a second
+forward pass), the alternative the cached sweep is measured against.
 
-    python benchmarks/callback.py [--threads 2] [--samples-mlp 8192] [--all-layers]
+    python benchmarks/callback.py [--threads 2] [--samples-mlp 8192] [--all-layers] [--streamed]
 """
 
 from __future__ import annotations
@@ -116,6 +118,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--coupling", default="fit", help='"fit" (the default) or a number')
     parser.add_argument("--all-layers", action="store_true", help='also layers="all" (ResNet)')
+    parser.add_argument("--streamed", action="store_true", help="also the MLP without a cache")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -132,6 +135,9 @@ def main() -> None:
         backbone_kwargs={"depth": 6, "width": 1024, "batch_norm": True},
     )
     measure("mlp", mlp, _data(args.samples_mlp), args.epochs, coupling=coupling)
+    if args.streamed:
+        mlp_data = _data(args.samples_mlp)
+        measure("mlp (streamed)", mlp, mlp_data, args.epochs, coupling=coupling, cache_budget=0)
     epochs = max(3, args.epochs // 2)
     resnet = CollapseClassifier(num_classes=K, input_shape=(3, 32, 32), backbone="resnet18")
     measure("resnet18", resnet, _data(args.samples_resnet), epochs, coupling=coupling)
