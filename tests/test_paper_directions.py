@@ -2,8 +2,8 @@
 
 Each test trains the bundled offline config of one figure and asserts the *direction* of the
 paper's claim (docs/science.md §6.5): Fig. 2, layer-wise training (§6.2), and Fig. 3, the
-weight-decay study (§6.3). They train whole jobs, so they are marked ``slow`` (about a
-minute together on 2 cores); CI runs them, ``pytest -m 'not slow'`` leaves them out.
+weight-decay study (§6.3). They train whole jobs, so they are marked ``slow`` (about two
+minutes together on 2 cores); CI runs them, ``pytest -m 'not slow'`` leaves them out.
 """
 
 from __future__ import annotations
