@@ -21,6 +21,9 @@ execution order (docs/science.md §8, depth profiles):
   forward pass (its output is ambiguous), and a module whose output is the very tensor of the
   layer before it (an ``nn.Identity`` tap);
 * ``include`` / ``exclude`` (``fnmatch`` patterns on module names) then filter the list.
+
+A timm model (in ``model``, at any depth) that declares its blocks in ``feature_info`` is
+taken at its word instead (:func:`declared_blocks`): those modules, with timm's names.
 """
 
 from __future__ import annotations
@@ -36,9 +39,11 @@ from nclightning.errors import ConfigurationError
 from nclightning.record.keys import check_layer_alias
 
 __all__ = [
+    "declared_blocks",
     "discover_blocks",
     "example_batch",
     "find_classifier",
+    "first_tensor",
     "resolve_layers",
     "trace_order",
     "unknown_module_message",
@@ -114,7 +119,7 @@ def trace_order(model: nn.Module, run_forward) -> list[tuple[str, int]]:
 
     def hook(name):
         def fn(module, args, output):
-            out = output[0] if isinstance(output, (tuple, list)) and output else output
+            out = first_tensor(output)
             if isinstance(out, Tensor):
                 calls.append((name, out.data_ptr()))
 
@@ -129,6 +134,20 @@ def trace_order(model: nn.Module, run_forward) -> list[tuple[str, int]]:
         for h in handles:
             h.remove()
     return calls
+
+
+def first_tensor(output) -> Tensor | None:
+    """The feature tensor of a module output: a tensor, a tuple's first entry, or an output
+    object's ``last_hidden_state`` / ``logits`` (Hugging Face), else ``None``."""
+    if isinstance(output, Tensor):
+        return output
+    for attr in ("last_hidden_state", "logits"):
+        value = output.get(attr) if isinstance(output, Mapping) else getattr(output, attr, None)
+        if isinstance(value, Tensor):
+            return value
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    return None
 
 
 class _Tree:
@@ -229,8 +248,35 @@ def _filter(names: list[str], include, exclude) -> list[str]:
     return names
 
 
-def example_batch(dataset, size: int = 2):
-    """The first ``size`` samples of ``dataset`` collated into a batch ``(x, y)``."""
+def example_batch(dataset, template=None, size: int = 2):
+    """The first ``size`` samples of ``dataset`` collated into a batch (by ``template``'s
+    ``collate_fn`` when given: a tokenizer's padding collator, say)."""
     from torch.utils.data import default_collate
 
-    return default_collate([dataset[i] for i in range(min(size, len(dataset)))])
+    collate = getattr(template, "collate_fn", None) or default_collate
+    return collate([dataset[i] for i in range(min(size, len(dataset)))])
+
+
+def declared_blocks(
+    model: nn.Module,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+) -> list[str] | None:
+    """The blocks a timm model declares in its ``feature_info``, with timm's names (prefixed
+    by the submodule's name), or ``None`` when no timm model in ``model`` declares them."""
+    for prefix, module in model.named_modules():
+        if not type(module).__module__.startswith("timm."):
+            continue
+        info = getattr(module, "feature_info", None)
+        entries = getattr(info, "info", info)  # timm's FeatureInfo object, or its list
+        if not isinstance(entries, (list, tuple)) or not entries:
+            continue
+        names = [e.get("module") for e in entries if isinstance(e, Mapping)]
+        if not names or not all(isinstance(n, str) and n for n in names):
+            continue
+        known = dict(module.named_modules())
+        if not all(n in known for n in names):
+            continue
+        full = [f"{prefix}.{n}" if prefix else n for n in names]
+        return _filter(full, include, exclude)
+    return None

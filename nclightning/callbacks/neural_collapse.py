@@ -1,9 +1,10 @@
 """``NeuralCollapseCallback``: the Lightning face of a probe (settings, state, hooks).
 
-The hooks are a thin sequence over the parts: :mod:`.sources` (which samples),
-:mod:`.layers` and :mod:`.taps` (which modules, as feature rows), :mod:`.passes` (the pass and
-its synced statistics), :mod:`.analysis` (metrics and pair fits) and :mod:`.outputs`
-(loggers, W&B, snapshots). Keys are those of :mod:`nclightning.record.keys`.
+The hooks are a thin sequence over the parts: :mod:`.settings` (the validated settings),
+:mod:`.sources` (which samples), :mod:`.layers` and :mod:`.taps` (which modules, as feature
+rows), :mod:`.passes` (the pass and its synced statistics), :mod:`.analysis` (metrics and
+pair fits) and :mod:`.outputs` (loggers, W&B, snapshots). Keys are those of
+:mod:`nclightning.record.keys`.
 """
 
 from __future__ import annotations
@@ -11,44 +12,70 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 from nclightning.callbacks import analysis, outputs
-from nclightning.callbacks.probe import Probe, ProbeSettings
+from nclightning.callbacks.probe import Probe
+from nclightning.callbacks.settings import CallbackSettings
 from nclightning.errors import ConfigurationError
 from nclightning.record import keys
 from nclightning.record.snapshots import claim_directory
 
-__all__ = ["NeuralCollapseCallback"]
+__all__ = ["NeuralCollapseCallback", "duplicate_probes"]
+
+
+@dataclass
+class _ProbeState:
+    """What one probe of a callback keeps during a fit (its own, saved in checkpoints)."""
+
+    name: str
+    wandb: outputs.WandbOutputs
+    probe: Probe | None = None
+    subset: Tensor | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    couplings: dict[str, float] = field(default_factory=dict)
+    last: analysis.ProbeResult | None = None
+    last_position: float | None = None  # epochs_trained of ``last``
+    snapshots: Path | None = None
 
 
 class NeuralCollapseCallback(Callback):
     r"""Measure neural collapse in chosen layers every few epochs and fit the perturbation model.
 
-    At fit start (the baseline, ``epochs_trained = 0``) and after every ``every_n_epochs``
-    epochs (the last one always), one eval-mode, no-grad pass over a fixed probe set collects
-    every chosen layer's features through forward hooks; the class statistics of each layer
-    (exact, synced across DDP ranks) give every metric of docs/science.md §1 and §8, and each
-    ``(h0, h)`` pair is fitted with the perturbation model of Tirer, Huang & Niles-Weed
-    (§2, §7). Observing changes nothing: every random state the probe touches is restored, so
-    training is bit-identical with and without the callback. The same measurement runs from
-    ``trainer.validate`` / ``trainer.test`` (once, on the loaded weights).
+    At fit start (the baseline, ``epochs_trained = 0``), after every ``every_n_epochs``
+    epochs and at the end of training however it stops (``max_epochs``, ``max_steps`` in the
+    middle of an epoch, ``max_time``, ``EarlyStopping``, ``trainer.should_stop``; a partial
+    epoch counts as its fraction of batches), one eval-mode, no-grad pass over a fixed probe
+    set collects every chosen layer's features through forward hooks; the class statistics of
+    each layer (exact, synced across DDP ranks) give every metric of docs/science.md §1 and
+    §8, and each ``(h0, h)`` pair is fitted with the perturbation model of Tirer, Huang &
+    Niles-Weed (§2, §7). Every state of the weights is probed once (a resumed run does not
+    probe its checkpoint again). Observing changes nothing: every random state the probe
+    touches is restored, so training is bit-identical with and without the callback. The same
+    measurement runs from ``trainer.validate`` / ``trainer.test`` (once, on the loaded
+    weights).
 
     Logged (every logger, ``trainer.callback_metrics``; keys of
     :mod:`nclightning.record.keys`, with ``epochs_trained`` and Lightning's global step):
     ``nc-{name}/{layer}/{metric}``, ``nc-{name}/accuracy`` and
     ``pm-{name}-{h0}->{h}/{coupling, status, perturbative, predicted/..., residual/..., ...}``.
 
+    The settings fall into four validated groups (:mod:`nclightning.callbacks.settings`,
+    ``callback.settings``); an invalid value is refused here, in one line.
+
     Args:
         layers: module names (``model.named_modules()``), ``alias -> module name``, or
-            ``"all"``: every block (the rule in :mod:`nclightning.callbacks.layers`), filtered
-            by ``include``/``exclude`` (``fnmatch`` patterns). Default: the model's
-            ``feature_layers`` (CollapseClassifier: ``penultimate`` and ``h0``).
+            ``"all"``: every block (the rule in :mod:`nclightning.callbacks.layers`; a timm
+            model's ``feature_info`` where it declares one), filtered by ``include``/
+            ``exclude`` (``fnmatch`` patterns). Default: the model's ``feature_layers``
+            (CollapseClassifier: ``penultimate`` and ``h0``).
         pairs: ``(h0, h)`` layer aliases fitted by the perturbation model. Default:
             ``[("h0", "penultimate")]`` when both exist.
         lambda_W, lambda_H: the model's regularisation (the classifier's and the feature
@@ -57,16 +84,26 @@ class NeuralCollapseCallback(Callback):
             ``h``) or a fixed scale-free coupling (beta / lambda_H after normalisation).
         normalization: how ``H0``'s scale is fixed (docs/science.md §7); default: the
             perturbation package's.
-        coupling_range: the searched interval of couplings (default: the package's).
+        coupling_range: the searched interval ``(low, high)`` of couplings.
         probe: ``"train"`` (the DataModule's training set without augmentation), ``"val"``,
-            ``"test"`` or a ``DataLoader`` of ``(x, y)``; ``name`` names the probe in keys
-            (required for a DataLoader; letters, digits, ``_``). Several instances with other
-            probes can run in one Trainer; a held-out probe also logs ``nc4_train_means``
-            against the ``train`` probe's class means when both probe the same epoch.
+            ``"test"`` or a ``DataLoader`` of ``(x, y)`` batches or of mappings with
+            ``labels`` (the other entries go to the model as keyword arguments).
+        probes: several probes measured by this one callback (``["train", "val"]``), in
+            order; a held-out probe also logs ``nc4_train_means`` against the ``train``
+            probe's class means of the same epoch.
+        name: the probe's name in keys (required for a DataLoader; letters, digits, ``_``);
+            a list for several DataLoader probes. Two callbacks may not measure one probe.
         ood_probe: a ``DataLoader`` of out-of-distribution inputs: adds ``nc5``.
         max_samples: probe a fixed class-balanced subset of about this many samples.
-        every_n_epochs: probe after every n-th epoch (and after the last).
-        pool, output_fmt: how outputs become rows (:mod:`nclightning.callbacks.taps`).
+        every_n_epochs: probe after every n-th epoch (and at the end of training).
+        num_classes: the number of classes ``K``; default: the classifier's outputs, else the
+            DataModule's or the model's ``num_classes`` (never the labels a probe holds: a
+            probe lacking a class is measured over the classes it has).
+        pool: how positions become one row per sample: ``"avg"`` (all positions), ``"mean"``
+            (tokens kept by the batch's ``attention_mask``), ``"cls"`` (token 0), ``"last"``
+            (the last unpadded token) or ``"flatten"``; or ``alias -> one of them``.
+        output_fmt: the layout of 3-D/4-D outputs: ``"auto"`` (decided by the module and
+            printed at start-up), ``"NCHW"``/``"NCL"`` or ``"NLC"``, or ``alias -> one``.
         max_dim: project wider layers onto a fixed random ``max_dim``-dim subspace (metrics
             then describe the projected features).
         batch_size: probe batch size (default: the DataModule's eval batch size, else 256).
@@ -93,11 +130,13 @@ class NeuralCollapseCallback(Callback):
         normalization: str | None = None,
         coupling_range: tuple[float, float] | None = None,
         probe: Literal["train", "val", "test"] | DataLoader = "train",
-        name: str | None = None,
+        probes: Sequence[str | DataLoader] | None = None,
+        name: str | Sequence[str] | None = None,
         ood_probe: DataLoader | None = None,
         max_samples: int | None = None,
         every_n_epochs: int = 1,
-        pool: Literal["avg", "flatten"] = "avg",
+        num_classes: int | None = None,
+        pool: str | Mapping[str, str] = "avg",
         output_fmt: str | Mapping[str, str] = "auto",
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
@@ -113,115 +152,141 @@ class NeuralCollapseCallback(Callback):
         classifier: str | None = "auto",
     ) -> None:
         super().__init__()
-        self.settings = ProbeSettings.build(
-            layers=layers,
-            pairs=pairs,
-            probe=probe,
-            name=name,
-            ood_probe=ood_probe,
-            max_samples=max_samples,
-            pool=pool,
-            output_fmt=output_fmt,
-            include=include,
-            exclude=exclude,
-            max_dim=max_dim,
-            batch_size=batch_size,
-            cache_budget=cache_budget,
-            snapshot_features=snapshot_features,
-            progress=progress,
-            seed=seed,
-            classifier=classifier,
-        )
-        if coupling != "fit" and not (isinstance(coupling, (int, float)) and coupling > 0):
-            raise ConfigurationError(
-                f"coupling must be 'fit' or a positive number, got {coupling!r}"
-            )
-        if every_n_epochs < 1:
-            raise ConfigurationError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
-        if width_mismatch not in ("error", "pad", "skip"):
-            raise ConfigurationError(
-                f"width_mismatch must be 'error', 'pad' or 'skip', got {width_mismatch!r}"
-            )
-        if coupling_range is not None:
-            coupling_range = (float(coupling_range[0]), float(coupling_range[1]))
-        self.pair_settings = analysis.PairSettings(
-            float(lambda_W),
-            float(lambda_H),
-            coupling,
-            normalization,
-            coupling_range,
-            width_mismatch,
-        )
-        self.every_n_epochs = int(every_n_epochs)
-        self.log_figures_every_n_probes = int(log_figures_every_n_probes)
-        self.snapshot_dir = snapshot_dir
-        self._probe: Probe | None = None
-        self._wandb = outputs.WandbOutputs(self.name)
+        flat = dict(locals())
+        flat.pop("self")
+        flat.pop("__class__", None)
+        self.settings = CallbackSettings.build(**flat)
         self._reset()
 
     # -- identity and public views ------------------------------------------------------------
     @property
+    def names(self) -> tuple[str, ...]:
+        """The names of this callback's probes in keys, in the order they run."""
+        return self.settings.probe.names
+
+    @property
     def name(self) -> str:
-        """The probe's name in keys: ``train``/``val``/``test`` or the given ``name``."""
-        return self.settings.name
+        """The probe's name (``train``/``val``/``test`` or ``name``); several joined by ``+``."""
+        return "+".join(self.names)
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(probe=self.name)
 
     @property
+    def pair_settings(self):
+        """The pair-fit settings (:class:`~nclightning.callbacks.settings.PairFitSettings`)."""
+        return self.settings.fit
+
+    @property
+    def every_n_epochs(self) -> int:
+        return self.settings.probe.every_n_epochs
+
+    @property
+    def epochs_completed(self) -> int:
+        """Epochs completed in this fit (this callback's own count, kept in checkpoints)."""
+        return self._epochs_done
+
+    @property
     def history(self) -> list[dict[str, float]]:
-        """Every row this instance logged in this fit (a copy), ``epochs_trained`` included."""
-        return [dict(r) for r in self._history]
+        """Every row this callback logged in this fit (a copy), ``epochs_trained`` included;
+        with several probes, each probe's rows in turn."""
+        return [dict(r) for s in self._states.values() for r in s.history]
+
+    def history_of(self, probe: str) -> list[dict[str, float]]:
+        """The rows one probe of this callback logged in this fit (a copy)."""
+        state = self._states.get(probe)
+        return [dict(r) for r in state.history] if state else []
+
+    def result_at(self, probe: str, epochs_trained: float) -> analysis.ProbeResult | None:
+        """``probe``'s result when it was last measured after ``epochs_trained`` epochs, else
+        ``None`` (what a held-out probe of another callback compares with)."""
+        state = self._states.get(probe)
+        if state is None or state.last_position != epochs_trained:
+            return None
+        return state.last
 
     @property
     def plan(self):
-        """How the latest probe ran (:class:`~nclightning.callbacks.passes.PassPlan`: cached
-        or streamed, each layer's width and statistics, the memory they take)."""
-        return self._probe.pass_plan if self._probe is not None else None
+        """How the first probe's latest pass ran (:class:`~nclightning.callbacks.passes.
+        PassPlan`: cached or streamed, each layer's width and statistics, their memory)."""
+        probe = self._first.probe
+        return probe.pass_plan if probe is not None else None
 
     @property
     def projections(self) -> dict:
         """The fixed ``[d, max_dim]`` projections of layers wider than ``max_dim``."""
-        return dict(self._probe.projections) if self._probe is not None else {}
+        probe = self._first.probe
+        return dict(probe.projections) if probe is not None else {}
 
     @property
     def last_result(self) -> analysis.ProbeResult | None:
         """The latest probe's :class:`~nclightning.callbacks.analysis.ProbeResult`."""
         return self._last
 
+    @property
+    def _first(self) -> _ProbeState:
+        return next(iter(self._states.values()))
+
     def _reset(self) -> None:
         """Per-fit state: a new ``fit`` (or measurement) starts from nothing."""
-        self._history: list[dict[str, float]] = []
-        self._subset = None
-        self._couplings: dict[str, float] = {}
-        self._last_probed = -1
+        self._states = {
+            n: _ProbeState(n, outputs.WandbOutputs(n)) for n in self.settings.probe.names
+        }
+        self._epochs_done = 0
+        self._counted = True  # the current epoch's end was counted (or none is running)
+        self._trainer: Trainer | None = None
+        self._probed_step: int | None = None  # the global step of the last probed weights
         self._last: analysis.ProbeResult | None = None
         self._token = uuid.uuid4().hex
-        self._snapshots: Path | None = None
         self._started = False
         self._fitting = True
-        self._saved_settings: dict[str, Any] | None = None
-        self._ckpt_position: tuple[int] | None = None
+        self._loaded = False
+        self._ckpt_epoch: int | None = None
         self._warned: set[str] = set()
 
     # -- Lightning hooks ----------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        message = duplicate_probes(trainer.callbacks)
+        if message:
+            raise ConfigurationError(message)
         self._reset()
         self._fitting = stage == "fit"
-        self._probe = Probe(self.settings, trainer, pl_module, self.pair_settings)
+        self._trainer = trainer
+        for i, state in enumerate(self._states.values()):
+            state.probe = Probe(self.settings, i, trainer, pl_module)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._start_outputs(trainer)
-        # the baseline; after a resume, the probe the checkpoint was saved before
-        epoch = trainer.current_epoch
-        if epoch != self._last_probed and self._due(epoch, trainer):
-            self.probe_now(trainer, pl_module, epoch)
+        for state in self._states.values():  # an empty or mislabelled probe stops here
+            self._subset(state)
+        # the baseline; after a resume, nothing when the checkpoint's weights were probed
+        if self._probed_step != trainer.global_step and self._due(self._epochs_done):
+            self.probe_now(trainer, pl_module, self._epochs_done)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._counted = False
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        epoch = trainer.current_epoch + 1  # completed epochs
-        if epoch != self._last_probed and self._due(epoch, trainer):
+        if self._counted:  # the end of an epoch a resumed checkpoint already counted
+            return
+        self._counted = True
+        if not self._epoch_complete(trainer):
+            return  # stopped inside the epoch (max_steps): on_train_end probes it
+        self._epochs_done += 1
+        epoch = self._epochs_done
+        last = trainer.max_epochs is not None and epoch == trainer.max_epochs
+        if self._probed_step != trainer.global_step and (self._due(epoch) or last):
             self.probe_now(trainer, pl_module, epoch)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # the final weights, however training stopped, unless they were just probed
+        if self._probed_step != trainer.global_step:
+            self.probe_now(trainer, pl_module, self._position(trainer))
+        if trainer.is_global_zero:
+            for state in self._states.values():
+                if state.history:
+                    state.wandb.summary(trainer, state.history[-1])
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.state.fn == "validate":
@@ -231,41 +296,51 @@ class NeuralCollapseCallback(Callback):
         if trainer.state.fn == "test":
             self._measure(trainer, pl_module)
 
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.is_global_zero and self._history:
-            self._wandb.summary(trainer, self._history[-1])
-
     def state_dict(self) -> dict[str, Any]:
         return {
-            "settings": outputs.settings_record(self.settings, self.name),
-            "subset": self._subset,
-            "history": list(self._history),
-            "couplings": dict(self._couplings),
-            "last_probed": self._last_probed,
+            "epochs_completed": self._epochs_done + int(self._ending_epoch()),
+            "epoch_end_counted": self._counted or self._ending_epoch(),
+            "probed_step": self._probed_step,
             "token": self._token,
+            "probes": {
+                n: {
+                    "settings": outputs.settings_record(self.settings.record(n), n),
+                    "subset": s.subset,
+                    "history": list(s.history),
+                    "couplings": dict(s.couplings),
+                }
+                for n, s in self._states.items()
+            },
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = state_dict.get("settings") or {}
-        self._saved_settings = dict(saved)
-        differ = {
-            k: (saved.get(k), v)
-            for k, v in outputs.settings_record(self.settings, self.name).items()
-            if k in saved and saved[k] != v
-        }
+        saved = state_dict.get("probes", {})
+        for n in self._states:
+            self._check_settings(n, (saved.get(n) or {}).get("settings") or {})
+        for n, state in self._states.items():
+            mine = saved.get(n) or {}
+            state.subset = mine.get("subset")
+            state.history = list(mine.get("history", []))
+            state.couplings = dict(mine.get("couplings", {}))
+        self._epochs_done = int(state_dict.get("epochs_completed", 0))
+        # Lightning replays the end of an epoch saved at validation end: counted already
+        self._counted = bool(state_dict.get("epoch_end_counted", True))
+        step = state_dict.get("probed_step")
+        self._probed_step = None if step is None else int(step)
+        self._loaded = True
+        if self._fitting:  # a resumed run is the same run; a measurement is a run of its own
+            self._token = str(state_dict.get("token", self._token))
+
+    def _check_settings(self, name: str, saved: Mapping[str, Any]) -> None:
+        now = outputs.settings_record(self.settings.record(name), name)
+        differ = {k: (saved.get(k), v) for k, v in now.items() if k in saved and saved[k] != v}
         if differ:
             what = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differ.items())
             raise ConfigurationError(
-                f"NeuralCollapseCallback[{self.name}] cannot resume this checkpoint: its probe "
+                f"NeuralCollapseCallback[{name}] cannot resume this checkpoint: its probe "
                 f"settings differ ({what}). Resume with the settings it was made with, or start "
                 "a new run"
             )
-        self._subset = state_dict.get("subset")
-        self._history = list(state_dict.get("history", []))
-        self._couplings = dict(state_dict.get("couplings", {}))
-        self._last_probed = int(state_dict.get("last_probed", -1))
-        if self._fitting:  # a resumed run is the same run; a measurement is a run of its own
-            self._token = str(state_dict.get("token", self._token))
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         saved = [
@@ -279,68 +354,102 @@ class NeuralCollapseCallback(Callback):
                     f"this checkpoint was made with {', '.join(others)}, but this run has "
                     f"{mine}: the probe differs. Resume with the probe the run was made with"
                 )
-        loops = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
-        done = loops.get("current", {}).get("processed", checkpoint.get("epoch", 0))
-        self._ckpt_position = (int(done),)
+        epoch = checkpoint.get("epoch")  # weights saved without this callback's state
+        self._ckpt_epoch = int(epoch) if isinstance(epoch, int) else None
 
     # -- the probe ------------------------------------------------------------------------------
     def probe_now(
         self,
         trainer: Trainer,
         pl_module: LightningModule,
-        epochs_trained: int,
+        epochs_trained: float,
         step: int | None = None,
     ):
-        """Run one probe now, logged as measured after ``epochs_trained`` epochs (at ``step``,
-        by default Lightning's global step); returns its ``ProbeResult``."""
-        assert self._probe is not None, "probe_now() runs between setup() and teardown()"
-        if self._subset is None:
-            self._subset = self._probe.subset()
-        reference = self._train_reference(trainer, pl_module, epochs_trained)
-        result = self._probe.run(self._subset, reference, self._couplings, self._warn_once)
-        for name, fit in result.fits.items():
+        """Run every probe of this callback now, logged as measured after ``epochs_trained``
+        epochs (at ``step``, by default Lightning's global step); returns the last probe's
+        ``ProbeResult``."""
+        for state in self._states.values():
+            self._probe_one(state, trainer, pl_module, epochs_trained, step)
+        self._probed_step = trainer.global_step
+        return self._last
+
+    def _probe_one(self, state: _ProbeState, trainer, pl_module, epochs_trained, step) -> None:
+        assert state.probe is not None, "probe_now() runs between setup() and teardown()"
+        subset = self._subset(state)
+        reference = self._train_reference(state, trainer, epochs_trained)
+        result = state.probe.run(subset, reference, state.couplings, self._warn_once)
+        for pair, fit in result.fits.items():
             if fit is not None and math.isfinite(fit.coupling):
-                self._couplings[name] = fit.coupling
+                state.couplings[pair] = fit.coupling
         row = {**result.row, **self._annotations(trainer, pl_module)}
         step = trainer.global_step if step is None else step
         outputs.log_row(trainer, row, epochs_trained, step)
-        self._last_probed, self._last = epochs_trained, result
-        self._history.append({**row, keys.EPOCHS_TRAINED: float(epochs_trained)})
+        state.last, state.last_position, self._last = result, epochs_trained, result
+        state.history.append({**row, keys.EPOCHS_TRAINED: float(epochs_trained)})
         if trainer.is_global_zero:
-            self._write_outputs(trainer, result, row, epochs_trained, step)
-        return result
+            self._write_outputs(state, trainer, result, row, epochs_trained, step)
+
+    def _subset(self, state: _ProbeState) -> Tensor:
+        if state.subset is None:
+            state.subset = state.probe.subset()
+        else:
+            state.probe.num_classes  # noqa: B018 (resolves and checks the source)
+        return state.subset
 
     def _measure(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """``trainer.validate``/``test``: one probe of the loaded weights, as measured after the
-        checkpoint's completed epochs (the Trainer's, for weights in memory). Its ``step`` is
-        the Trainer's, as for every other row the measurement logs."""
+        completed epochs this callback counted (a checkpoint made without it: its ``epoch``;
+        weights in memory: the Trainer's). Its ``step`` is the Trainer's."""
         self._start_outputs(trainer)
-        epochs = self._ckpt_position[0] if self._ckpt_position else trainer.current_epoch
+        if self._loaded:
+            epochs = self._epochs_done
+        else:
+            epochs = self._ckpt_epoch if self._ckpt_epoch is not None else trainer.current_epoch
         self.probe_now(trainer, pl_module, epochs)
 
-    def _train_reference(self, trainer, pl_module, epochs_trained: int):
-        """The train probe's class means of this epoch, for a held-out probe's nc4_train_means."""
-        cb = self._train_sibling(trainer)
-        if cb is None:
+    def _train_reference(self, state: _ProbeState, trainer, epochs_trained: float):
+        """The train probe's class means of this epoch, for a held-out probe's
+        nc4_train_means: this callback's own train probe, else another callback's (public
+        :meth:`result_at`) when it has measured the same epoch."""
+        if state.name == "train":
             return None
-        if cb._last_probed != epochs_trained and cb._due(epochs_trained, trainer):
-            cb.probe_now(trainer, pl_module, epochs_trained)  # catch up: the same epoch
-        if cb._last_probed == epochs_trained and cb._last is not None:
-            return cb._last.moments
-        return None
+        own = self._states.get("train")
+        if own is not None:
+            result = own.last if own.last_position == epochs_trained else None
+        else:
+            other = self._train_owner(trainer)
+            result = other.result_at("train", epochs_trained) if other else None
+        return result.moments if result is not None else None
 
-    def _train_sibling(self, trainer) -> NeuralCollapseCallback | None:
-        """The instance probing ``train`` in the same Trainer (for a held-out probe)."""
-        if self.name == "train":
-            return None
+    def _train_owner(self, trainer) -> NeuralCollapseCallback | None:
         for cb in trainer.callbacks:
-            if isinstance(cb, NeuralCollapseCallback) and cb is not self and cb.name == "train":
+            if isinstance(cb, NeuralCollapseCallback) and cb is not self and "train" in cb.names:
                 return cb
         return None
 
-    def _due(self, epoch: int, trainer: Trainer) -> bool:
-        last = trainer.max_epochs is not None and epoch == trainer.max_epochs
-        return epoch % self.every_n_epochs == 0 or last
+    def _due(self, epoch: int) -> bool:
+        return epoch % self.every_n_epochs == 0
+
+    def _ending_epoch(self) -> bool:
+        """A checkpoint saved after an epoch's last batch but before its end was counted (at
+        validation end): the resumed run starts after that epoch, so it counts as completed."""
+        t = self._trainer
+        return bool(t is not None and t.state.fn == "fit" and not self._counted) and self._epoch_complete(t)
+
+    @staticmethod
+    def _epoch_complete(trainer: Trainer) -> bool:
+        """Whether the epoch that just ended ran all its batches (not stopped by max_steps)."""
+        total = trainer.num_training_batches
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        return not (isinstance(total, int) and math.isfinite(total) and done < total)
+
+    def _position(self, trainer: Trainer) -> float:
+        """Epochs trained now: completed epochs plus the fraction of a partial one."""
+        total = trainer.num_training_batches
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        if isinstance(total, int) and 0 < done < total:
+            return self._epochs_done + done / total
+        return self._epochs_done
 
     def _annotations(self, trainer, pl_module) -> dict[str, float]:
         """Extra columns other callbacks add to a probe's row (e.g. the layer-wise depth)."""
@@ -353,56 +462,90 @@ class NeuralCollapseCallback(Callback):
 
     # -- outputs --------------------------------------------------------------------------------
     def _start_outputs(self, trainer: Trainer) -> None:
-        """W&B settings and the snapshot folder, once per fit; an error stops every rank."""
-        if self._started or self._probe is None:
+        """W&B settings and the snapshot folders, once per fit; an error stops every rank."""
+        if self._started:
             return
         self._started = True
-        # every rank: trainer.log_dir is collective
-        folder = outputs.snapshot_folder(self.snapshot_dir, trainer, self.name)
         error = None
-        if trainer.is_global_zero:
-            record = outputs.settings_record(self.settings, self.name)
-            record |= outputs.fit_record(self.pair_settings, self.settings, self.every_n_epochs)
-            self._wandb.setup(trainer, record)
+        for state in self._states.values():
+            # every rank: trainer.log_dir is collective
+            folder = outputs.snapshot_folder(
+                self.settings.outputs.snapshot_dir, trainer, state.name
+            )
+            if not trainer.is_global_zero:
+                continue
+            record = outputs.settings_record(self.settings.record(state.name), state.name)
+            record |= outputs.fit_record(
+                self.settings.fit, self.settings.record(state.name), self.every_n_epochs
+            )
+            state.wandb.setup(trainer, record)
             try:
-                self._snapshots = None if folder is None else claim_directory(folder, self._token)
+                state.snapshots = None if folder is None else claim_directory(folder, self._token)
             except ConfigurationError as err:
-                error = str(err)
+                error = error or str(err)
         error = trainer.strategy.broadcast(error)
         if error:
             raise ConfigurationError(error)
 
-    def _write_outputs(self, trainer, result, row, epochs_trained: int, step: int) -> None:
-        if self._snapshots is not None:
+    def _write_outputs(self, state, trainer, result, row, epochs_trained, step: int) -> None:
+        probe = state.probe
+        if state.snapshots is not None:
             outputs.snapshot(
-                self._snapshots,
-                probe=self.name,
+                state.snapshots,
+                probe=state.name,
                 epochs_trained=epochs_trained,
                 step=step,
                 row=row,
                 moments=result.moments,
                 fits=result.fits,
-                class_names=self._probe.class_names,
-                classifier_weight=self._probe.weight(),
-                feeds=next(iter(self._probe.feeding), None),
-                kept=self._probe.kept,
+                class_names=probe.class_names,
+                classifier_weight=probe.weight(),
+                feeds=next(iter(probe.feeding), None),
+                kept=probe.kept,
             )
-        n = self.log_figures_every_n_probes
+        n = self.settings.outputs.log_figures_every_n_probes
         last = trainer.max_epochs is not None and epochs_trained == trainer.max_epochs
-        if n > 0 and (len(self._history) % n == 0 or last or trainer.state.fn != "fit"):
+        final = trainer.state.fn != "fit" or not trainer.training or last
+        if n > 0 and (len(state.history) % n == 0 or final):
             from nclightning.callbacks.figures import probe_media
 
-            train = self._train_sibling(trainer)
             images, tables = probe_media(
-                self.name,
-                outputs.merge_by_epoch(train.history if train else [], self.history),
+                state.name,
+                outputs.merge_by_epoch(self._train_history(state, trainer), state.history),
                 result,
-                self._probe.class_names,
+                probe.class_names,
                 epochs_trained,
             )
-            self._wandb.media(trainer, images, tables, epochs_trained)
+            state.wandb.media(trainer, images, tables, epochs_trained)
+
+    def _train_history(self, state: _ProbeState, trainer) -> list[dict[str, float]]:
+        if state.name == "train":
+            return []
+        if "train" in self._states:
+            return self.history_of("train")
+        other = self._train_owner(trainer)
+        return other.history_of("train") if other else []
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(message)
+
+
+def duplicate_probes(callbacks: Sequence[Any]) -> str | None:
+    """The one-line refusal of two :class:`NeuralCollapseCallback`\\ s measuring one probe,
+    or ``None`` when every probe has one owner."""
+    owners: dict[str, int] = {}
+    for cb in callbacks:
+        if isinstance(cb, NeuralCollapseCallback):
+            for n in cb.names:
+                owners[n] = owners.get(n, 0) + 1
+    twice = [n for n, count in owners.items() if count > 1]
+    if not twice:
+        return None
+    n = twice[0]
+    return (
+        f"two NeuralCollapseCallbacks measure the probe {n!r}; give each probe one callback: "
+        f"measure several probes with one (probes=['train', 'val']), or name a DataLoader "
+        f"probe apart (probe=loader, name='{n}_2')"
+    )

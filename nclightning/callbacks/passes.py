@@ -59,8 +59,14 @@ class PassPlan:
     stats_bytes: int
     device: str
 
-    def describe(self, probe: str, samples: int) -> str:
-        widths = ", ".join(f"{lp.alias}: {lp.dim}" for lp in self.layers)
+    def describe(self, probe: str, samples: int, layouts: Mapping[str, str] | None = None) -> str:
+        """The start-up line: each layer's width and layout (``BD``: rows; ``NCHW``/``NCL``
+        channels first, ``NLC`` tokens, with the pooling), the samples, where they live."""
+        layouts = layouts or {}
+        widths = ", ".join(
+            f"{lp.alias}: {lp.dim}" + (f" ({layouts[lp.alias]})" if lp.alias in layouts else "")
+            for lp in self.layers
+        )
         how = (
             f"feature cache {_mib(self.cache_bytes)} on {self.device}"
             if self.cached
@@ -158,6 +164,7 @@ class _Batches:
     correct: Tensor
     seen: Tensor
     kept: dict[str, list[Tensor]]
+    finite: bool = True  # every feature of every layer finite (else accuracy is NaN)
 
 
 def run_pass(
@@ -190,6 +197,9 @@ def run_pass(
         nc4, nc4_ref = _nc4_pass(taps, loader, moments, refs, device, forward_context, has_head)
     counts = reduce_sum(torch.stack([batches.correct, batches.seen]))
     correct, seen = (float(c) for c in counts)
+    nonfinite = reduce_sum(torch.tensor(float(not batches.finite), dtype=_F64, device=device))
+    if float(nonfinite) > 0:  # undefined features: an undefined accuracy (docs/science.md §1)
+        correct = math.nan
     kept = None
     if keep:
         kept = {a: torch.cat(v) for a, v in batches.kept.items() if v}
@@ -220,6 +230,8 @@ def _first_pass(taps, loader, stats, cached, device, forward_context, keep) -> _
             features, logits = taps.forward(x)
         for alias, st in stats.items():
             h = features[alias]
+            if out.finite and not bool(torch.isfinite(h).all()):
+                out.finite = False
             st.update(h.float(), y)
             if cached:
                 out.features[alias].append(h)

@@ -1,17 +1,16 @@
 """A probe of one model on one data source: its settings, its resolved layers, one run.
 
-:class:`ProbeSettings` validates the user's options; :class:`Probe` resolves them against a
-Trainer and a model (layers, classifier, samples, the pass plan, printed once) and
-:meth:`Probe.run` does one probe: the pass (:mod:`.passes`) inside :func:`isolated_rng` and
-:func:`eval_mode`, then the analysis (:mod:`.analysis`), the pair fits solved on rank 0 and
-broadcast so every rank holds the same row.
+:class:`Probe` resolves one probe of the callback's settings
+(:mod:`nclightning.callbacks.settings`) against a Trainer and a model (layers, classifier,
+the number of classes, samples, the pass plan, printed once) and :meth:`Probe.run` does one
+probe: the pass (:mod:`.passes`) inside :func:`isolated_rng` and :func:`eval_mode`, then the
+analysis (:mod:`.analysis`), the pair fits solved on rank 0 and broadcast so every rank holds
+the same row.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -19,97 +18,35 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from nclightning.callbacks import analysis, layers, passes
+from nclightning.callbacks.settings import CallbackSettings
 from nclightning.callbacks.sources import (
     ProbeSource,
+    call_model,
     eval_mode,
+    inputs_of,
     isolated_rng,
     resolve_source,
     shard,
     split_batch,
 )
-from nclightning.callbacks.taps import OUTPUT_FORMATS, LayerTaps
+from nclightning.callbacks.taps import LayerTaps
 from nclightning.errors import ConfigurationError
 from nclightning.metrics import ClassStatistics
-from nclightning.record import keys
 
-__all__ = ["Probe", "ProbeSettings"]
-
-
-@dataclass(frozen=True)
-class ProbeSettings:
-    """The validated options of a probe (see :class:`NeuralCollapseCallback`)."""
-
-    layers: Any
-    pairs: tuple[tuple[str, str], ...] | None
-    probe: Any
-    name: str
-    ood_probe: DataLoader | None
-    max_samples: int | None
-    pool: str
-    output_fmt: Any
-    include: tuple[str, ...] | None
-    exclude: tuple[str, ...] | None
-    max_dim: int | None
-    batch_size: int | None
-    cache_budget: int | str
-    snapshot_features: int
-    progress: bool | None
-    seed: int
-    classifier: str | None
-
-    @classmethod
-    def build(cls, *, probe, name, pairs, pool, output_fmt, max_dim, cache_budget, **kw):
-        if isinstance(probe, DataLoader):
-            if name is None:
-                raise ConfigurationError(
-                    "a DataLoader probe needs a name, used in its keys: "
-                    "NeuralCollapseCallback(probe=loader, name='cifar10_c')"
-                )
-        elif probe not in ("train", "val", "test"):
-            raise ConfigurationError(
-                f"probe must be 'train', 'val', 'test' or a DataLoader, got {probe!r}"
-            )
-        name = keys.check_probe_name(name if name is not None else probe)
-        if pool not in ("avg", "flatten"):
-            raise ConfigurationError(f"pool must be 'avg' or 'flatten', got {pool!r}")
-        fmts = output_fmt.values() if isinstance(output_fmt, Mapping) else [output_fmt]
-        if any(f not in OUTPUT_FORMATS for f in fmts):
-            raise ConfigurationError(
-                f"output_fmt must be one of {OUTPUT_FORMATS}, got {output_fmt!r}"
-            )
-        if max_dim is not None and int(max_dim) < 1:
-            raise ConfigurationError(f"max_dim must be >= 1, got {max_dim}")
-        if cache_budget != "auto" and not (isinstance(cache_budget, int) and cache_budget >= 0):
-            raise ConfigurationError(
-                f"cache_budget must be 'auto' or bytes >= 0, got {cache_budget!r}"
-            )
-        if pairs is not None:
-            if any(len(p) != 2 for p in pairs):
-                raise ConfigurationError(
-                    f"pairs must be (h0, h) pairs of layer aliases, got {pairs!r}"
-                )
-            pairs = tuple((str(a), str(b)) for a, b in pairs)
-        for opt in ("include", "exclude"):
-            if kw.get(opt) is not None:
-                kw[opt] = tuple(kw[opt])
-        return cls(
-            probe=probe,
-            name=name,
-            pairs=pairs,
-            pool=pool,
-            output_fmt=output_fmt,
-            max_dim=None if max_dim is None else int(max_dim),
-            cache_budget=cache_budget,
-            **kw,
-        )
+__all__ = ["Probe"]
 
 
 class Probe:
     """One probe source on one model, resolved against a Trainer (created in ``setup``)."""
 
-    def __init__(self, settings: ProbeSettings, trainer, module, pair_settings) -> None:
-        self.settings, self.trainer, self.module = settings, trainer, module
-        self.pair_settings = pair_settings
+    def __init__(self, settings: CallbackSettings, index: int, trainer, module) -> None:
+        self.trainer, self.module = trainer, module
+        self.features, self.pair_settings = settings.features, settings.fit
+        self.probing = settings.probe
+        self.spec = settings.probe.probes[index]
+        self.name = settings.probe.names[index]
+        self.snapshot_features = settings.outputs.snapshot_features
+        self.progress = settings.outputs.progress
         self.layers = self._named_layers(module)  # alias -> module; {} until traced for "all"
         self.classifier = self._classifier(module)
         self.pairs = self._pairs() if self.layers else []
@@ -120,10 +57,11 @@ class Probe:
         self.feeding: list[str] = []
         self.kept: dict[str, Tensor] | None = None
         self._example = None
+        self._layouts: dict[str, str] = {}
 
     # -- resolution -----------------------------------------------------------------------------
     def _named_layers(self, module) -> dict[str, str]:
-        spec = self.settings.layers
+        spec = self.features.layers
         if spec == "all":
             return {}
         if spec is None:
@@ -137,16 +75,16 @@ class Probe:
         return layers.resolve_layers(module, spec)
 
     def _classifier(self, module) -> str | None:
-        choice = self.settings.classifier
+        choice = self.features.classifier
         if choice == "auto":
-            K = getattr(getattr(module, "hparams", {}), "num_classes", None)
+            K = self.probing.num_classes or _declared_classes(self.trainer, module)
             return layers.find_classifier(module, K)
         if choice is not None:
             layers.resolve_layers(module, [choice])
         return choice
 
     def _pairs(self) -> list[tuple[str, str]]:
-        pairs = self.settings.pairs
+        pairs = self.pair_settings.pairs
         if pairs is None:
             return [("h0", "penultimate")] if {"h0", "penultimate"} <= set(self.layers) else []
         for pair in pairs:
@@ -165,15 +103,37 @@ class Probe:
     def device(self) -> torch.device:
         return self.module.device
 
+    @property
+    def num_classes(self) -> int:
+        """``K``, from the model (docs/science.md §1: classes, not the labels a probe holds)."""
+        return self._source().num_classes
+
     def subset(self) -> Tensor:
         """The fixed indices of the probe set (drawn once per run, kept in the state)."""
-        self._source()
-        return self.source.subset(self.settings.max_samples, self.settings.seed)
+        source = self._source()
+        return source.subset(self.probing.max_samples, self.probing.seed)
 
     def _source(self) -> ProbeSource:
         if self.source is None:
-            self.source = resolve_source(self.settings.probe, self.trainer, self.module)
+            K = self.probing.num_classes or self._model_classes()
+            self.source = resolve_source(self.spec, self.name, self.trainer, self.module, K)
         return self.source
+
+    def _model_classes(self) -> int:
+        """The classifier's outputs, else the DataModule's or the model's ``num_classes``."""
+        if self.classifier is not None:
+            head = dict(self.module.named_modules())[self.classifier]
+            K = getattr(head, "out_features", None)
+            if isinstance(K, int) and K > 1:
+                return K
+        K = _declared_classes(self.trainer, self.module)
+        if K is None:
+            raise ConfigurationError(
+                f"NeuralCollapseCallback[{self.name}] cannot tell the number of classes: the "
+                "model has no linear classifier and neither the DataModule nor the model "
+                "declares num_classes; pass NeuralCollapseCallback(num_classes=K)"
+            )
+        return K
 
     def weight(self) -> Tensor | None:
         """The classifier's weight ``[K, d]`` (``None`` without a classifier)."""
@@ -190,12 +150,13 @@ class Probe:
             if source.note:
                 warn("no-probe-dataset", source.note)
             dm = t.datamodule
-            batch = self.settings.batch_size or getattr(dm, "eval_batch_size", None) or 256
+            batch = self.probing.batch_size or getattr(dm, "eval_batch_size", None) or 256
             workers = getattr(dm, "num_workers", 0) or 0
             self.loader = source.loader(shard(subset, t.global_rank, t.world_size), batch, workers)
             first = torch.utils.data.Subset(source.dataset, subset[:2].tolist())
-            self._example = passes._to(split_batch(layers.example_batch(first))[0], self.device)
-            if self.settings.layers == "all":
+            example = layers.example_batch(first, source.template)
+            self._example = passes._to(split_batch(example)[0], self.device)
+            if self.features.layers == "all":
                 self._discover(self._example)
         # widths can change between probes (layer-wise training grows the network)
         widths, itemsize = self._widths(self._example)
@@ -204,31 +165,34 @@ class Probe:
             skip = self.pair_settings.width_mismatch == "skip"
             # a pair skipped for its widths is NaN: its H0 needs no full scatter
             h0 = [a for a, b in self.pairs if not (skip and widths.get(a) != widths.get(b))]
-            budget = self.settings.cache_budget
+            budget = self.features.cache_budget
             budget = passes.default_budget(self.device) if budget == "auto" else int(budget)
             samples = len(self.loader.dataset)
             self.pass_plan = passes.plan(
                 widths, itemsize, samples, source.num_classes, h0, budget, self.device
             )
             if t.is_global_zero:
-                rank_zero_info(self.pass_plan.describe(self.settings.name, len(subset)))
+                rank_zero_info(self.pass_plan.describe(self.name, len(subset), self._layouts))
 
     def _discover(self, x) -> None:
-        calls = layers.trace_order(self.module, lambda: self._forward(x))
-        names = layers.discover_blocks(
-            self.module, calls, self.classifier, self.settings.include, self.settings.exclude
-        )
+        f = self.features
+        names = layers.declared_blocks(self.module, f.include, f.exclude)
+        if names is None:  # no timm feature_info: the block rule on one traced forward pass
+            calls = layers.trace_order(self.module, lambda: self._forward(x))
+            names = layers.discover_blocks(
+                self.module, calls, self.classifier, f.include, f.exclude
+            )
         if not names:
             raise ConfigurationError(
                 f"layers='all' found no block in {type(self.module).__name__} (include="
-                f"{self.settings.include}, exclude={self.settings.exclude})"
+                f"{f.include}, exclude={f.exclude})"
             )
         self.layers = {name: name for name in names}
         self.pairs = self._pairs()
 
     def _forward(self, x):
         with self.trainer.precision_plugin.forward_context():
-            return self.module(x)
+            return call_model(self.module, x)
 
     def _widths(self, x) -> tuple[dict[str, int], int]:
         """Each layer's width (after ``max_dim``) and the largest itemsize, from ``x``; which
@@ -236,6 +200,7 @@ class Probe:
         with self._taps(projections={}) as taps:
             with self.trainer.precision_plugin.forward_context():
                 features, _ = taps.forward(x)
+            self._layouts = dict(taps.layouts)
             finite = all(bool(torch.isfinite(h).all()) for h in features.values())
             if finite or not self.feeding:
                 self.feeding = taps.feeding(features)
@@ -257,11 +222,11 @@ class Probe:
 
     def _projections(self, widths: Mapping[str, int]) -> dict[str, Tensor]:
         """Fixed orthonormal ``[d, max_dim]`` maps for layers wider than ``max_dim``."""
-        k = self.settings.max_dim
+        k = self.features.max_dim
         out = {}
         for i, (alias, d) in enumerate(widths.items()):
             if k is not None and d > k:
-                g = torch.Generator().manual_seed(self.settings.seed * 1_000_003 + i)
+                g = torch.Generator().manual_seed(self.probing.seed * 1_000_003 + i)
                 q, _ = torch.linalg.qr(torch.randn(d, k, generator=g, dtype=torch.float64))
                 out[alias] = q.to(torch.float32).to(self.device)
         return out
@@ -271,8 +236,8 @@ class Probe:
             self.module,
             self.layers,
             classifier=self.classifier,
-            pool=self.settings.pool,
-            output_fmt=self.settings.output_fmt,
+            pool=self.features.pool,
+            output_fmt=self.features.output_fmt,
             projections=self.projections if projections is None else projections,
         )
 
@@ -290,7 +255,7 @@ class Probe:
         self._warn_about(moments, warn)
         weight = self.weight()
         row = analysis.layer_row(
-            self.settings.name,
+            self.name,
             moments,
             weight=weight,
             feeding=self.feeding,
@@ -315,14 +280,14 @@ class Probe:
 
     def _pass(self, reference) -> passes.PassResult:
         t = self.trainer
-        keep = self.settings.snapshot_features if t.is_global_zero else 0
+        keep = self.snapshot_features if t.is_global_zero else 0
         loader = self._progress(self.loader)
         with self._taps() as taps:
             return passes.run_pass(
                 taps,
                 loader,
                 self.pass_plan,
-                num_classes=self.source.num_classes,
+                num_classes=self.num_classes,
                 device=self.device,
                 forward_context=t.precision_plugin.forward_context,
                 reduce_sum=self._reduce_sum,
@@ -337,7 +302,7 @@ class Probe:
 
     def _ood_means(self) -> dict[str, Tensor] | None:
         """Mean features of every layer on the out-of-distribution probe (for nc5)."""
-        loader = self.settings.ood_probe
+        loader = self.probing.ood_probe
         if loader is None:
             return None
         stats = {
@@ -349,10 +314,11 @@ class Probe:
             for i, batch in enumerate(loader):
                 if i % t.world_size != t.global_rank:
                     continue
-                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                x = inputs_of(batch)
                 with t.precision_plugin.forward_context():
                     features, _ = taps.forward(passes._to(x, self.device))
-                zeros = torch.zeros(x.shape[0], dtype=torch.long, device=self.device)
+                n = next(iter(features.values())).shape[0]
+                zeros = torch.zeros(n, dtype=torch.long, device=self.device)
                 for a, st in stats.items():
                     st.update(features[a].float(), zeros)
         return {a: st.moments().means[0] for a, st in stats.items()}
@@ -375,14 +341,12 @@ class Probe:
                 )
                 for note in notes:
                     warn(f"pair-data:{note.split(':')[0]}", f"NeuralCollapseCallback: {note}")
-                payload = ("ok", analysis.pair_rows(self.settings.name, fits))
+                payload = ("ok", analysis.pair_rows(self.name, fits))
             except Exception as err:  # reaches every rank, then raised everywhere
                 payload = ("error", f"{type(err).__name__}: {err}")
         payload = t.strategy.broadcast(payload)
         if payload[0] == "error":
-            raise RuntimeError(
-                f"NeuralCollapseCallback[{self.settings.name}] pair fit failed: {payload[1]}"
-            )
+            raise RuntimeError(f"NeuralCollapseCallback[{self.name}] pair fit failed: {payload[1]}")
         return fits, payload[1]
 
     def _warn_about(self, moments, warn) -> None:
@@ -402,11 +366,11 @@ class Probe:
             warn(
                 f"absent:{absent}",
                 f"NeuralCollapseCallback: class(es) {named} have no sample in the probe set "
-                f"({self.settings.name}); metrics use the present classes",
+                f"({self.name}); metrics use the present classes",
             )
 
     def _progress(self, loader):
-        show = self.settings.progress
+        show = self.progress
         t = self.trainer
         if show is None:
             show = t.progress_bar_callback is not None and len(loader) > 10
@@ -414,6 +378,13 @@ class Probe:
             return loader
         from tqdm.auto import tqdm
 
-        return tqdm(
-            loader, desc=f"NC probe ({self.settings.name})", leave=False, dynamic_ncols=True
-        )
+        return tqdm(loader, desc=f"NC probe ({self.name})", leave=False, dynamic_ncols=True)
+
+
+def _declared_classes(trainer, module) -> int | None:
+    """``num_classes`` declared by the DataModule or the model's hyperparameters."""
+    for owner in (trainer.datamodule, getattr(module, "hparams", None), module):
+        K = getattr(owner, "num_classes", None)
+        if isinstance(K, int) and not isinstance(K, bool) and K > 1:
+            return K
+    return None

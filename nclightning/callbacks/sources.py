@@ -15,6 +15,7 @@ import random
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,8 +27,10 @@ from nclightning.errors import ConfigurationError
 __all__ = [
     "ProbeSource",
     "balanced_indices",
+    "call_model",
     "dataset_targets",
     "eval_mode",
+    "inputs_of",
     "isolated_rng",
     "resolve_source",
     "shard",
@@ -97,22 +100,45 @@ def shard(indices: Tensor, rank: int, world_size: int) -> Tensor:
     return indices[rank::world_size]
 
 
-def split_batch(batch) -> tuple[Tensor, Tensor]:
-    """``(inputs, labels)`` from a ``(x, y, ...)`` batch or a dict with ``x``/``y`` style keys."""
+def split_batch(batch) -> tuple[Any, Tensor]:
+    """``(inputs, labels)`` of a batch.
+
+    A ``(x, y, ...)`` tuple gives ``x``; a mapping with ``labels`` (the Hugging Face
+    convention) gives the mapping of its other entries, which :func:`call_model` passes to
+    the model as keyword arguments; a mapping with ``x``/``y`` style keys gives ``x``.
+    """
     if isinstance(batch, Mapping):
+        if "labels" in batch:
+            return {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
         for xk, yk in (("x", "y"), ("input", "target"), ("inputs", "targets"), ("image", "label")):
             if xk in batch and yk in batch:
                 return batch[xk], batch[yk]
         raise ConfigurationError(
             f"cannot find inputs and labels in a batch with keys {sorted(batch)}; "
-            "use (x, y) tuples or dict keys x/y"
+            "use (x, y) tuples or a mapping with `labels` (other entries go to the model)"
         )
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
         return batch[0], batch[1]
     raise ConfigurationError(
-        f"a probe batch must be (inputs, labels, ...), got {type(batch).__name__}; "
-        "pass a DataLoader yielding (x, y) as `probe`"
+        f"a probe batch must be (inputs, labels, ...) or a mapping with `labels`, got "
+        f"{type(batch).__name__}; pass a DataLoader yielding such batches as `probe`"
     )
+
+
+def inputs_of(batch) -> Any:
+    """The model inputs of a batch that may have no labels (an out-of-distribution probe)."""
+    if isinstance(batch, Mapping):
+        return split_batch(batch)[0] if "labels" in batch or "x" in batch else dict(batch)
+    if isinstance(batch, (tuple, list)):
+        return batch[0]
+    return batch
+
+
+def call_model(model: nn.Module, inputs) -> Any:
+    """``model(**inputs)`` for a mapping of inputs, ``model(inputs)`` otherwise."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    return model(inputs)
 
 
 @dataclass
@@ -152,8 +178,10 @@ class ProbeSource:
         )
 
 
-def resolve_source(probe, trainer, pl_module) -> ProbeSource:
-    """The :class:`ProbeSource` of ``probe`` (a split name or a ``DataLoader``)."""
+def resolve_source(probe, name: str, trainer, pl_module, num_classes: int) -> ProbeSource:
+    """The :class:`ProbeSource` of ``probe`` (a split name or a ``DataLoader``) over
+    ``num_classes`` classes (the model's). An empty probe, or labels outside ``0..K-1``,
+    are refused here, before a probe runs."""
     dm = trainer.datamodule
     names = getattr(dm, "class_names", None)
     if isinstance(probe, DataLoader):
@@ -170,9 +198,20 @@ def resolve_source(probe, trainer, pl_module) -> ProbeSource:
             f"NeuralCollapseCallback: no probe_dataset() to use; probing the {probe} loader's "
             "dataset in index order (any augmentation it applies stays)"
         )
-    K = getattr(dm, "num_classes", None) or getattr(pl_module.hparams, "num_classes", None)
-    K = int(K) if K else int(targets.max()) + 1
-    return ProbeSource(dataset, targets, template, K, list(names) if names else None, note)
+    targets = torch.as_tensor(targets).long().reshape(-1)
+    if targets.numel() == 0:
+        raise ConfigurationError(
+            f"NeuralCollapseCallback[{name}]: the probe set is empty; give it samples or "
+            "leave this probe out"
+        )
+    lo, hi = int(targets.min()), int(targets.max())
+    if lo < 0 or hi >= num_classes:
+        raise ConfigurationError(
+            f"NeuralCollapseCallback[{name}]: labels {lo}..{hi} do not fit the model's "
+            f"{num_classes} classes (0..{num_classes - 1}); pass num_classes= or fix the labels"
+        )
+    shown = list(names) if names and len(names) == num_classes else None
+    return ProbeSource(dataset, targets, template, num_classes, shown, note)
 
 
 def _trainer_loader(trainer, dm, split: str) -> DataLoader:
@@ -180,6 +219,8 @@ def _trainer_loader(trainer, dm, split: str) -> DataLoader:
     loader = getattr(trainer, attr[split], None)  # the loaders Lightning already built
     if isinstance(loader, (list, tuple)):
         loader = loader[0] if loader else None
+    if loader is None:  # not built yet (e.g. check_val_every_n_epoch > 1): the fit's source
+        loader = _fit_source(trainer, split)
     if loader is None and dm is not None and hasattr(dm, f"{split}_dataloader"):
         loader = getattr(dm, f"{split}_dataloader")()
     if loader is None:
@@ -195,4 +236,23 @@ def _trainer_loader(trainer, dm, split: str) -> DataLoader:
             f"NeuralCollapseCallback(probe={split!r}) found no {split} data; pass "
             "probe=<DataLoader> with name=..., or use a DataModule with probe_dataset()"
         )
+    return loader
+
+
+def _fit_source(trainer, split: str):
+    """The loader given to ``trainer.fit``/``validate``/``test`` for ``split``, built now."""
+    loops = {"train": ("fit_loop",), "val": ("fit_loop", "epoch_loop", "val_loop")}
+    loops["test"] = ("test_loop",)
+    loop = trainer
+    for attr in loops[split]:
+        loop = getattr(loop, attr, None)
+    source = getattr(loop, "_data_source", None)
+    if source is None or not source.is_defined():
+        return None
+    try:
+        loader = source.dataloader()
+    except Exception:  # Lightning's default hooks raise when not implemented
+        return None
+    if isinstance(loader, (list, tuple)):
+        loader = loader[0] if loader else None
     return loader

@@ -2,15 +2,24 @@
 
 Each tapped module's output is reduced *inside its hook*: a later in-place change of that
 tensor (``nn.ReLU(inplace=True)`` after a ``Linear``, torchvision's ``out += identity`` after a
-``BatchNorm2d``) cannot reach the features, which are always the module's own output.
+``BatchNorm2d``) cannot reach the features, which are always the module's own output. An
+output object (Hugging Face) is read at its ``last_hidden_state`` (or ``logits``); a tuple
+at its first entry.
 
-Layouts (``output_fmt``, as timm's): ``"NCHW"`` puts channels on dim 1 and any trailing dims
-are spatial (``[B, C, *spatial]``); ``"NLC"`` puts channels last and dims ``1..-2`` are
-positions (``[B, T, d]`` tokens). ``"auto"`` reads a 2-D output as ``[B, d]``, a 4-D or larger
-output as NCHW, and a 3-D output as NLC unless the module is a channels-first 1-D layer (a
-``Conv1d``, ``BatchNorm1d``, 1-D pooling or instance norm: NCL). ``pool="avg"`` averages over
-the spatial dims or positions; ``pool="flatten"`` keeps them (``d = C * prod(spatial)``).
-Optionally a fixed projection ``P [d, max_dim]`` maps wide layers to ``max_dim`` features.
+Layouts (``output_fmt``, as timm's): ``"NCHW"``/``"NCL"`` put channels on dim 1 and any
+trailing dims are positions (``[B, C, *spatial]``); ``"NLC"`` puts channels last and dims
+``1..-2`` are positions (``[B, T, d]`` tokens). ``"auto"`` reads a 2-D output as ``[B, d]``, a
+4-D or larger output as NCHW, and decides a 3-D output by the module (:func:`layout_of`):
+NCL when it is, or its last feature-producing layer is, a channels-first 1-D layer
+(``Conv1d``, ``BatchNorm1d``, 1-D pooling, instance or group norm), NLC when that layer is
+any other layer with weights (``Linear``, ``LayerNorm``, attention); with no such layer (an
+activation, a custom leaf) the layout cannot be decided and ``output_fmt`` is asked for.
+
+Pooling over the positions (``pool``, per layer if a mapping): ``"avg"`` averages every
+position; ``"mean"`` averages the tokens the batch's ``attention_mask`` keeps (every position
+without a mask); ``"cls"`` takes token 0; ``"last"`` the last unpadded token (causal models);
+``"flatten"`` keeps them all (``d = C * prod(spatial)``). Optionally a fixed projection
+``P [d, max_dim]`` maps wide layers to ``max_dim`` features.
 
 The classifier module is hooked too: its output (the logits) gives the predictions that
 accuracy and NC4 use, and its input tells which tapped layer feeds it (``nc3``, ``unc3``).
@@ -23,29 +32,65 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from nclightning.callbacks.layers import first_tensor
+from nclightning.callbacks.settings import OUTPUT_FORMATS, POOLS
+from nclightning.callbacks.sources import call_model
 from nclightning.errors import ConfigurationError
 
-__all__ = ["OUTPUT_FORMATS", "LayerTaps", "features_of"]
+__all__ = ["OUTPUT_FORMATS", "LayerTaps", "features_of", "layout_of"]
 
-OUTPUT_FORMATS = ("auto", "NCHW", "NLC")
 _CHANNELS_FIRST_1D = (
     nn.Conv1d,
     nn.ConvTranspose1d,
     nn.BatchNorm1d,
     nn.InstanceNorm1d,
+    nn.GroupNorm,
     nn.MaxPool1d,
     nn.AvgPool1d,
     nn.AdaptiveAvgPool1d,
     nn.AdaptiveMaxPool1d,
+    nn.LPPool1d,
 )
 
 
-def features_of(output, module: nn.Module, fmt: str = "auto", pool: str = "avg") -> Tensor:
-    """Rows ``[B, d]`` of one module output (a tensor, or a tuple starting with one)."""
-    out = output[0] if isinstance(output, (tuple, list)) else output
+def layout_of(module: nn.Module, ndim: int, fmt: str = "auto", name: str = "") -> str:
+    """The layout of a ``ndim``-dim output of ``module``: ``"BD"`` (rows), ``"NCHW"``,
+    ``"NCL"`` or ``"NLC"`` (the module docstring's rule for ``"auto"``)."""
+    if ndim <= 2:
+        return "BD"
+    if fmt != "auto":
+        return "NCL" if fmt == "NCHW" and ndim == 3 else fmt
+    if ndim >= 4:
+        return "NCHW"
+    deciding = [
+        m
+        for m in module.modules()
+        if isinstance(m, _CHANNELS_FIRST_1D)
+        or (not any(True for _ in m.children()) and any(True for _ in m.parameters(False)))
+    ]
+    if not deciding:
+        raise ConfigurationError(
+            f"the layout of layer {name or type(module).__name__!r} ({type(module).__name__}, "
+            "a 3-D output) cannot be decided from its layers; pass output_fmt={"
+            f"{name!r}: 'NCL'}} (channels first) or 'NLC' (tokens, channels last)"
+        )
+    return "NCL" if isinstance(deciding[-1], _CHANNELS_FIRST_1D) else "NLC"
+
+
+def features_of(
+    output,
+    module: nn.Module,
+    fmt: str = "auto",
+    pool: str = "avg",
+    mask: Tensor | None = None,
+    name: str = "",
+) -> Tensor:
+    """Rows ``[B, d]`` of one module output (a tensor, a tuple starting with one, or an output
+    object); ``mask [B, T]`` (1: a real token) is used by ``pool="mean"``/``"last"``."""
+    out = first_tensor(output)
     if not isinstance(out, Tensor):
         raise ConfigurationError(
-            f"a tapped {type(module).__name__} returned {type(out).__name__}, not a tensor; "
+            f"a tapped {type(module).__name__} returned {type(output).__name__}, not a tensor; "
             "tap a module whose output is a feature tensor"
         )
     out = out.detach()
@@ -53,13 +98,26 @@ def features_of(output, module: nn.Module, fmt: str = "auto", pool: str = "avg")
         return out.unsqueeze(1).clone()
     if out.ndim == 2:
         return out.clone()
-    if fmt == "auto":
-        fmt = "NCHW" if out.ndim >= 4 or isinstance(module, _CHANNELS_FIRST_1D) else "NLC"
-    if fmt == "NLC":
+    if layout_of(module, out.ndim, fmt, name) == "NLC":
         out = out.movedim(-1, 1)  # [B, d, *positions]
-    if pool == "avg":
-        return out.flatten(2).mean(2)  # a new tensor: the module's own values
-    return out.flatten(1).clone()
+    out = out.flatten(2)  # [B, d, P]
+    if pool == "flatten":
+        return out.flatten(1).clone()
+    if pool == "cls":
+        return out[:, :, 0].clone()
+    keep = None
+    if mask is not None and mask.ndim == 2 and mask.shape == (out.shape[0], out.shape[2]):
+        keep = mask.to(device=out.device) != 0
+    if pool == "last":
+        if keep is None:
+            return out[:, :, -1].clone()
+        positions = torch.arange(out.shape[2], device=out.device).expand_as(keep)
+        last = torch.where(keep, positions, -1).amax(1).clamp(min=0)
+        return out[torch.arange(out.shape[0], device=out.device), :, last].clone()
+    if pool == "mean" and keep is not None:
+        w = keep.to(out.dtype).unsqueeze(1)  # [B, 1, T]
+        return (out * w).sum(2) / w.sum(2).clamp(min=1)
+    return out.mean(2)  # a new tensor: the module's own values
 
 
 class LayerTaps:
@@ -82,8 +140,10 @@ class LayerTaps:
         projections: Mapping[str, Tensor] | None = None,
     ) -> None:
         self.model, self.layers = model, dict(layers)
-        self.classifier, self.pool = classifier, pool
+        self.classifier, self._pool = classifier, pool
         self._fmt = output_fmt
+        self._mask: Tensor | None = None
+        self.layouts: dict[str, str] = {}
         self._projections = dict(projections or {})
         self._modules = dict(model.named_modules())
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -99,11 +159,23 @@ class LayerTaps:
             )
         return fmt
 
+    def pool(self, alias: str) -> str:
+        pool = self._pool.get(alias, "avg") if isinstance(self._pool, Mapping) else self._pool
+        if pool not in POOLS:
+            raise ConfigurationError(f"pool {pool!r} for {alias!r}: choose from {POOLS}")
+        return pool
+
     def _hook(self, alias: str):
-        fmt, proj = self.fmt(alias), self._projections.get(alias)
+        fmt, pool, proj = self.fmt(alias), self.pool(alias), self._projections.get(alias)
+        name = self.layers[alias]
 
         def hook(module: nn.Module, args, output) -> None:
-            h = features_of(output, module, fmt, self.pool)
+            if alias not in self.layouts:
+                out = first_tensor(output)
+                ndim = out.ndim if isinstance(out, Tensor) else 2
+                layout = layout_of(module, ndim, fmt, name)
+                self.layouts[alias] = layout if layout == "BD" else f"{layout}, {pool}"
+            h = features_of(output, module, fmt, pool, self._mask, name)
             if proj is not None:
                 h = h.to(proj.dtype) @ proj.to(h.device)
             self._features[alias] = h
@@ -135,13 +207,19 @@ class LayerTaps:
         self._logits = self._classifier_input = None
 
     def forward(self, x) -> tuple[dict[str, Tensor], Tensor | None]:
-        """Run the model on ``x``; ``(features, logits)`` of this batch.
+        """Run the model on ``x`` (a mapping goes in as keyword arguments); ``(features,
+        logits)`` of this batch.
 
         A model whose ``forward`` returns embeddings without calling its classifier gets the
         classifier applied to that output (when the widths match), so predictions always come
         from the classifier.
         """
-        out = self.model(x)
+        mask = x.get("attention_mask") if isinstance(x, Mapping) else None
+        self._mask = mask if isinstance(mask, Tensor) else None
+        try:
+            out = call_model(self.model, x)
+        finally:
+            self._mask = None
         if self.classifier is not None and self._logits is None:
             head = self._modules[self.classifier]
             width = getattr(head, "in_features", None)

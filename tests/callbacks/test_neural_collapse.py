@@ -184,7 +184,7 @@ def test_user_module_with_named_layers_and_a_named_probe_loader():
 
 
 def test_a_probe_loader_needs_a_name():
-    with pytest.raises(ConfigurationError, match="needs a name"):
+    with pytest.raises(ConfigurationError, match="one name per DataLoader probe"):
         NeuralCollapseCallback(probe=_loader())
 
 
