@@ -198,13 +198,22 @@ class NeuralCollapseCallback(Callback):
         state = self._states.get(probe)
         return [dict(r) for r in state.history] if state else []
 
-    def result_at(self, probe: str, epochs_trained: float) -> analysis.ProbeResult | None:
-        """``probe``'s result when it was last measured after ``epochs_trained`` epochs, else
-        ``None`` (what a held-out probe of another callback compares with)."""
+    def result_at(
+        self, trainer: Trainer, pl_module: LightningModule, probe: str, epochs_trained: float
+    ) -> analysis.ProbeResult | None:
+        """``probe``'s result for the current weights, logged after ``epochs_trained`` epochs:
+        measured now if this callback measures that state and has not yet (it runs later in
+        the callback list), else ``None``. What a held-out probe of another callback compares
+        its features with (``nc4_train_means``)."""
         state = self._states.get(probe)
-        if state is None or state.last_position != epochs_trained:
+        if state is None:
             return None
-        return state.last
+        due = self._due(epochs_trained) if float(epochs_trained).is_integer() else True
+        end = trainer.max_epochs is not None and epochs_trained == trainer.max_epochs
+        ending = trainer.state.fn == "fit" and trainer.fit_loop.done
+        if self._probed_step != trainer.global_step and (due or end or ending):
+            self.probe_now(trainer, pl_module, epochs_trained)
+        return state.last if state.last_position == epochs_trained else None
 
     @property
     def plan(self):
@@ -376,7 +385,7 @@ class NeuralCollapseCallback(Callback):
     def _probe_one(self, state: _ProbeState, trainer, pl_module, epochs_trained, step) -> None:
         assert state.probe is not None, "probe_now() runs between setup() and teardown()"
         subset = self._subset(state)
-        reference = self._train_reference(state, trainer, epochs_trained)
+        reference = self._train_reference(state, trainer, pl_module, epochs_trained)
         result = state.probe.run(subset, reference, state.couplings, self._warn_once)
         for pair, fit in result.fits.items():
             if fit is not None and math.isfinite(fit.coupling):
@@ -407,7 +416,7 @@ class NeuralCollapseCallback(Callback):
             epochs = self._ckpt_epoch if self._ckpt_epoch is not None else trainer.current_epoch
         self.probe_now(trainer, pl_module, epochs)
 
-    def _train_reference(self, state: _ProbeState, trainer, epochs_trained: float):
+    def _train_reference(self, state: _ProbeState, trainer, pl_module, epochs_trained: float):
         """The train probe's class means of this epoch, for a held-out probe's
         nc4_train_means: this callback's own train probe, else another callback's (public
         :meth:`result_at`) when it has measured the same epoch."""
@@ -418,7 +427,7 @@ class NeuralCollapseCallback(Callback):
             result = own.last if own.last_position == epochs_trained else None
         else:
             other = self._train_owner(trainer)
-            result = other.result_at("train", epochs_trained) if other else None
+            result = other.result_at(trainer, pl_module, "train", epochs_trained) if other else None
         return result.moments if result is not None else None
 
     def _train_owner(self, trainer) -> NeuralCollapseCallback | None:
@@ -427,14 +436,16 @@ class NeuralCollapseCallback(Callback):
                 return cb
         return None
 
-    def _due(self, epoch: int) -> bool:
-        return epoch % self.every_n_epochs == 0
+    def _due(self, epoch: float) -> bool:
+        return float(epoch).is_integer() and int(epoch) % self.every_n_epochs == 0
 
     def _ending_epoch(self) -> bool:
         """A checkpoint saved after an epoch's last batch but before its end was counted (at
         validation end): the resumed run starts after that epoch, so it counts as completed."""
         t = self._trainer
-        return bool(t is not None and t.state.fn == "fit" and not self._counted) and self._epoch_complete(t)
+        return bool(
+            t is not None and t.state.fn == "fit" and not self._counted
+        ) and self._epoch_complete(t)
 
     @staticmethod
     def _epoch_complete(trainer: Trainer) -> bool:

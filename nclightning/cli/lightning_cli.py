@@ -176,11 +176,25 @@ class NCLightningCLI(LightningCLI):
         except (ValueError, TypeError, KeyError, MisconfigurationException) as err:
             if isinstance(err, ConfigurationError):
                 raise
+            inner = _user_error_in(err)  # a constructor's own one line, wrapped by jsonargparse
+            if inner is not None:
+                raise ConfigError(str(inner)) from err
             raise ConfigError(f"invalid configuration: {err}") from err
         lifecycle.configure_threads(self.trainer, self.model, self.datamodule)
 
     def instantiate_trainer(self, **kwargs: Any):
-        return lifecycle.prepare_trainer(super().instantiate_trainer(**kwargs))
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except RuntimeError as err:  # Lightning refuses two callbacks of one state_key
+            from nclightning.callbacks.neural_collapse import duplicate_probes
+
+            callbacks = self._get(self.config_init, "trainer", default={}) or {}
+            listed = list(callbacks.get("callbacks") or []) + list(kwargs.get("callbacks") or [])
+            message = duplicate_probes(listed) if "state_key" in str(err) else None
+            if message is None:
+                raise
+            raise ConfigError(message) from err
+        return lifecycle.prepare_trainer(trainer)
 
     def before_fit(self) -> None:
         ckpt_path = self._get(self.config_init, "ckpt_path")
@@ -205,3 +219,15 @@ class NCLightningCLI(LightningCLI):
                 raise ConfigError(user_error) from err
             raise
         lifecycle.after_success(self.trainer, measure=self.measure)
+
+
+def _user_error_in(err: BaseException) -> ConfigurationError | None:
+    """The first :class:`ConfigurationError` in ``err``'s chain of causes, if any."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ConfigurationError):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    return None

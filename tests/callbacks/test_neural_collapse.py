@@ -344,12 +344,13 @@ def test_max_samples_draws_one_balanced_subset_for_the_whole_run(tmp_path):
     counts = [read_snapshot(p)["layers"]["penultimate"]["counts"] for p in list_snapshots(tmp_path)]
     assert len(counts) == 3
     assert all(torch.equal(c, torch.full((K,), 15.0, dtype=torch.float64)) for c in counts)
-    subset = cb.state_dict()["subset"]
+    subset = cb.state_dict()["probes"]["train"]["subset"]
     targets = dm.probe_targets("train")
     assert len(subset) == 60 and torch.equal(targets[subset].bincount(), torch.full((K,), 15))
     again = NeuralCollapseCallback(pairs=[], max_samples=60, seed=3, log_figures_every_n_probes=0)
     _trainer([again], epochs=1).fit(_model(), _data(samples_per_class=50))
-    assert torch.equal(again.state_dict()["subset"], subset)  # same seed, same subset
+    again_subset = again.state_dict()["probes"]["train"]["subset"]
+    assert torch.equal(again_subset, subset)  # same seed, same subset
 
 
 def test_every_n_epochs_and_last_epoch(tmp_path):
@@ -441,7 +442,8 @@ def test_without_a_probe_dataset_the_train_loader_is_probed_in_index_order():
     with pytest.warns(UserWarning, match="no probe_dataset"):
         _trainer([cb], epochs=1, logger=logger).fit(model, train)
     x, y = train.dataset.tensors
-    assert torch.equal(cb.state_dict()["subset"], torch.arange(len(y)))  # every sample, in order
+    subset = cb.state_dict()["probes"]["train"]["subset"]
+    assert torch.equal(subset, torch.arange(len(y)))  # every sample, in order
     model.eval()
     with torch.no_grad():  # the last probe ran on the final weights
         expected = float((model(x).argmax(1) == y).double().mean())
