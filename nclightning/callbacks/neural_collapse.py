@@ -183,7 +183,7 @@ class NeuralCollapseCallback(Callback):
         return self.settings.probe.every_n_epochs
 
     @property
-    def epochs_completed(self) -> int:
+    def epochs_trained(self) -> float:
         """Epochs completed in this fit (this callback's own count, kept in checkpoints)."""
         return self._epochs_done
 
@@ -242,7 +242,7 @@ class NeuralCollapseCallback(Callback):
         self._states = {
             n: _ProbeState(n, outputs.WandbOutputs(n)) for n in self.settings.probe.names
         }
-        self._epochs_done = 0
+        self._epochs_done = 0.0  # whole epochs, and the share of any stopped inside
         self._counted = True  # the current epoch's end was counted (or none is running)
         self._trainer: Trainer | None = None
         self._probed_step: int | None = None  # the global step of the last probed weights
@@ -280,9 +280,9 @@ class NeuralCollapseCallback(Callback):
         if self._counted:  # the end of an epoch a resumed checkpoint already counted
             return
         self._counted = True
+        self._epochs_done += self._fraction(trainer)
         if not self._epoch_complete(trainer):
             return  # stopped inside the epoch (max_steps): on_train_end probes it
-        self._epochs_done += 1
         epoch = self._epochs_done
         last = trainer.max_epochs is not None and epoch == trainer.max_epochs
         if self._probed_step != trainer.global_step and (self._due(epoch) or last):
@@ -307,7 +307,7 @@ class NeuralCollapseCallback(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "epochs_completed": self._epochs_done + int(self._ending_epoch()),
+            "epochs_trained": self._epochs_done + int(self._ending_epoch()),
             "epoch_end_counted": self._counted or self._ending_epoch(),
             "probed_step": self._probed_step,
             "token": self._token,
@@ -331,7 +331,7 @@ class NeuralCollapseCallback(Callback):
             state.subset = mine.get("subset")
             state.history = list(mine.get("history", []))
             state.couplings = dict(mine.get("couplings", {}))
-        self._epochs_done = int(state_dict.get("epochs_completed", 0))
+        self._epochs_done = float(state_dict.get("epochs_trained", 0))
         # Lightning replays the end of an epoch saved at validation end: counted already
         self._counted = bool(state_dict.get("epoch_end_counted", True))
         step = state_dict.get("probed_step")
@@ -454,13 +454,22 @@ class NeuralCollapseCallback(Callback):
         done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
         return not (isinstance(total, int) and math.isfinite(total) and done < total)
 
-    def _position(self, trainer: Trainer) -> float:
-        """Epochs trained now: completed epochs plus the fraction of a partial one."""
+    @staticmethod
+    def _fraction(trainer: Trainer) -> float:
+        """The share of the current epoch's batches trained (1 for a whole epoch)."""
         total = trainer.num_training_batches
         done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
-        if isinstance(total, int) and 0 < done < total:
-            return self._epochs_done + done / total
-        return self._epochs_done
+        if isinstance(total, int) and 0 <= done < total:
+            return done / total
+        return 1.0
+
+    def _position(self, trainer: Trainer) -> float:
+        """Epochs trained now: this callback's count, plus the share of an epoch whose end
+        has not been counted (Lightning ends an epoch stopped by max_steps as a whole one;
+        here it counts as the share of its batches that ran)."""
+        if self._counted:
+            return self._epochs_done
+        return self._epochs_done + self._fraction(trainer)
 
     def _annotations(self, trainer, pl_module) -> dict[str, float]:
         """Extra columns other callbacks add to a probe's row (e.g. the layer-wise depth)."""

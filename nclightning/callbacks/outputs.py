@@ -134,7 +134,9 @@ def snapshot(
         layers[alias] = entry
     payload: dict[str, Any] = {
         "probe": probe,
-        "epochs_trained": int(epochs_trained),
+        "epochs_trained": int(epochs_trained)
+        if float(epochs_trained).is_integer()
+        else float(epochs_trained),
         "step": int(step),
         "row": {k: float(v) for k, v in row.items()},
         "class_names": list(class_names) if class_names else None,

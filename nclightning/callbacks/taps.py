@@ -167,7 +167,7 @@ class LayerTaps:
 
     def _hook(self, alias: str):
         fmt, pool, proj = self.fmt(alias), self.pool(alias), self._projections.get(alias)
-        name = self.layers[alias]
+        name = alias  # errors name the layer as the user's settings do
 
         def hook(module: nn.Module, args, output) -> None:
             if alias not in self.layouts:

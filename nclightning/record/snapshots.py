@@ -48,12 +48,15 @@ __all__ = [
 
 FORMAT = 2
 OWNER_FILE = ".nclightning-owner"
-_NAME = re.compile(r"probe-(\d+)\.pt")
+_NAME = re.compile(r"probe-(\d+(?:\.\d+)?)\.pt")
 
 
-def snapshot_path(directory: str | Path, epochs_trained: int) -> Path:
-    """``{directory}/probe-{epochs_trained:04d}.pt``."""
-    return Path(directory) / f"probe-{int(epochs_trained):04d}.pt"
+def snapshot_path(directory: str | Path, epochs_trained: float) -> Path:
+    """``{directory}/probe-{epochs_trained:04d}.pt``; a probe inside an epoch (training stopped
+    by ``max_steps``) as ``probe-0002.333.pt``."""
+    e = float(epochs_trained)
+    name = f"{int(e):04d}" if e.is_integer() else f"{int(e):04d}.{f'{e % 1:.3f}'[2:]}"
+    return Path(directory) / f"probe-{name}.pt"
 
 
 def write_snapshot(directory: str | Path, snapshot: Mapping[str, Any]) -> Path:
@@ -86,7 +89,7 @@ def list_snapshots(directory: str | Path) -> list[Path]:
     for p in Path(directory).glob("probe-*.pt"):
         m = _NAME.fullmatch(p.name)
         if m:
-            found.append((int(m.group(1)), p))
+            found.append((float(m.group(1)), p))
     return [p for _, p in sorted(found)]
 
 

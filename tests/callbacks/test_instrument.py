@@ -102,8 +102,16 @@ LAYERS = {"h0": "body.1", "h": "body.3"}
     [
         dict(every_n_epochs=1, pairs=[("h0", "h")]),
         dict(every_n_epochs=2, probe="val", pairs=[], max_samples=20),
+        dict(
+            probes=["train", "val"],
+            pool={"h": "mean", "h0": "last"},
+            output_fmt={"h": "NLC"},
+            num_classes=K,
+            every_n_epochs=2,
+            pairs=[],
+        ),
     ],
-    ids=["every-epoch-with-fit", "val-every-2"],
+    ids=["every-epoch-with-fit", "val-every-2", "two-probes-token-pools"],
 )
 def test_training_with_the_callback_is_bit_identical(mode, options):
     """Observing changes nothing: same parameters, bit for bit, with the callback and without."""

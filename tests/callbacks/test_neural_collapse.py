@@ -224,6 +224,8 @@ def test_nan_features_give_nan_metrics_and_one_warning_not_a_crash():
     key = layer_key("p", "h", "nc1")
     assert math.isfinite(probes[1][key])
     assert math.isnan(probes[2][key]) and math.isnan(probes[3][key])
+    # undefined features: an undefined accuracy too (not the share of argmax ties)
+    assert math.isnan(probes[2][accuracy_key("p")]) and math.isnan(probes[3][accuracy_key("p")])
     messages = [str(w.message) for w in caught if "NaN/Inf" in str(w.message)]
     assert len(messages) == 1 and "'h'" in messages[0]
 
