@@ -44,7 +44,7 @@ class Timer(Callback):
         nc.probe_now = timed
 
     def on_train_epoch_end(self, trainer, module) -> None:  # after the callback's own hook
-        loader = self.nc._probe.loader
+        loader = self.nc.probe.loader
         was = module.training
         module.eval()
         t = time.perf_counter()
@@ -59,7 +59,7 @@ def _time_fits(nc: NeuralCollapseCallback, repeats: int = 3) -> float:
     """Median time of the pair fits of the last probe, re-run from its moments."""
     from nclightning.callbacks import analysis
 
-    probe, result = nc._probe, nc.last_result
+    probe, result = nc.probe, nc.last_result
     if not probe.pairs:
         return 0.0
     times = []
@@ -71,7 +71,7 @@ def _time_fits(nc: NeuralCollapseCallback, repeats: int = 3) -> float:
             nc.pair_settings,
             weight=probe.weight(),
             feeding=probe.feeding,
-            near=dict(nc._couplings),
+            near=nc.couplings,
         )
         times.append(time.perf_counter() - t)
     return statistics.median(times)
@@ -95,12 +95,12 @@ def measure(name: str, model, dm, epochs: int, **options) -> None:
     probe = statistics.median(timer.probe[1:])  # [0] is the baseline (it also traces)
     bare = statistics.median(timer.bare)
     fit = _time_fits(nc)
-    plan = nc._probe.pass_plan
+    plan = nc.probe.pass_plan
     print(
-        f"{name:16s} N={len(nc._probe.loader.dataset):5d}  probe {probe:7.3f} s  bare forward "
+        f"{name:16s} N={len(nc.probe.loader.dataset):5d}  probe {probe:7.3f} s  bare forward "
         f"{bare:7.3f} s  probe/bare = {probe / bare:.3f}  (pair fits {fit:.3f} s = "
         f"{fit / bare:.3f} of a bare forward; median of {len(timer.bare)} probes)\n"
-        f"{'':16s} {plan.describe(nc.name, len(nc._probe.loader.dataset))}"
+        f"{'':16s} {plan.describe(nc.name, len(nc.probe.loader.dataset))}"
     )
 
 

@@ -65,7 +65,7 @@ class Timer(Callback):
         _sync(module)
         t = time.perf_counter()
         with torch.no_grad(), trainer.precision_plugin.forward_context():
-            for x, _ in self.nc._probe.loader:
+            for x, _ in self.nc.probe.loader:
                 module(x.to(module.device, non_blocking=True))
         _sync(module)
         module.train(was)

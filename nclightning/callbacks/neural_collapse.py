@@ -223,6 +223,16 @@ class NeuralCollapseCallback(Callback):
         return probe.pass_plan if probe is not None else None
 
     @property
+    def probe(self) -> Probe | None:
+        """The first probe, resolved against the model (``None`` before ``setup``)."""
+        return self._first.probe
+
+    @property
+    def couplings(self) -> dict[str, float]:
+        """The first probe's latest fitted coupling of every pair (a copy)."""
+        return dict(self._first.couplings)
+
+    @property
     def projections(self) -> dict:
         """The fixed ``[d, max_dim]`` projections of layers wider than ``max_dim``."""
         probe = self._first.probe

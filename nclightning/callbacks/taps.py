@@ -135,7 +135,7 @@ class LayerTaps:
         layers: Mapping[str, str],
         *,
         classifier: str | None = None,
-        pool: str = "avg",
+        pool: str | Mapping[str, str] = "avg",
         output_fmt: str | Mapping[str, str] = "auto",
         projections: Mapping[str, Tensor] | None = None,
     ) -> None:
