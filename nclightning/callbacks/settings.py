@@ -245,13 +245,16 @@ class PairFitSettings:
                 raise refuse("pairs", pairs, "a list of (h0, h) pairs of layer aliases")
             pairs = tuple((str(a), str(b)) for a, b in pairs)
         lam = {"lambda_W": lambda_W, "lambda_H": lambda_H}
-        for arg, v in lam.items():
-            if (
-                isinstance(v, bool)
-                or not isinstance(v, (int, float))
-                or not (math.isfinite(v) and v > 0)
+        for arg, v in lam.items():  # 0 builds (a config without weight decay); Eq. 2's bound
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (
+                math.isfinite(v) and v >= 0
             ):
-                raise refuse(arg, v, "a finite number > 0")
+                raise refuse(arg, v, "a finite number >= 0")
+        if math.sqrt(float(lambda_W) * float(lambda_H)) >= 1:
+            raise refuse(
+                "lambda_W * lambda_H", float(lambda_W) * float(lambda_H),
+                "below 1 (Eq. 2, docs/science.md §2)",
+            )  # fmt: skip
         if coupling != "fit" and (
             isinstance(coupling, bool)
             or not isinstance(coupling, (int, float))
