@@ -262,6 +262,7 @@ class NeuralCollapseCallback(Callback):
         self._fitting = True
         self._loaded = False
         self._ckpt_epoch: int | None = None
+        self._ckpt_step: int | None = None
         self._warned: set[str] = set()
 
     # -- Lightning hooks ----------------------------------------------------------------------
@@ -333,6 +334,7 @@ class NeuralCollapseCallback(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = self._upgrade(state_dict)
         saved = state_dict.get("probes", {})
         for n in self._states:
             self._check_settings(n, (saved.get(n) or {}).get("settings") or {})
@@ -348,7 +350,21 @@ class NeuralCollapseCallback(Callback):
         self._probed_step = None if step is None else int(step)
         self._loaded = True
         if self._fitting:  # a resumed run is the same run; a measurement is a run of its own
-            self._token = str(state_dict.get("token", self._token))
+            self._token = str(state_dict.get("token") or self._token)
+
+    def _upgrade(self, state: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint of the one-probe layout before ``probes`` (its completed epochs: the
+        checkpoint's ``epoch``; its probed step: the checkpoint's when that epoch was probed)."""
+        if "probes" in state or "history" not in state:
+            return state
+        epochs = self._ckpt_epoch or 0
+        probed = state.get("last_probed") == epochs and self._ckpt_step is not None
+        return {
+            "epochs_trained": epochs,
+            "probed_step": self._ckpt_step if probed else None,
+            "token": state.get("token"),
+            "probes": {self.names[0]: state},
+        }
 
     def _check_settings(self, name: str, saved: Mapping[str, Any]) -> None:
         now = outputs.settings_record(self.settings.record(name), name)
@@ -373,8 +389,13 @@ class NeuralCollapseCallback(Callback):
                     f"this checkpoint was made with {', '.join(others)}, but this run has "
                     f"{mine}: the probe differs. Resume with the probe the run was made with"
                 )
-        epoch = checkpoint.get("epoch")  # weights saved without this callback's state
+        # only for a checkpoint saved without this callback's state (or in its old layout):
+        # the epochs Lightning's fit loop had processed, else its ``epoch``
+        loops = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
+        epoch = loops.get("current", {}).get("processed", checkpoint.get("epoch"))
+        step = checkpoint.get("global_step")
         self._ckpt_epoch = int(epoch) if isinstance(epoch, int) else None
+        self._ckpt_step = int(step) if isinstance(step, int) else None
 
     # -- the probe ------------------------------------------------------------------------------
     def probe_now(

@@ -513,3 +513,26 @@ def test_timm_models_are_probed_at_the_blocks_their_feature_info_declares(name, 
     y = loader.dataset.tensors[1].numpy()
     assert row[accuracy_key("train")] == pytest.approx(float(np.mean(pred == y)))
     assert math.isfinite(row[layer_key("train", first, "nc1")])
+
+
+def test_a_checkpoint_of_the_one_probe_layout_still_resumes():
+    """State saved before ``probes`` existed: its history, subset and couplings carry over;
+    the completed epochs come from the checkpoint, and its probed weights are not probed again."""
+    from nclightning.callbacks import outputs
+
+    cb = NeuralCollapseCallback(layers={"h": "body.3"}, pairs=[])
+    old = {
+        "settings": outputs.settings_record(cb.settings.record("train"), "train"),
+        "subset": torch.arange(5),
+        "history": [{"epochs_trained": 0.0}, {"epochs_trained": 2.0}],
+        "couplings": {"h0->h": 3.0},
+        "last_probed": 2,
+        "token": "abc",
+    }
+    progress = {"fit_loop": {"epoch_progress": {"current": {"processed": 2}}}}
+    cb.on_load_checkpoint(None, None, {"epoch": 1, "global_step": 12, "loops": progress})
+    cb.load_state_dict(old)
+    state = cb.state_dict()
+    assert cb.epochs_trained == 2 and state["probed_step"] == 12 and state["token"] == "abc"
+    assert torch.equal(state["probes"]["train"]["subset"], torch.arange(5))
+    assert [r["epochs_trained"] for r in cb.history] == [0, 2] and cb.couplings == {"h0->h": 3.0}
