@@ -246,8 +246,10 @@ class PairFitSettings:
             pairs = tuple((str(a), str(b)) for a, b in pairs)
         lam = {"lambda_W": lambda_W, "lambda_H": lambda_H}
         for arg, v in lam.items():  # 0 builds (a config without weight decay); Eq. 2's bound
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (
-                math.isfinite(v) and v >= 0
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, (int, float))
+                or not (math.isfinite(v) and v >= 0)
             ):
                 raise refuse(arg, v, "a finite number >= 0")
         if math.sqrt(float(lambda_W) * float(lambda_H)) >= 1:
