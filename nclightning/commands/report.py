@@ -173,7 +173,7 @@ def _report(args) -> tuple[list[Path], list[str]]:
     runs = records.find_runs(args.run_dirs)
     probes = {run.label: _check(run, args) for run in runs}
     several = len(runs) > 1
-    notes: list[str] = []
+    notes: list[str] = [note for run in runs for note in run.notes]
     plan = _overlay_plan(runs, probes, args, notes) if several else {}
     first = args.run_dirs[0]
     here = first.parent if first.is_file() else first
