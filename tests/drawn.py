@@ -51,8 +51,44 @@ def read_figure(fig) -> list[Panel]:
     return out
 
 
-def capture(monkeypatch) -> dict[str, list[Panel]]:
-    """``{file stem: panels}`` of every figure saved from now on (then saved for real)."""
+def outside_texts(fig, margin: float = 0.5) -> list[str]:
+    """What a reader would see clipped: the title of every axes (or colour bar) whose drawn
+    extent (tick labels, labels, title, legend: matplotlib's tight box) leaves the figure."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    width, height = fig.bbox.width, fig.bbox.height
+    out = []
+    for ax in fig.axes:
+        if not ax.get_visible():
+            continue
+        box = ax.get_tightbbox(renderer)
+        if box is None:
+            continue
+        if (
+            box.x0 < -margin
+            or box.y0 < -margin
+            or box.x1 > width + margin
+            or box.y1 > height + margin
+        ):
+            name = ax.get_title() or ax.get_ylabel() or ax.get_label() or "axes"
+            out.append(
+                f"{name} {[round(v) for v in box.extents]} in {round(width)}x{round(height)}"
+            )
+    for legend in fig.legends:
+        box = legend.get_window_extent(renderer)
+        if (
+            box.x0 < -margin
+            or box.x1 > width + margin
+            or box.y0 < -margin
+            or box.y1 > height + margin
+        ):
+            out.append(f"legend {[round(v) for v in box.extents]}")
+    return out
+
+
+def capture(monkeypatch, clipped: list | None = None) -> dict[str, list[Panel]]:
+    """``{file stem: panels}`` of every figure saved from now on (then saved for real);
+    with a ``clipped`` list, each text drawn outside a figure is appended as ``(stem, text)``."""
     from nclightning import plotting
     from nclightning.plotting import _layout
 
@@ -61,6 +97,9 @@ def capture(monkeypatch) -> dict[str, list[Panel]]:
 
     def save(fig, path, **kwargs):
         drawn[Path(path).stem] = read_figure(fig)
+        if clipped is not None:  # the figure as written: save_figure fits its margins first
+            _layout.fit_margins(fig)
+            clipped.extend((Path(path).stem, t) for t in outside_texts(fig))
         return real(fig, path, **kwargs)
 
     monkeypatch.setattr(plotting, "save_figure", save)

@@ -38,6 +38,7 @@ __all__ = [
     "ensure_wandb_mode",
     "finish_wandb_runs",
     "is_offline",
+    "offline_folders",
     "wandb_api_key_available",
     "wandb_base_url",
     "wandb_service_problem",
@@ -253,6 +254,15 @@ class WandbLogger(_LightningWandbLogger):
         self._wandb_init.update(id=run_id, resume="allow")
 
 
+def offline_folders(run_dir: Path, run_id: str | None) -> list[Path]:
+    """Every offline folder of the W&B run ``run_id`` beside ``run_dir`` (one per resumed
+    part, oldest first), ``run_dir`` included."""
+    found = set()
+    if run_id:
+        found = {f for f in run_dir.parent.glob(f"offline-run-*-{run_id}") if f.is_dir()}
+    return sorted(found | {run_dir}, key=lambda f: f.name)
+
+
 def finish_wandb_runs(trainer: Any, exit_code: int = 0) -> None:
     """Close the trainer's W&B runs and say where each went (and, offline, how to upload it).
 
@@ -268,8 +278,11 @@ def finish_wandb_runs(trainer: Any, exit_code: int = 0) -> None:
         if trainer.is_global_zero and getattr(run, "dir", None):
             run_dir = Path(run.dir).parent
             if is_offline(run):
+                folders = offline_folders(run_dir, getattr(run, "id", None))
                 _say(f"W&B run saved offline in {run_dir}")
-                _say(f"upload it with:  wandb sync {run_dir}")
+                if len(folders) > 1:  # a resumed run: each part has its own folder
+                    _say(f"the run {run.id} is in {len(folders)} offline folders (resumed)")
+                _say("upload it with:  wandb sync " + " ".join(str(f) for f in folders))
             elif getattr(run, "url", None):
                 _say(f"W&B run at {run.url}")
         if hasattr(run, "finish"):

@@ -35,6 +35,7 @@ __all__ = [
     "colors",
     "figure_png",
     "finish_log_axis",
+    "fit_margins",
     "legend",
     "legend_width",
     "log_line",
@@ -305,10 +306,50 @@ def share_xlim(axes: Sequence[Axes], xs: Sequence[float]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def fit_margins(fig: Figure, pad: float = 0.08) -> None:
+    """Grow ``fig`` where its drawn contents (long tick labels, titles, legends) stick out.
+
+    The margins of :func:`new_figure` are fixed in inches and fit usual labels; a longer one
+    (``1.66x10^-1`` on a narrow log range) would be clipped at the edge. This draws the figure
+    once, and where its tight box leaves the canvas, widens or heightens the canvas by that
+    much (plus ``pad`` inches), keeping every axes, text and legend where it was relative to
+    the others.
+    """
+    from matplotlib.text import Text
+
+    renderer = fig.canvas.get_renderer()
+    box = fig.get_tightbbox(renderer)  # inches
+    width, height = fig.get_size_inches()
+    grow_l, grow_b = max(0.0, pad - box.x0), max(0.0, pad - box.y0)
+    grow_r, grow_t = max(0.0, box.x1 + pad - width), max(0.0, box.y1 + pad - height)
+    if not (box.x0 < 0 or box.y0 < 0 or box.x1 > width or box.y1 > height):
+        return
+    new_w, new_h = width + grow_l + grow_r, height + grow_b + grow_t
+
+    def moved(x: float, y: float) -> tuple[float, float]:  # figure fractions, old -> new
+        return (x * width + grow_l) / new_w, (y * height + grow_b) / new_h
+
+    anchors = []
+    for legend in fig.legends:
+        anchor = legend.get_bbox_to_anchor()
+        anchors.append((legend, anchor.x0 / fig.dpi / width, anchor.y1 / fig.dpi / height))
+    for ax in fig.axes:
+        pos = ax.get_position()
+        x0, y0 = moved(pos.x0, pos.y0)
+        ax.set_position((x0, y0, pos.width * width / new_w, pos.height * height / new_h))
+    for text in fig.findobj(Text):
+        if text.get_transform() == fig.transFigure and text.figure is fig:
+            text.set_position(moved(*text.get_position()))
+    fig.set_size_inches(new_w, new_h)
+    for legend, x, y in anchors:
+        legend.set_bbox_to_anchor(moved(x, y), transform=fig.transFigure)
+
+
 def save_figure(fig: Figure, path: str | Path, *, dpi: int = 110) -> Path:
     """Write ``fig`` as a PNG at ``path`` (parents created), release it, return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    fit_margins(fig)
     fig.savefig(path, dpi=dpi, format="png")
     _release(fig)
     return path
@@ -317,6 +358,7 @@ def save_figure(fig: Figure, path: str | Path, *, dpi: int = 110) -> Path:
 def figure_png(fig: Figure, *, dpi: int = 100) -> bytes:
     """``fig`` as PNG bytes (for ``wandb.Image(PIL.Image.open(io.BytesIO(...)))``), released."""
     buf = io.BytesIO()
+    fit_margins(fig)
     fig.savefig(buf, dpi=dpi, format="png")
     _release(fig)
     return buf.getvalue()

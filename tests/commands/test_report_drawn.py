@@ -74,9 +74,11 @@ def users_dir(tmp_path_factory):
 
 
 def test_every_probe_of_a_users_run_is_drawn_as_logged(users_dir, tmp_path, monkeypatch, capsys):
-    figures = capture(monkeypatch)
+    clipped = []
+    figures = capture(monkeypatch, clipped)
     assert report.main([str(users_dir), "--out", str(tmp_path)]) == 0
     assert "dropped" not in capsys.readouterr().err
+    assert len(figures) >= 10 and clipped == []  # no text outside any figure
     metrics_csv = f"{users_dir}/metrics.csv"
     for probe in ("train", "val"):
         logged = logged_curves(metrics_csv, probe)
@@ -99,3 +101,42 @@ def test_the_depth_profile_draws_the_last_probe(users_dir, tmp_path, monkeypatch
         assert ys == [v if v > 0 else math.nan for v in want] or all(
             (a == b) or (math.isnan(a) and not b > 0) for a, b in zip(ys, want)
         ), (metric, ys, want)
+
+
+def test_a_run_resumed_in_a_new_folder_is_drawn_whole(tmp_path, monkeypatch, capsys):
+    """A user's Trainer resumed from a checkpoint without ``resume_loggers`` logs to a new
+    version folder; RunRecord notes there what it continues, and the report draws one run:
+    epochs 0-2 from the first folder, 3-4 from the second."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    torch.manual_seed(0)
+    y = torch.arange(60) % 3
+    x = torch.randn(60, 8) + 3 * nn.functional.pad(nn.functional.one_hot(y, 3), (0, 5))
+    data = DataLoader(TensorDataset(x, y), batch_size=20)
+    layers = {"h0": "body.1", "h": "body.3"}
+
+    def fit(epochs, ckpt=None):
+        logger = CSVLogger(str(tmp_path / "runs"), name="mine")
+        trainer = Trainer(
+            max_epochs=epochs, logger=logger, log_every_n_steps=1, enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[NeuralCollapseCallback(layers=layers), RunRecord(),
+                       ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
+        )  # fmt: skip
+        trainer.fit(UsersModule(), data, ckpt_path=ckpt)
+        return logger.log_dir
+
+    first = fit(2)
+    second = fit(EPOCHS, ckpt=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert first != second
+    figures = capture(monkeypatch)
+    assert report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+    a, b = (
+        logged_curves(f"{first}/metrics.csv", "train"),
+        logged_curves(f"{second}/metrics.csv", "train"),
+    )
+    assert [x for x, _ in a["h"]["nc1"]] == [0.0, 1.0, 2.0]
+    assert [x for x, _ in b["h"]["nc1"]] == [3.0, 4.0]  # the resumed run does not probe twice
+    whole = {lay: {m: a[lay][m] + b[lay][m] for m in a[lay]} for lay in a}
+    assert assert_metrics_figure(figures["metrics_train"], whole) >= 8
