@@ -117,8 +117,17 @@ def test_measure_of_the_last_checkpoint_reproduces_the_last_probe(run):
         assert float(measured[key]) == pytest.approx(float(last[key]), rel=1e-6, abs=1e-12), key
 
 
-def test_report_draws_the_figures_of_the_default_run(run, capsys):
+def test_report_draws_the_figures_of_the_default_run(run, capsys, monkeypatch):
+    from drawn import assert_metrics_figure, capture, logged_curves
+
+    clipped = []
+    figures = capture(monkeypatch, clipped)
     assert main(["report", str(run.parent)]) == 0
+    assert "dropped" not in capsys.readouterr().err and clipped == []
+    # every probe (0, 5, ..., 150) of every layer, as metrics.csv holds it
+    logged = logged_curves(run / "metrics.csv", "train")
+    assert [x for x, _ in logged["penultimate"]["nc1"]] == [float(e) for e in range(0, 151, 5)]
+    assert assert_metrics_figure(figures["metrics_train"], logged) == 2 * 6 - 1  # nc3: one layer
     out = run.parent / "report"
     names = sorted(p.name for p in out.glob("*.png"))
     assert {

@@ -140,3 +140,113 @@ def test_a_run_resumed_in_a_new_folder_is_drawn_whole(tmp_path, monkeypatch, cap
     assert [x for x, _ in b["h"]["nc1"]] == [3.0, 4.0]  # the resumed run does not probe twice
     whole = {lay: {m: a[lay][m] + b[lay][m] for m in a[lay]} for lay in a}
     assert assert_metrics_figure(figures["metrics_train"], whole) >= 8
+
+
+def test_a_layerwise_run_is_drawn_per_stage_as_logged(tmp_path, monkeypatch):
+    """Fig. 2 protocol (LayerwiseTraining on CollapseClassifier): one line per stage of the
+    deepest layer; the depth profile draws each stage's last probe."""
+    from nclightning.callbacks import LayerwiseTraining
+    from nclightning.data import SyntheticDataModule
+    from nclightning.models import CollapseClassifier
+
+    torch.manual_seed(0)
+    model = CollapseClassifier(
+        num_classes=3, input_shape=(8,), backbone="mlp", lr=0.1, scheduler="none",
+        backbone_kwargs={"depth": 3, "width": 12, "batch_norm": True},
+    )  # fmt: skip
+    data = SyntheticDataModule(num_classes=3, samples_per_class=20, shape=(8,), batch_size=20)
+    logger = CSVLogger(str(tmp_path / "runs"), name="layerwise")
+    callbacks = [
+        LayerwiseTraining(epochs_per_stage=2),
+        NeuralCollapseCallback(layers={"deepest": "backbone"}),
+    ]
+    trainer = Trainer(
+        max_epochs=6, logger=logger, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
+        callbacks=callbacks,
+    )  # fmt: skip
+    trainer.fit(model, data)
+    figures = capture(monkeypatch)
+    assert report.main([logger.log_dir, "--out", str(tmp_path / "out")]) == 0
+    rows = [r for r in csv_rows(f"{logger.log_dir}/metrics.csv") if r.get("nc-train/deepest/nc1")]
+    stages: dict[str, dict[str, list]] = {}
+    for r in rows:
+        stage = stages.setdefault(f"depth {int(float(r['depth']))}", {})
+        for metric in ("nc1", "nc1_tilde"):
+            stage.setdefault(metric, []).append(
+                (float(r["epochs_trained"]), float(r[f"nc-train/deepest/{metric}"]))
+            )
+    assert list(stages) == ["depth 1", "depth 2", "depth 3"]
+    assert (
+        assert_metrics_figure(figures["metrics_train"], stages, metrics=("nc1", "nc1_tilde")) == 6
+    )
+    last = {d: {m: s[-1][1] for m, s in ms.items()} for d, ms in stages.items()}
+    for panel in figures["depth_profile_train"]:
+        metric = panel.title.split(":")[0]
+        if metric in ("nc1", "nc1_tilde"):
+            ((_, ys),) = panel.plain
+            assert ys == [last[f"depth {d}"][metric] for d in (1, 2, 3)], metric
+
+
+def test_several_seeds_are_drawn_as_their_mean_and_band(tmp_path, monkeypatch):
+    """A study of one setting with three seeds: the overlay's line is the mean of the three
+    runs' logged values and its band spans their min and max, epoch for epoch."""
+    from figtools import panels
+
+    from nclightning import plotting
+
+    folders = []
+    for seed in (1, 2, 3):
+        torch.manual_seed(seed)
+        y = torch.arange(60) % 3
+        x = torch.randn(60, 8) + 3 * nn.functional.pad(nn.functional.one_hot(y, 3), (0, 5))
+        logger = CSVLogger(str(tmp_path / "study"), name="same_setting")
+        trainer = Trainer(
+            max_epochs=3, logger=logger, enable_progress_bar=False, enable_model_summary=False,
+            enable_checkpointing=False, callbacks=[NeuralCollapseCallback(layers={"h": "body.3"})],
+        )  # fmt: skip
+        trainer.fit(UsersModule(), DataLoader(TensorDataset(x, y), batch_size=20))
+        folders.append(logger.log_dir)
+    bands = []
+    real = plotting.overlay
+
+    def overlay(*args, **kwargs):
+        fig = real(*args, **kwargs)
+        for ax in panels(fig):
+            for c in ax.collections:
+                if str(c.get_gid()).startswith("band:"):
+                    path = c.get_paths()[0].vertices
+                    bands.append((ax.get_title(), path))
+            bands.append(
+                (
+                    "lines",
+                    {
+                        ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata()))
+                        for ln in ax.get_lines()
+                    },
+                )
+            )
+        return fig
+
+    monkeypatch.setattr(plotting, "overlay", overlay)
+    out = tmp_path / "out"
+    assert (
+        report.main(
+            [str(tmp_path / "study"), "--out", str(out), "--group", "parent", "--metrics", "nc1"]
+        )
+        == 0
+    )
+    per_run = [logged_curves(f"{f}/metrics.csv", "train")["h"]["nc1"] for f in folders]
+    epochs = [x for x, _ in per_run[0]]
+    assert epochs == [0.0, 1.0, 2.0, 3.0]
+    values = [[v for _, v in run] for run in per_run]
+    mean = [sum(col) / 3 for col in zip(*values)]
+    lines_drawn = next(d for name, d in bands if name == "lines")
+    (label,) = [k for k in lines_drawn if not k.startswith("_")]
+    xs, ys = lines_drawn[label]
+    assert xs == epochs and ys == pytest.approx(mean, rel=1e-12)
+    vertices = next(v for name, v in bands if name != "lines")
+    for x, col in zip(epochs, zip(*values)):  # the band spans min..max of the runs at x
+        at_x = sorted(float(y) for vx, y in vertices if vx == x)
+        assert at_x[0] == pytest.approx(min(col), rel=1e-12), x
+        assert at_x[-1] == pytest.approx(max(col), rel=1e-12), x
