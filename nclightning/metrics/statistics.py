@@ -54,6 +54,7 @@ states and applies it.
 from __future__ import annotations
 
 import functools
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -142,6 +143,7 @@ class ClassStatistics(Float64States, Metric):
     higher_is_better = False
     full_state_update = False
     _F64_STATES = ("packed",)
+    packed: Tensor
 
     def __init__(
         self,
@@ -236,7 +238,7 @@ class ClassStatistics(Float64States, Metric):
             return
         self._accumulator.add(self._views(), x, y, self._dtype_for(x.dtype))
 
-    def forward(self, features: Tensor, labels: Tensor) -> None:  # type: ignore[override]
+    def forward(self, features: Tensor, labels: Tensor) -> None:
         """Same as :meth:`update`; returns ``None`` (no per-batch metrics)."""
         self.update(features, labels)
 
@@ -257,7 +259,7 @@ class ClassStatistics(Float64States, Metric):
         super().sync(*args, **kwargs)
 
     @property
-    def metric_state(self) -> dict[str, Any]:  # type: ignore[override]
+    def metric_state(self) -> dict[str, Any]:
         self._flush()
         return super().metric_state
 
@@ -265,7 +267,7 @@ class ClassStatistics(Float64States, Metric):
         self._flush()
         super().merge_state(incoming_state)
 
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
         self._flush()
         return super().state_dict(*args, **kwargs)
 
@@ -293,7 +295,7 @@ class ClassStatistics(Float64States, Metric):
             )
         return state_moments(v, self._layout, self._basis)
 
-    def _synced(self):
+    def _synced(self) -> AbstractContextManager[None]:
         return self.sync_context(
             dist_sync_fn=self.dist_sync_fn,
             should_sync=self._to_sync,
