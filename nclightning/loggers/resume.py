@@ -57,8 +57,8 @@ class RunRecord(Callback):
     def state_key(self) -> str:
         return "nclightning.RunRecord"
 
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
-        loggers = []
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        loggers: list[dict[str, Any]] = []
         for logger in trainer.loggers:
             if isinstance(logger, CSVLogger):
                 rows = logger.rows_on_disk()
@@ -72,7 +72,7 @@ class RunRecord(Callback):
                 loggers.append({"kind": type(logger).__name__})
         checkpoint[RECORD_KEY] = {"format": 1, "step": _logger_step(trainer), "loggers": loggers}
 
-    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         """A run that fails before its first training step removes what it created."""
         if trainer.global_step == 0:
             removed = discard_run(trainer)
@@ -157,7 +157,7 @@ def _discard_wandb(logger: _LightningWandbLogger) -> bool:
     disabled = type(run).__name__ in ("NoopRun", "RunDisabled")
     run_dir, path, offline = Path(run.dir).parent, getattr(run, "path", None), is_offline(run)
     try:
-        run.finish(exit_code=1, quiet=True)
+        run.finish(exit_code=1, quiet=True)  # type: ignore[call-arg]  # older wandb
     except TypeError:
         run.finish(exit_code=1)
     logger._experiment = None

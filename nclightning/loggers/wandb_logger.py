@@ -176,7 +176,7 @@ class WandbLogger(_LightningWandbLogger):
 
     @property
     @rank_zero_experiment
-    def experiment(self):
+    def experiment(self) -> Any:
         import wandb
 
         if (
@@ -190,13 +190,13 @@ class WandbLogger(_LightningWandbLogger):
                 self._experiment.define_metric(
                     "*", step_metric="trainer/global_step", step_sync=True
                 )
-        return _LightningWandbLogger.experiment.fget(self)
+        return _LightningWandbLogger.experiment.fget(self)  # type: ignore[attr-defined]
 
     def _online_wanted(self) -> bool:
         mode = self._wandb_init.get("mode") or os.environ.get("WANDB_MODE", "")
         return not self._offline and mode not in (*OFFLINE_MODES, "disabled")
 
-    def _start_run(self):
+    def _start_run(self) -> Any:
         """``wandb.init`` within the bounds of the class docstring, else the fallback."""
         import wandb
 
@@ -204,7 +204,7 @@ class WandbLogger(_LightningWandbLogger):
             return wandb.init(**self._wandb_init)
         start = time.monotonic()
         if not wandb_api_key_available():
-            problem = "no W&B API key found (WANDB_API_KEY or `wandb login`)"
+            problem: str | None = "no W&B API key found (WANDB_API_KEY or `wandb login`)"
         else:
             problem = wandb_service_problem(timeout=self.connect_timeout)
         if problem is None:

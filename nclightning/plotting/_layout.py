@@ -17,6 +17,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -147,7 +148,7 @@ def legend(grid: Grid, title: str | None, extra: Sequence = ()) -> None:
     for h in extra:
         seen.setdefault(h.get_label(), h)
     if seen:
-        grid.fig.legend(
+        grid.fig.legend(  # type: ignore[call-overload]
             list(seen.values()), list(seen), loc="upper left", bbox_to_anchor=grid.legend_anchor,
             title=title, fontsize="small", title_fontsize="small", frameon=False,
         )  # fmt: skip
@@ -178,7 +179,9 @@ class LogData:
         self.negative |= other.negative
 
 
-def log_line(ax: Axes, series: Iterable[tuple[float, float]], *, color, **style) -> LogData:
+def log_line(
+    ax: Axes, series: Iterable[tuple[float, float]], *, color: Any, **style: Any
+) -> LogData:
     """Draw ``series`` on a log axis: NaN, infinite and ``<= 0`` values break the line.
 
     Returns what :func:`finish_log_axis` needs to place the limits and the bands.
@@ -206,11 +209,11 @@ def log_line(ax: Axes, series: Iterable[tuple[float, float]], *, color, **style)
 class _OutsideBands(LogLocator):
     """A log locator that puts no tick on the bands (they hold no data value)."""
 
-    def __init__(self, lo: float, hi: float, **kwargs) -> None:
+    def __init__(self, lo: float, hi: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.lo, self.hi = lo, hi
 
-    def tick_values(self, vmin, vmax):
+    def tick_values(self, vmin: float, vmax: float) -> Any:
         ticks = super().tick_values(vmin, vmax)
         return [t for t in ticks if self.lo <= t <= self.hi]
 
