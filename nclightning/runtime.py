@@ -222,6 +222,15 @@ def configure_threads(
     ``model``: an ``nn.Module`` whose trainable parameters are counted (or pass ``num_params``).
     ``export=True`` also sets ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` for worker processes
     started later (DDP), which a later call does not mistake for the user's setting.
+
+    Example:
+        >>> import torch
+        >>> from nclightning.runtime import choose_threads, configure_threads
+        >>> choose_threads(num_params=10_000, batch_size=32).threads  # little work: one thread
+        1
+        >>> choice = configure_threads(torch.nn.Linear(8, 2), batch_size=32)
+        >>> choice.threads == torch.get_num_threads()  # applied, or the user's setting kept
+        True
     """
     import torch
 

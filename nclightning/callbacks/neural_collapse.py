@@ -83,6 +83,26 @@ class NeuralCollapseCallback(Callback):
         progress: a progress bar for the pass (default: when the Trainer shows one).
         seed: seed of the ``max_samples`` subset and of ``max_dim`` projections.
         classifier: module name of the final linear classifier, ``"auto"`` or ``None``.
+
+    Example:
+        One epoch of a small MLP on synthetic data; the train probe's metrics land in
+        ``trainer.callback_metrics`` (and in every logger) under ``nc-train/{layer}/{metric}``.
+
+        >>> from lightning.pytorch import Trainer
+        >>> from nclightning import NeuralCollapseCallback
+        >>> from nclightning.data.synthetic import SyntheticDataModule
+        >>> from nclightning.models import CollapseClassifier
+        >>> dm = SyntheticDataModule(num_classes=3, samples_per_class=20, shape=(8,))
+        >>> model = CollapseClassifier(
+        ...     num_classes=3, input_shape=(8,), backbone_kwargs={"width": 16, "depth": 2})
+        >>> callback = NeuralCollapseCallback(every_n_epochs=1)
+        >>> trainer = Trainer(max_epochs=1, callbacks=[callback], logger=False,
+        ...     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(model, dm)
+        >>> "nc-train/penultimate/nc1" in trainer.callback_metrics
+        True
+        >>> callback.history[-1]["epochs_trained"]
+        1.0
     """
 
     def __init__(

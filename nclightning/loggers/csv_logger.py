@@ -149,6 +149,18 @@ class CSVLogger(_LightningCSVLogger):
     ``flush_logs_every_n_steps``, here 1 by default: every row on disk as soon as it is
     logged), plus ``version_prefix``: the folder name before the number (``"version_"``;
     ``nclightning measure`` uses ``"measure_"``). See the module docstring.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from nclightning.loggers import CSVLogger
+        >>> with tempfile.TemporaryDirectory() as root:
+        ...     logger = CSVLogger(root, name="demo")
+        ...     logger.log_metrics({"nc-train/penultimate/nc1": 0.5}, step=0)
+        ...     print(logger.version, (Path(logger.log_dir) / "metrics.csv").read_text())
+        0 nc-train/penultimate/nc1,step
+        0.5,0
+        <BLANKLINE>
     """
 
     def __init__(

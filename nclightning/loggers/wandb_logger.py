@@ -156,6 +156,19 @@ class WandbLogger(_LightningWandbLogger):
         fallback: ``"offline"`` (default) or ``"disabled"``: what to do when online fails.
 
     ``fallback_reason`` says why the run went offline (None when it did not).
+
+    Example:
+        Without an API key (as here) the run is offline from the start, never a prompt.
+
+        >>> import os, tempfile
+        >>> from nclightning.loggers import WandbLogger, ensure_wandb_mode
+        >>> mode = ensure_wandb_mode()  # WANDB_MODE=offline when no mode and no key are set
+        >>> with tempfile.TemporaryDirectory() as root:
+        ...     logger = WandbLogger(project="demo", save_dir=root, offline=True)
+        ...     logger.log_metrics({"nc-train/penultimate/nc1": 0.5}, step=0)
+        ...     logger.experiment.finish()
+        ...     print(sorted(os.listdir(root)))
+        ['wandb']
     """
 
     def __init__(

@@ -137,6 +137,26 @@ class ClassStatistics(Float64States, Metric):
     :meth:`compute` returns ``dict[str, Tensor]`` of 0-dim float64 tensors: the keys of
     :func:`~nclightning.metrics.metrics_from_moments` (``nc3``, ``unc3`` once
     :meth:`set_classifier` was called). ``forward`` only accumulates and returns ``None``.
+
+    Example:
+        Three tight classes in one streaming pass; the result equals the in-memory one.
+
+        >>> import torch
+        >>> from nclightning.metrics import ClassStatistics, collapse_metrics
+        >>> g = torch.Generator().manual_seed(0)
+        >>> y = torch.arange(3).repeat(20)
+        >>> h = 4 * torch.eye(3, dtype=torch.float64)[y] + 0.5 * torch.randn(
+        ...     60, 3, generator=g, dtype=torch.float64)
+        >>> stats = ClassStatistics(num_classes=3, dim=3)
+        >>> for hb, yb in zip(h.split(16), y.split(16)):
+        ...     stats.update(hb, yb)
+        >>> out = stats.compute()
+        >>> round(float(out["nc1"]), 4)
+        0.0324
+        >>> bool(torch.allclose(out["nc1"], collapse_metrics(h, y)["nc1"]))
+        True
+        >>> stats.moments().counts.tolist()
+        [20.0, 20.0, 20.0]
     """
 
     is_differentiable = False

@@ -193,6 +193,25 @@ def fit_pair(
     Raises:
         ConfigurationError: widths or class counts differ, unknown normalisation, bad lambdas.
         DataError: ``H0`` has no scale (dead layer) or ``nc1_tilde(H)`` is not finite.
+
+    Example:
+        ``H`` is a tighter copy of ``H0``; the fit finds the coupling whose ``H*`` matches its
+        ``nc1_tilde``. ``H0`` keeps its per-class scatter, so ``cdnv`` of ``H*`` is defined.
+
+        >>> import torch
+        >>> from nclightning.metrics import ClassMoments
+        >>> from nclightning.perturbation import fit_pair
+        >>> g = torch.Generator().manual_seed(0)
+        >>> y = torch.arange(3).repeat(20)
+        >>> mu = 4 * torch.eye(3, dtype=torch.float64)[y]
+        >>> h0 = mu + 0.5 * torch.randn(60, 3, generator=g, dtype=torch.float64)
+        >>> h = mu + 0.2 * torch.randn(60, 3, generator=g, dtype=torch.float64)
+        >>> m0 = ClassMoments.from_features(h0, y, 3, per_class_scatter=True)
+        >>> fit = fit_pair(m0, ClassMoments.from_features(h, y, 3), lambda_W=5e-3, lambda_H=5e-3)
+        >>> fit.status, fit.converged, round(fit.coupling)
+        ('fitted', True, 161)
+        >>> sorted(fit.residuals)
+        ['cdnv', 'nc1', 'nc2_equinorm', 'nc2_etf', 'norm_ratio']
     """
     if normalization not in NORMALIZATIONS:
         raise ConfigurationError(
