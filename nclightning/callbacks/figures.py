@@ -20,7 +20,7 @@ __all__ = ["probe_media"]
 def probe_media(
     probe: str,
     rows: Sequence[Mapping[str, float]],
-    result,
+    result: Any,
     class_names: Sequence[str] | None,
     epochs_trained: int,
 ) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -16,9 +16,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from lightning.pytorch import Trainer
 
 from nclightning.perturbation import DEFAULT_NORMALIZATION
 from nclightning.record import keys
@@ -38,7 +39,7 @@ MAX_TABLE_CLASSES = 100
 """Per-class matrices go to W&B as tables up to this many classes (images always)."""
 
 
-def log_row(trainer, row: Mapping[str, float], epochs_trained: int, step: int) -> None:
+def log_row(trainer: Trainer, row: Mapping[str, float], epochs_trained: int, step: int) -> None:
     """``row`` into ``callback_metrics`` on every rank and through every logger on rank 0."""
     for name, value in row.items():
         trainer.callback_metrics[name] = torch.tensor(float(value))
@@ -48,7 +49,7 @@ def log_row(trainer, row: Mapping[str, float], epochs_trained: int, step: int) -
             logger.log_metrics(record, step=step)
 
 
-def wandb_runs(trainer) -> list:
+def wandb_runs(trainer: Trainer) -> list[Any]:
     from lightning.pytorch.loggers import WandbLogger
 
     return [lg.experiment for lg in trainer.loggers if isinstance(lg, WandbLogger)]
@@ -60,7 +61,7 @@ class WandbOutputs:
     def __init__(self, probe: str) -> None:
         self.probe = probe
 
-    def setup(self, trainer, settings: Mapping[str, Any]) -> None:
+    def setup(self, trainer: Trainer, settings: Mapping[str, Any]) -> None:
         for run in wandb_runs(trainer):
             run.define_metric(keys.EPOCHS_TRAINED)
             for pattern in (f"nc-{self.probe}/*", f"pm-{self.probe}-*", "figures/*", "tables/*"):
@@ -70,8 +71,12 @@ class WandbOutputs:
             )
 
     def media(
-        self, trainer, images: Mapping[str, Any], tables: Mapping[str, Any], epochs_trained: int
-    ):
+        self,
+        trainer: Trainer,
+        images: Mapping[str, Any],
+        tables: Mapping[str, Any],
+        epochs_trained: int,
+    ) -> None:
         runs = wandb_runs(trainer)
         if not runs or not (images or tables):
             return
@@ -84,7 +89,7 @@ class WandbOutputs:
         for run in runs:
             run.log(payload)
 
-    def summary(self, trainer, row: Mapping[str, float]) -> None:
+    def summary(self, trainer: Trainer, row: Mapping[str, float]) -> None:
         for run in wandb_runs(trainer):
             for key, value in row.items():
                 if math.isfinite(value):
@@ -98,7 +103,7 @@ def matrix_table(matrix: torch.Tensor, names: Sequence[str]) -> tuple[list[str],
     return columns, rows
 
 
-def _image(wandb, fig) -> Any:
+def _image(wandb: Any, fig: Any) -> Any:
     import io
 
     from PIL import Image
@@ -110,7 +115,7 @@ def _image(wandb, fig) -> Any:
 
 
 def snapshot(
-    directory,
+    directory: Path,
     *,
     probe: str,
     epochs_trained: int,
@@ -151,7 +156,7 @@ def snapshot(
     write_snapshot(directory, payload)
 
 
-def _fit_entry(fit) -> dict[str, Any]:
+def _fit_entry(fit: Any) -> dict[str, Any]:
     return {
         "status": fit.status,
         "normalization": fit.normalization,
@@ -163,7 +168,9 @@ def _fit_entry(fit) -> dict[str, Any]:
     }
 
 
-def snapshot_folder(snapshot_dir, trainer, name: str) -> Path | None:
+def snapshot_folder(
+    snapshot_dir: str | Path | Literal[False] | None, trainer: Trainer, name: str
+) -> Path | None:
     """``snapshot_dir``, else ``{version folder}/snapshots/{name}`` when the Trainer logs.
 
     Calls ``trainer.log_dir``, a collective under DDP: call it on every rank.
@@ -186,7 +193,7 @@ def merge_by_epoch(
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
-def settings_record(settings, name: str) -> dict[str, Any]:
+def settings_record(settings: Any, name: str) -> dict[str, Any]:
     """The probe settings that make a probe's state meaningful (checked on resume)."""
     layers = settings.layers if not isinstance(settings.layers, Mapping) else dict(settings.layers)
     return {
@@ -200,7 +207,7 @@ def settings_record(settings, name: str) -> dict[str, Any]:
     }
 
 
-def fit_record(pair_settings, settings, every_n_epochs: int) -> dict[str, Any]:
+def fit_record(pair_settings: Any, settings: Any, every_n_epochs: int) -> dict[str, Any]:
     """The pair-fit and schedule settings, for the W&B run config."""
     return {
         "lambda_W": pair_settings.lambda_W,

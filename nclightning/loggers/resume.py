@@ -67,13 +67,13 @@ class RunRecord(Callback):
     def state_key(self) -> str:
         return "nclightning.RunRecord"
 
-    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         record = checkpoint.get(RECORD_KEY)
         self._resumed = record if isinstance(record, dict) else None
         path = getattr(trainer, "ckpt_path", None)
         self._ckpt_path = os.path.abspath(path) if isinstance(path, (str, os.PathLike)) else None
 
-    def on_train_start(self, trainer, pl_module) -> None:
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         """A resumed fit logging to a new CSV folder notes there which run it continues."""
         if self._resumed is None or not trainer.is_global_zero:
             return
@@ -90,8 +90,8 @@ class RunRecord(Callback):
             atomic_write_bytes(Path(here) / RESUME_NOTE, json.dumps(note, indent=1).encode())
         self._resumed = None
 
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
-        loggers = []
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        loggers: list[dict[str, Any]] = []
         for logger in trainer.loggers:
             if isinstance(logger, CSVLogger):
                 rows = logger.rows_on_disk()
@@ -105,7 +105,7 @@ class RunRecord(Callback):
                 loggers.append({"kind": type(logger).__name__})
         checkpoint[RECORD_KEY] = {"format": 1, "step": _logger_step(trainer), "loggers": loggers}
 
-    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         """A run that fails before its first training step removes what it created."""
         if trainer.global_step == 0:
             removed = discard_run(trainer)
@@ -202,7 +202,7 @@ def _discard_wandb(logger: _LightningWandbLogger) -> bool:
     disabled = type(run).__name__ in ("NoopRun", "RunDisabled")
     run_dir, path, offline = Path(run.dir).parent, getattr(run, "path", None), is_offline(run)
     try:
-        run.finish(exit_code=1, quiet=True)
+        run.finish(exit_code=1, quiet=True)  # type: ignore[call-arg]  # older wandb
     except TypeError:
         run.finish(exit_code=1)
     logger._experiment = None

@@ -157,6 +157,19 @@ class WandbLogger(_LightningWandbLogger):
         fallback: ``"offline"`` (default) or ``"disabled"``: what to do when online fails.
 
     ``fallback_reason`` says why the run went offline (None when it did not).
+
+    Example:
+        Without an API key (as here) the run is offline from the start, never a prompt.
+
+        >>> import os, tempfile
+        >>> from nclightning.loggers import WandbLogger, ensure_wandb_mode
+        >>> mode = ensure_wandb_mode()  # WANDB_MODE=offline when no mode and no key are set
+        >>> with tempfile.TemporaryDirectory() as root:
+        ...     logger = WandbLogger(project="demo", save_dir=root, offline=True)
+        ...     logger.log_metrics({"nc-train/penultimate/nc1": 0.5}, step=0)
+        ...     logger.experiment.finish()
+        ...     print(sorted(os.listdir(root)))
+        ['wandb']
     """
 
     def __init__(
@@ -177,7 +190,7 @@ class WandbLogger(_LightningWandbLogger):
 
     @property
     @rank_zero_experiment
-    def experiment(self):
+    def experiment(self) -> Any:
         import wandb
 
         if (
@@ -191,13 +204,13 @@ class WandbLogger(_LightningWandbLogger):
                 self._experiment.define_metric(
                     "*", step_metric="trainer/global_step", step_sync=True
                 )
-        return _LightningWandbLogger.experiment.fget(self)
+        return _LightningWandbLogger.experiment.fget(self)  # type: ignore[attr-defined]
 
     def _online_wanted(self) -> bool:
         mode = self._wandb_init.get("mode") or os.environ.get("WANDB_MODE", "")
         return not self._offline and mode not in (*OFFLINE_MODES, "disabled")
 
-    def _start_run(self):
+    def _start_run(self) -> Any:
         """``wandb.init`` within the bounds of the class docstring, else the fallback."""
         import wandb
 
@@ -205,7 +218,7 @@ class WandbLogger(_LightningWandbLogger):
             return wandb.init(**self._wandb_init)
         start = time.monotonic()
         if not wandb_api_key_available():
-            problem = "no W&B API key found (WANDB_API_KEY or `wandb login`)"
+            problem: str | None = "no W&B API key found (WANDB_API_KEY or `wandb login`)"
         else:
             problem = wandb_service_problem(timeout=self.connect_timeout)
         if problem is None:

@@ -17,6 +17,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -148,7 +149,7 @@ def legend(grid: Grid, title: str | None, extra: Sequence = ()) -> None:
     for h in extra:
         seen.setdefault(h.get_label(), h)
     if seen:
-        grid.fig.legend(
+        grid.fig.legend(  # type: ignore[call-overload]
             list(seen.values()), list(seen), loc="upper left", bbox_to_anchor=grid.legend_anchor,
             title=title, fontsize="small", title_fontsize="small", frameon=False,
         )  # fmt: skip
@@ -179,7 +180,9 @@ class LogData:
         self.negative |= other.negative
 
 
-def log_line(ax: Axes, series: Iterable[tuple[float, float]], *, color, **style) -> LogData:
+def log_line(
+    ax: Axes, series: Iterable[tuple[float, float]], *, color: Any, **style: Any
+) -> LogData:
     """Draw ``series`` on a log axis: NaN, infinite and ``<= 0`` values break the line.
 
     Returns what :func:`finish_log_axis` needs to place the limits and the bands.
@@ -207,11 +210,11 @@ def log_line(ax: Axes, series: Iterable[tuple[float, float]], *, color, **style)
 class _OutsideBands(LogLocator):
     """A log locator that puts no tick on the bands (they hold no data value)."""
 
-    def __init__(self, lo: float, hi: float, **kwargs) -> None:
+    def __init__(self, lo: float, hi: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.lo, self.hi = lo, hi
 
-    def tick_values(self, vmin, vmax):
+    def tick_values(self, vmin: float, vmax: float) -> Any:
         ticks = super().tick_values(vmin, vmax)
         return [t for t in ticks if self.lo <= t <= self.hi]
 
@@ -317,8 +320,7 @@ def fit_margins(fig: Figure, pad: float = 0.08) -> None:
     """
     from matplotlib.text import Text
 
-    renderer = fig.canvas.get_renderer()
-    box = fig.get_tightbbox(renderer)  # inches
+    box = fig.get_tightbbox()  # inches, from the figure's own renderer
     width, height = fig.get_size_inches()
     grow_l, grow_b = max(0.0, pad - box.x0), max(0.0, pad - box.y0)
     grow_r, grow_t = max(0.0, box.x1 + pad - width), max(0.0, box.y1 + pad - height)
