@@ -94,7 +94,7 @@ def run(args, options: dict | None) -> Timer:
         scheduler="none",
     )
     nc = (
-        None if options is None else NeuralCollapseCallback(log_figures_every_n_probes=0, **options)
+        None if options is None else NeuralCollapseCallback(log_figures=False, **options)
     )
     timer = Timer(nc)
     Trainer(

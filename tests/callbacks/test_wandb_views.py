@@ -1,0 +1,323 @@
+"""What a person sees in W&B is what was measured: an offline run read back with wandb's own
+reader (``wandb leet inspect --json``, ``--summary --json``) and compared with the run's
+``metrics.csv`` and snapshot files, value for value and epoch for epoch.
+
+The run is made the way users make one: a plain ``LightningModule`` that logs its own epoch
+metrics, a plain ``DataLoader``, the callback, and the README's loggers.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import hashlib
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from nclightning.callbacks import NeuralCollapseCallback
+from nclightning.callbacks.figures import Chart, pair_charts
+from nclightning.loggers import CSVLogger, WandbLogger
+from nclightning.record.snapshots import list_snapshots, read_snapshot
+
+K, D, EPOCHS = 3, 8, 3
+LAYERS = {"h0": "body.1", "h": "body.3"}  # two ReLU outputs of width 16: a pair
+
+
+class Net(LightningModule):
+    """A plain LightningModule: a small MLP, its own epoch-level loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Linear(D, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, K)
+        )
+
+    def forward(self, x):
+        return self.body(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train/loss", loss, on_step=False, on_epoch=True)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _loader() -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(K).repeat_interleave(20)
+    x = torch.randn(len(y), D, generator=g) + 2.0 * nn.functional.one_hot(y, D).float()
+    return DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True, generator=g)
+
+
+def _leet(run_dir: Path) -> tuple[list[dict], dict]:
+    """wandb's own reader of an offline run: the records (``wandb leet inspect --json``) and
+    the summary (``--summary --json``), read in parallel."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "wandb", "leet", "inspect", *flags, "--json", str(run_dir)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for flags in ((), ("--summary",))
+    ]
+    (records, err1), (summary, err2) = (p.communicate(timeout=120) for p in procs)
+    assert [p.returncode for p in procs] == [0, 0], (err1 + err2)[-2000:]
+    return [json.loads(line) for line in records.splitlines() if line.strip()], json.loads(summary)
+
+
+def _number(value) -> float:
+    """A logged scalar as wandb's reader prints it (non-finite values as strings)."""
+    return float(value) if not isinstance(value, str) else float(value.replace("Infinity", "inf"))
+
+
+def _same(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-12, abs=0)
+
+
+def _fit(tmp: Path, **options) -> dict:
+    """One fit of 3 epochs (4 probes), both loggers, the W&B run finished as a script ends."""
+    import wandb
+
+    wandb.teardown()
+    torch.manual_seed(0)
+    csv_logger = CSVLogger(str(tmp), name="mine")
+    wandb_logger = WandbLogger(project="mine", save_dir=str(tmp))
+    cb = NeuralCollapseCallback(layers=LAYERS, pairs=[("h0", "h")], **options)
+    trainer = Trainer(
+        max_epochs=EPOCHS,
+        accelerator="cpu",
+        logger=[csv_logger, wandb_logger],
+        callbacks=[cb],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Net(), _loader())
+    run_dir = Path(wandb_logger.experiment.dir).parent
+    run_id = wandb_logger.experiment.id
+    wandb_logger.experiment.finish()
+    records, summary = _leet(run_dir)
+    with open(Path(csv_logger.log_dir) / "metrics.csv") as f:
+        rows = [
+            {k: float(v) for k, v in r.items() if v != ""}
+            for r in csv.DictReader(f)
+            if r.get("epochs_trained")
+        ]
+    snapshots = Path(csv_logger.log_dir) / "snapshots" / "train"
+    return dict(
+        records=records, summary=summary, rows=rows, run_dir=run_dir, run_id=run_id,
+        snapshots=snapshots,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """The default: no figures (``log_figures=False``)."""
+    return _fit(tmp_path_factory.mktemp("wandb_views"))
+
+
+def _of_type(records, kind: str) -> list[dict]:
+    return [r[kind] for r in records if r.get("type") == kind]
+
+
+def _csv_series(rows, key: str) -> dict[float, float]:
+    return {r["epochs_trained"]: r[key] for r in rows if key in r and math.isfinite(r[key])}
+
+
+def _chart_lines(run, key: str) -> dict[str, dict[float, float]]:
+    """The table behind the line chart ``key``, read from the file the run's summary names."""
+    entry = run["summary"]["summary"][f"{key}_table"]
+    table = json.loads((run["run_dir"] / "files" / entry["path"]).read_text())
+    assert table["columns"] == ["step", "lineKey", "lineVal"]
+    lines: dict[str, dict[float, float]] = {}
+    for x, name, y in table["data"]:
+        lines.setdefault(name, {})[float(x)] = float(y)
+    return lines
+
+
+def test_every_probe_scalar_in_wandbs_history_equals_metrics_csv(run):
+    probe_rows = {r["epochs_trained"]: r for r in run["rows"]}
+    assert sorted(probe_rows) == [0.0, 1.0, 2.0, 3.0]
+    seen = 0
+    for item in (h["item"] for h in _of_type(run["records"], "history")):
+        if "nc-train/h/nc1" not in item:
+            continue
+        expected = probe_rows[float(item["epochs_trained"])]
+        for key, value in item.items():
+            if key.startswith(("nc-train/", "pm-train-")):
+                assert _same(_number(value), expected[key]), key
+                seen += 1
+    assert seen >= 4 * 40  # four probes, every metric of two layers and the pair
+    # the run summary: the last probe's finite values
+    last = probe_rows[float(EPOCHS)]
+    summary = run["summary"]["summary"]
+    for key, value in last.items():
+        if key.startswith(("nc-train/", "pm-train-")) and math.isfinite(value):
+            assert _same(_number(summary[key]), value), key
+
+
+def test_one_chart_per_metric_with_every_layer_over_epochs_trained(run):
+    config = {}
+    for c in _of_type(run["records"], "config"):
+        config.update(c.get("update", {}))
+    metrics = ("nc1", "nc1_tilde", "cdnv", "nc2_etf", "nc3", "nc4", "feature_norm")
+    for metric in metrics:
+        panel = config[f"_wandb.visualize.charts-train/{metric}"]["panel_config"]
+        assert panel["panelDefId"] == "wandb/lineseries/v0"
+        assert panel["stringSettings"]["xname"] == "epochs_trained"
+        lines = _chart_lines(run, f"charts-train/{metric}")
+        expected_layers = [a for a in LAYERS if f"nc-train/{a}/{metric}" in run["rows"][0]]
+        assert sorted(lines) == sorted(expected_layers), metric
+        for layer, points in lines.items():
+            csv_points = _csv_series(run["rows"], f"nc-train/{layer}/{metric}")
+            assert sorted(points) == sorted(csv_points) == [0.0, 1.0, 2.0, 3.0][: len(points)]
+            for x, y in points.items():
+                assert _same(y, csv_points[x]), (metric, layer, x)
+
+
+def test_the_pair_chart_shows_measured_predicted_and_h0_as_in_metrics_csv(run):
+    pair = "pm-train-h0->h"
+    for metric in ("nc1", "nc2_etf", "cdnv"):
+        lines = _chart_lines(run, f"charts-train-h0->h/{metric}")
+        sources = {
+            "H (h) measured": f"nc-train/h/{metric}",
+            "H* predicted": f"{pair}/predicted/{metric}",
+            "H0 (h0) measured": f"nc-train/h0/{metric}",
+        }
+        assert set(lines) == set(sources)
+        for name, key in sources.items():
+            csv_points = _csv_series(run["rows"], key)
+            assert sorted(lines[name]) == sorted(csv_points), (metric, name)
+            for x, y in lines[name].items():
+                assert _same(y, csv_points[x]), (metric, name, x)
+
+
+def test_pair_charts_draw_every_logged_baseline():
+    """Baselines (``pm-{probe}-{pair}/baseline/{name}/{metric}``) are read generically."""
+    rows = [
+        {
+            "epochs_trained": float(e),
+            "nc-p/a/nc1": 1.0 / (e + 1),
+            "nc-p/b/nc1": 0.5 / (e + 1),
+            "pm-p-a->b/predicted/nc1": 0.4 / (e + 1),
+            "pm-p-a->b/baseline/no_model/nc1": 1.0 / (e + 1),
+            "pm-p-a->b/baseline/ufm/nc1": math.nan if e == 1 else 0.1,
+        }
+        for e in range(3)
+    ]
+    charts = pair_charts(rows, "p")
+    assert list(charts) == ["charts-p-a->b/nc1"]
+    assert charts["charts-p-a->b/nc1"] == Chart(
+        "nc1: a->b (p probe)",
+        {
+            "H (b) measured": [(0.0, 0.5), (1.0, 0.25), (2.0, 0.5 / 3)],
+            "H* predicted": [(0.0, 0.4), (1.0, 0.2), (2.0, 0.4 / 3)],
+            "H0 (a) measured": [(0.0, 1.0), (1.0, 0.5), (2.0, 1.0 / 3)],
+            "baseline no_model": [(0.0, 1.0), (1.0, 0.5), (2.0, 1.0 / 3)],
+            "baseline ufm": [(0.0, 0.1), (2.0, 0.1)],  # the NaN leaves a gap
+        },
+    )
+
+
+def _reference_per_class(layer: dict) -> dict[str, np.ndarray]:
+    """docs/science.md §8 in numpy float64 from a snapshot's moments (class_var, pairwise
+    CDNV, cosines of the means centred on their mean)."""
+    n = layer["counts"].double().numpy()
+    mu = layer["means"].double().numpy()
+    v = layer["class_ss"].double().numpy() / n
+    cdnv = np.full((K, K), np.nan)
+    cos = np.eye(K)
+    c = mu - mu.mean(0)
+    for k in range(K):
+        for l in range(K):
+            if k != l:
+                cdnv[k, l] = (v[k] + v[l]) / (2 * np.sum((mu[k] - mu[l]) ** 2))
+                cos[k, l] = c[k] @ c[l] / (np.linalg.norm(c[k]) * np.linalg.norm(c[l]))
+    return {"class_var": v, "cdnv_matrix": cdnv, "cosine_matrix": cos}
+
+
+def _table(run, key: str) -> dict:
+    entry = run["summary"]["summary"][key]
+    assert entry["_type"] == "table-file"
+    return json.loads((run["run_dir"] / "files" / entry["path"]).read_text())
+
+
+def test_per_class_tables_as_the_readme_names_them_equal_the_last_snapshot(run):
+    last = read_snapshot(list_snapshots(run["snapshots"])[-1])
+    assert last["epochs_trained"] == EPOCHS
+    names = [str(k) for k in range(K)]
+    for layer in LAYERS:
+        reference = _reference_per_class(last["layers"][layer])
+        table = _table(run, f"tables/class_var_train_{layer}")
+        assert table["columns"] == ["class", "class_var"]
+        assert [r[0] for r in table["data"]] == names
+        np.testing.assert_allclose([r[1] for r in table["data"]], reference["class_var"], 1e-12)
+        for quantity in ("cdnv_matrix", "cosine_matrix"):
+            table = _table(run, f"tables/{quantity}_train_{layer}")
+            assert table["columns"] == ["class", *names]
+            got = np.array([[_number(v) for v in r[1:]] for r in table["data"]])
+            np.testing.assert_allclose(got, reference[quantity], rtol=1e-10, atol=1e-12)
+
+
+def test_the_snapshots_are_a_versioned_artifact_with_the_files_on_disk(run):
+    (artifact,) = [
+        a for a in _of_type(run["records"], "artifact") if a["name"].startswith("snapshots-")
+    ]
+    assert artifact["name"] == f"snapshots-{run['run_id']}-train"
+    assert artifact["type"] == "nc-snapshots"
+    assert json.loads(artifact["metadata"])["epochs_trained"] == [0, 1, 2, 3]
+    on_disk = {p.name: p for p in run["snapshots"].iterdir()}
+    entries = {e["path"]: e for e in artifact["manifest"]["contents"]}
+    assert set(entries) == set(on_disk)
+    assert sum(name.startswith("probe-") for name in entries) == EPOCHS + 1
+    for name, entry in entries.items():
+        md5 = base64.b64encode(hashlib.md5(on_disk[name].read_bytes()).digest()).decode()
+        assert entry["digest"] == md5, name
+
+
+def _items(run) -> list[dict]:
+    return [h["item"] for h in _of_type(run["records"], "history")]
+
+
+def test_probe_rows_carry_numbers_only_and_no_figures_by_default(run):
+    items = _items(run)
+    probe_items = [i for i in items if "nc-train/h/nc1" in i]
+    assert len(probe_items) == EPOCHS + 1
+    media = ("figures/", "tables/", "charts-")
+    assert not any(k.startswith(media) for i in probe_items for k in i)
+    assert not any(k.startswith("figures/") for i in items for k in i)
+    # the views: one history row, at the last probe's epochs_trained
+    (views,) = [i for i in items if any(k.startswith(media) for k in i)]
+    assert float(views["epochs_trained"]) == EPOCHS
+
+
+@pytest.mark.slow
+def test_log_figures_renders_the_report_figures_once_at_the_end_of_the_run(tmp_path):
+    run = _fit(tmp_path, log_figures=True)
+    items = _items(run)
+    with_figures = [i for i in items if any(k.startswith("figures/") for k in i)]
+    assert len(with_figures) == 1
+    (item,) = with_figures
+    assert float(item["epochs_trained"]) == EPOCHS
+    logged = {k.split(".")[0] for k in item if k.startswith("figures/")}
+    for name in ("metrics_train", "pm_h0_to_h_train", "class_cosine_train_h"):
+        assert f"figures/{name}" in logged, name
+    entry = run["summary"]["summary"]["figures/metrics_train"]
+    from matplotlib.image import imread
+
+    png = imread(run["run_dir"] / "files" / entry["path"])
+    assert png.ndim == 3 and float(png.std()) > 0.01
