@@ -51,6 +51,10 @@ class Net(LightningModule):
         self.log("train/loss", loss, on_step=False, on_epoch=True)
         return loss
 
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val/loss", nn.functional.cross_entropy(self(x), y))
+
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
@@ -88,8 +92,9 @@ def _same(a: float, b: float) -> bool:
     return (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-12, abs=0)
 
 
-def _fit(tmp: Path, **options) -> dict:
-    """One fit of 3 epochs (4 probes), both loggers, the W&B run finished as a script ends."""
+def _fit(tmp: Path, measure: bool = False, **options) -> dict:
+    """One fit of 3 epochs (4 probes), or with ``measure`` one ``trainer.validate`` of an
+    untrained network (one probe), both loggers, the W&B run finished as a script ends."""
     import wandb
 
     wandb.teardown()
@@ -106,7 +111,10 @@ def _fit(tmp: Path, **options) -> dict:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(Net(), _loader())
+    if measure:
+        trainer.validate(Net(), _loader())
+    else:
+        trainer.fit(Net(), _loader())
     run_dir = Path(wandb_logger.experiment.dir).parent
     run_id = wandb_logger.experiment.id
     wandb_logger.experiment.finish()
@@ -117,7 +125,7 @@ def _fit(tmp: Path, **options) -> dict:
             for r in csv.DictReader(f)
             if r.get("epochs_trained")
         ]
-    snapshots = Path(csv_logger.log_dir) / "snapshots" / "train"
+    snapshots = Path(csv_logger.log_dir) / "snapshots" / cb.name
     return dict(
         records=records, summary=summary, rows=rows, run_dir=run_dir, run_id=run_id,
         snapshots=snapshots,
@@ -279,6 +287,7 @@ def test_the_snapshots_are_a_versioned_artifact_with_the_files_on_disk(run):
     ]
     assert artifact["name"] == f"snapshots-{run['run_id']}-train"
     assert artifact["type"] == "nc-snapshots"
+    assert artifact["aliases"] == ["latest"]
     assert json.loads(artifact["metadata"])["epochs_trained"] == [0, 1, 2, 3]
     on_disk = {p.name: p for p in run["snapshots"].iterdir()}
     entries = {e["path"]: e for e in artifact["manifest"]["contents"]}
@@ -321,3 +330,22 @@ def test_log_figures_renders_the_report_figures_once_at_the_end_of_the_run(tmp_p
 
     png = imread(run["run_dir"] / "files" / entry["path"])
     assert png.ndim == 3 and float(png.std()) > 0.01
+
+
+def test_a_measurement_logs_its_views_and_snapshot_artifact_when_it_ends(tmp_path):
+    """``trainer.validate`` (what ``nclightning measure`` runs): one probe, its own W&B run."""
+    run = _fit(tmp_path, measure=True, probe="val")
+    (row,) = run["rows"]
+    assert row["epochs_trained"] == 0
+    lines = _chart_lines(run, "charts-val/nc1")
+    assert lines == {layer: {0.0: row[f"nc-val/{layer}/nc1"]} for layer in LAYERS}
+    (artifact,) = [a for a in _of_type(run["records"], "artifact") if a["type"] == "nc-snapshots"]
+    assert artifact["name"] == f"snapshots-{run['run_id']}-val"
+    assert {e["path"] for e in artifact["manifest"]["contents"]} == {
+        p.name for p in run["snapshots"].iterdir()
+    }
+    reference = _reference_per_class(
+        read_snapshot(list_snapshots(run["snapshots"])[0])["layers"]["h"]
+    )
+    table = _table(run, "tables/class_var_val_h")
+    np.testing.assert_allclose([r[1] for r in table["data"]], reference["class_var"], 1e-12)
