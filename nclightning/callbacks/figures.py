@@ -5,7 +5,8 @@ views below are built once, from the probe rows of the whole run and the last pr
 fit (or a measurement) ends, and :class:`nclightning.callbacks.outputs.WandbOutputs` logs them:
 
 * :func:`layer_charts`: ``charts-{probe}/{metric}``: every layer of one metric as a line over
-  ``epochs_trained`` (the interactive form of ``metrics_{probe}.png``);
+  ``epochs_trained`` (the interactive form of ``metrics_{probe}.png``; a layer-wise run: one
+  line per stage);
 * :func:`pair_charts`: ``charts-{probe}-{h0}->{h}/{metric}``: per pair and metric, ``H``
   measured, ``H*`` predicted, ``H0`` measured, and every logged baseline
   (``pm-{probe}-{pair}/baseline/{name}/{metric}``) over ``epochs_trained``;
@@ -52,23 +53,30 @@ class Chart:
     lines: dict[str, list[tuple[float, float]]]
 
 
+def _finite(*values) -> bool:
+    return all(v is not None and math.isfinite(v) for v in values)
+
+
 def _series(rows: Rows, key: str) -> list[tuple[float, float]]:
-    out = []
-    for row in rows:
-        x, y = row.get(keys.EPOCHS_TRAINED), row.get(key)
-        if x is not None and y is not None and math.isfinite(x) and math.isfinite(y):
-            out.append((float(x), float(y)))
-    return out
+    """``(epochs_trained, value)`` of ``key`` in every row where both are finite."""
+    return [
+        (float(r[keys.EPOCHS_TRAINED]), float(r[key]))
+        for r in rows
+        if _finite(r.get(keys.EPOCHS_TRAINED), r.get(key))
+    ]
 
 
 def layer_charts(rows: Rows, probe: str) -> dict[str, Chart]:
-    """``charts-{probe}/{metric}``: one line per layer (report order), one chart per metric."""
+    """``charts-{probe}/{metric}``: one line per layer (report order), one chart per metric;
+    for a layer-wise run one line per stage (its deepest layer), as ``metrics_{probe}.png``."""
     history = views.layer_history(rows, probe)
+    if len(views.depth_values(rows, probe)) >= 2:
+        history = views.stage_history(rows, probe)
     charts: dict[str, Chart] = {}
     for metric in views.metric_names(history):
         lines = {
-            layer: _series(rows, keys.layer_key(probe, layer, metric))
-            for layer, metrics in history.items()
+            line: [(float(x), float(y)) for x, y in metrics[metric] if _finite(x, y)]
+            for line, metrics in history.items()
             if metric in metrics
         }
         lines = {name: points for name, points in lines.items() if points}

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from nclightning.callbacks import NeuralCollapseCallback
-from nclightning.callbacks.figures import Chart, pair_charts
+from nclightning.callbacks.figures import Chart, layer_charts, pair_charts
 from nclightning.loggers import CSVLogger, WandbLogger
 from nclightning.record.snapshots import list_snapshots, read_snapshot
 
@@ -239,6 +239,28 @@ def test_pair_charts_draw_every_logged_baseline():
             "baseline ufm": [(0.0, 0.1), (2.0, 0.1)],  # the NaN leaves a gap
         },
     )
+
+
+def test_a_layerwise_run_charts_one_line_per_stage_as_its_metrics_figure():
+    """Rows with a ``depth`` (LayerwiseTraining): the deepest layer of each stage is a line."""
+    stages = [(0, 1, 4.0), (2, 1, 2.0), (2, 2, 3.0), (4, 2, math.nan), (6, 2, 1.0)]
+    rows = [
+        {"epochs_trained": float(e), "depth": float(d), "nc-train/h0/nc1": 9.0,
+         "nc-train/deepest/nc1": v}
+        for e, d, v in stages
+    ]  # fmt: skip
+    charts = layer_charts(rows, "train")
+    assert charts == {
+        "charts-train/nc1": Chart(
+            "nc1 (train probe)",
+            {"depth 1": [(0.0, 4.0), (2.0, 2.0)], "depth 2": [(2.0, 3.0), (6.0, 1.0)]},
+        )
+    }
+    flat = [{k: v for k, v in r.items() if k != "depth"} for r in rows[:2]]
+    assert layer_charts(flat, "train")["charts-train/nc1"].lines == {
+        "h0": [(0.0, 9.0), (2.0, 9.0)],
+        "deepest": [(0.0, 4.0), (2.0, 2.0)],
+    }
 
 
 def _reference_per_class(layer: dict) -> dict[str, np.ndarray]:
