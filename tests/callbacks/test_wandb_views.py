@@ -8,13 +8,10 @@ metrics, a plain ``DataLoader``, the callback, and the README's loggers.
 
 from __future__ import annotations
 
-import base64
 import csv
-import hashlib
 import json
 import math
-import subprocess
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +20,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from wandbread import WandbRun, csv_series, md5_b64, number, reference_per_class
 
 from nclightning.callbacks import NeuralCollapseCallback
 from nclightning.callbacks.figures import Chart, layer_charts, pair_charts
@@ -66,33 +64,21 @@ def _loader() -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True, generator=g)
 
 
-def _leet(run_dir: Path) -> tuple[list[dict], dict]:
-    """wandb's own reader of an offline run: the records (``wandb leet inspect --json``) and
-    the summary (``--summary --json``), read in parallel."""
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "wandb", "leet", "inspect", *flags, "--json", str(run_dir)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for flags in ((), ("--summary",))
-    ]
-    (records, err1), (summary, err2) = (p.communicate(timeout=120) for p in procs)
-    assert [p.returncode for p in procs] == [0, 0], (err1 + err2)[-2000:]
-    return [json.loads(line) for line in records.splitlines() if line.strip()], json.loads(summary)
-
-
-def _number(value) -> float:
-    """A logged scalar as wandb's reader prints it (non-finite values as strings)."""
-    return float(value) if not isinstance(value, str) else float(value.replace("Infinity", "inf"))
-
-
 def _same(a: float, b: float) -> bool:
     return (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-12, abs=0)
 
 
-def _fit(tmp: Path, measure: bool = False, **options) -> dict:
+@dataclass
+class Recorded:
+    """A finished run: its W&B record as wandb reads it, metrics.csv probe rows, snapshots."""
+
+    wb: WandbRun
+    rows: list[dict[str, float]]
+    run_id: str
+    snapshots: Path
+
+
+def _fit(tmp: Path, measure: bool = False, **options) -> Recorded:
     """One fit of 3 epochs (4 probes), or with ``measure`` one ``trainer.validate`` of an
     untrained network (one probe), both loggers, the W&B run finished as a script ends."""
     import wandb
@@ -118,7 +104,6 @@ def _fit(tmp: Path, measure: bool = False, **options) -> dict:
     run_dir = Path(wandb_logger.experiment.dir).parent
     run_id = wandb_logger.experiment.id
     wandb_logger.experiment.finish()
-    records, summary = _leet(run_dir)
     with open(Path(csv_logger.log_dir) / "metrics.csv") as f:
         rows = [
             {k: float(v) for k, v in r.items() if v != ""}
@@ -126,10 +111,7 @@ def _fit(tmp: Path, measure: bool = False, **options) -> dict:
             if r.get("epochs_trained")
         ]
     snapshots = Path(csv_logger.log_dir) / "snapshots" / cb.name
-    return dict(
-        records=records, summary=summary, rows=rows, run_dir=run_dir, run_id=run_id,
-        snapshots=snapshots,
-    )  # fmt: skip
+    return Recorded(WandbRun(run_dir), rows, run_id, snapshots)
 
 
 @pytest.fixture(scope="module")
@@ -138,60 +120,35 @@ def run(tmp_path_factory):
     return _fit(tmp_path_factory.mktemp("wandb_views"))
 
 
-def _of_type(records, kind: str) -> list[dict]:
-    return [r[kind] for r in records if r.get("type") == kind]
-
-
-def _csv_series(rows, key: str) -> dict[float, float]:
-    return {r["epochs_trained"]: r[key] for r in rows if key in r and math.isfinite(r[key])}
-
-
-def _chart_lines(run, key: str) -> dict[str, dict[float, float]]:
-    """The table behind the line chart ``key``, read from the file the run's summary names."""
-    entry = run["summary"]["summary"][f"{key}_table"]
-    table = json.loads((run["run_dir"] / "files" / entry["path"]).read_text())
-    assert table["columns"] == ["step", "lineKey", "lineVal"]
-    lines: dict[str, dict[float, float]] = {}
-    for x, name, y in table["data"]:
-        lines.setdefault(name, {})[float(x)] = float(y)
-    return lines
-
-
 def test_every_probe_scalar_in_wandbs_history_equals_metrics_csv(run):
-    probe_rows = {r["epochs_trained"]: r for r in run["rows"]}
+    probe_rows = {r["epochs_trained"]: r for r in run.rows}
     assert sorted(probe_rows) == [0.0, 1.0, 2.0, 3.0]
     seen = 0
-    for item in (h["item"] for h in _of_type(run["records"], "history")):
+    for item in run.wb.history():
         if "nc-train/h/nc1" not in item:
             continue
         expected = probe_rows[float(item["epochs_trained"])]
         for key, value in item.items():
             if key.startswith(("nc-train/", "pm-train-")):
-                assert _same(_number(value), expected[key]), key
+                assert _same(number(value), expected[key]), key
                 seen += 1
     assert seen >= 4 * 40  # four probes, every metric of two layers and the pair
     # the run summary: the last probe's finite values
     last = probe_rows[float(EPOCHS)]
-    summary = run["summary"]["summary"]
+    summary = run.wb.summary["summary"]
     for key, value in last.items():
         if key.startswith(("nc-train/", "pm-train-")) and math.isfinite(value):
-            assert _same(_number(summary[key]), value), key
+            assert _same(number(summary[key]), value), key
 
 
 def test_one_chart_per_metric_with_every_layer_over_epochs_trained(run):
-    config = {}
-    for c in _of_type(run["records"], "config"):
-        config.update(c.get("update", {}))
     metrics = ("nc1", "nc1_tilde", "cdnv", "nc2_etf", "nc3", "nc4", "feature_norm")
     for metric in metrics:
-        panel = config[f"_wandb.visualize.charts-train/{metric}"]["panel_config"]
-        assert panel["panelDefId"] == "wandb/lineseries/v0"
-        assert panel["stringSettings"]["xname"] == "epochs_trained"
-        lines = _chart_lines(run, f"charts-train/{metric}")
-        expected_layers = [a for a in LAYERS if f"nc-train/{a}/{metric}" in run["rows"][0]]
+        lines = run.wb.chart_lines(f"charts-train/{metric}")
+        expected_layers = [a for a in LAYERS if f"nc-train/{a}/{metric}" in run.rows[0]]
         assert sorted(lines) == sorted(expected_layers), metric
         for layer, points in lines.items():
-            csv_points = _csv_series(run["rows"], f"nc-train/{layer}/{metric}")
+            csv_points = csv_series(run.rows, f"nc-train/{layer}/{metric}")
             assert sorted(points) == sorted(csv_points) == [0.0, 1.0, 2.0, 3.0][: len(points)]
             for x, y in points.items():
                 assert _same(y, csv_points[x]), (metric, layer, x)
@@ -200,7 +157,7 @@ def test_one_chart_per_metric_with_every_layer_over_epochs_trained(run):
 def test_the_pair_chart_shows_measured_predicted_and_h0_as_in_metrics_csv(run):
     pair = "pm-train-h0->h"
     for metric in ("nc1", "nc2_etf", "cdnv"):
-        lines = _chart_lines(run, f"charts-train-h0->h/{metric}")
+        lines = run.wb.chart_lines(f"charts-train-h0->h/{metric}")
         sources = {
             "H (h) measured": f"nc-train/h/{metric}",
             "H* predicted": f"{pair}/predicted/{metric}",
@@ -208,7 +165,7 @@ def test_the_pair_chart_shows_measured_predicted_and_h0_as_in_metrics_csv(run):
         }
         assert set(lines) == set(sources)
         for name, key in sources.items():
-            csv_points = _csv_series(run["rows"], key)
+            csv_points = csv_series(run.rows, key)
             assert sorted(lines[name]) == sorted(csv_points), (metric, name)
             for x, y in lines[name].items():
                 assert _same(y, csv_points[x]), (metric, name, x)
@@ -263,69 +220,39 @@ def test_a_layerwise_run_charts_one_line_per_stage_as_its_metrics_figure():
     }
 
 
-def _reference_per_class(layer: dict) -> dict[str, np.ndarray]:
-    """docs/science.md §8 in numpy float64 from a snapshot's moments (class_var, pairwise
-    CDNV, cosines of the means centred on their mean)."""
-    n = layer["counts"].double().numpy()
-    mu = layer["means"].double().numpy()
-    v = layer["class_ss"].double().numpy() / n
-    cdnv = np.full((K, K), np.nan)
-    cos = np.eye(K)
-    c = mu - mu.mean(0)
-    for k in range(K):
-        for l in range(K):
-            if k != l:
-                cdnv[k, l] = (v[k] + v[l]) / (2 * np.sum((mu[k] - mu[l]) ** 2))
-                cos[k, l] = c[k] @ c[l] / (np.linalg.norm(c[k]) * np.linalg.norm(c[l]))
-    return {"class_var": v, "cdnv_matrix": cdnv, "cosine_matrix": cos}
-
-
-def _table(run, key: str) -> dict:
-    entry = run["summary"]["summary"][key]
-    assert entry["_type"] == "table-file"
-    return json.loads((run["run_dir"] / "files" / entry["path"]).read_text())
-
-
 def test_per_class_tables_as_the_readme_names_them_equal_the_last_snapshot(run):
-    last = read_snapshot(list_snapshots(run["snapshots"])[-1])
+    last = read_snapshot(list_snapshots(run.snapshots)[-1])
     assert last["epochs_trained"] == EPOCHS
     names = [str(k) for k in range(K)]
     for layer in LAYERS:
-        reference = _reference_per_class(last["layers"][layer])
-        table = _table(run, f"tables/class_var_train_{layer}")
+        reference = reference_per_class(last["layers"][layer])
+        table = run.wb.table(f"tables/class_var_train_{layer}")
         assert table["columns"] == ["class", "class_var"]
         assert [r[0] for r in table["data"]] == names
         np.testing.assert_allclose([r[1] for r in table["data"]], reference["class_var"], 1e-12)
         for quantity in ("cdnv_matrix", "cosine_matrix"):
-            table = _table(run, f"tables/{quantity}_train_{layer}")
+            table = run.wb.table(f"tables/{quantity}_train_{layer}")
             assert table["columns"] == ["class", *names]
-            got = np.array([[_number(v) for v in r[1:]] for r in table["data"]])
+            got = np.array([[number(v) for v in r[1:]] for r in table["data"]])
             np.testing.assert_allclose(got, reference[quantity], rtol=1e-10, atol=1e-12)
 
 
 def test_the_snapshots_are_a_versioned_artifact_with_the_files_on_disk(run):
-    (artifact,) = [
-        a for a in _of_type(run["records"], "artifact") if a["name"].startswith("snapshots-")
-    ]
-    assert artifact["name"] == f"snapshots-{run['run_id']}-train"
+    (artifact,) = run.wb.artifacts("nc-snapshots")
+    assert artifact["name"] == f"snapshots-{run.run_id}-train"
     assert artifact["type"] == "nc-snapshots"
     assert artifact["aliases"] == ["latest"]
     assert json.loads(artifact["metadata"])["epochs_trained"] == [0, 1, 2, 3]
-    on_disk = {p.name: p for p in run["snapshots"].iterdir()}
+    on_disk = {p.name: p for p in run.snapshots.iterdir()}
     entries = {e["path"]: e for e in artifact["manifest"]["contents"]}
     assert set(entries) == set(on_disk)
     assert sum(name.startswith("probe-") for name in entries) == EPOCHS + 1
     for name, entry in entries.items():
-        md5 = base64.b64encode(hashlib.md5(on_disk[name].read_bytes()).digest()).decode()
-        assert entry["digest"] == md5, name
-
-
-def _items(run) -> list[dict]:
-    return [h["item"] for h in _of_type(run["records"], "history")]
+        assert entry["digest"] == md5_b64(on_disk[name]), name
 
 
 def test_probe_rows_carry_numbers_only_and_no_figures_by_default(run):
-    items = _items(run)
+    items = run.wb.history()
     probe_items = [i for i in items if "nc-train/h/nc1" in i]
     assert len(probe_items) == EPOCHS + 1
     media = ("figures/", "tables/", "charts-")
@@ -339,7 +266,7 @@ def test_probe_rows_carry_numbers_only_and_no_figures_by_default(run):
 @pytest.mark.slow
 def test_log_figures_renders_the_report_figures_once_at_the_end_of_the_run(tmp_path):
     run = _fit(tmp_path, log_figures=True)
-    items = _items(run)
+    items = run.wb.history()
     with_figures = [i for i in items if any(k.startswith("figures/") for k in i)]
     assert len(with_figures) == 1
     (item,) = with_figures
@@ -347,27 +274,25 @@ def test_log_figures_renders_the_report_figures_once_at_the_end_of_the_run(tmp_p
     logged = {k.split(".")[0] for k in item if k.startswith("figures/")}
     for name in ("metrics_train", "pm_h0_to_h_train", "class_cosine_train_h"):
         assert f"figures/{name}" in logged, name
-    entry = run["summary"]["summary"]["figures/metrics_train"]
+    entry = run.wb.summary["summary"]["figures/metrics_train"]
     from matplotlib.image import imread
 
-    png = imread(run["run_dir"] / "files" / entry["path"])
+    png = imread(run.wb.run_dir / "files" / entry["path"])
     assert png.ndim == 3 and float(png.std()) > 0.01
 
 
 def test_a_measurement_logs_its_views_and_snapshot_artifact_when_it_ends(tmp_path):
     """``trainer.validate`` (what ``nclightning measure`` runs): one probe, its own W&B run."""
     run = _fit(tmp_path, measure=True, probe="val")
-    (row,) = run["rows"]
+    (row,) = run.rows
     assert row["epochs_trained"] == 0
-    lines = _chart_lines(run, "charts-val/nc1")
+    lines = run.wb.chart_lines("charts-val/nc1")
     assert lines == {layer: {0.0: row[f"nc-val/{layer}/nc1"]} for layer in LAYERS}
-    (artifact,) = [a for a in _of_type(run["records"], "artifact") if a["type"] == "nc-snapshots"]
-    assert artifact["name"] == f"snapshots-{run['run_id']}-val"
+    (artifact,) = run.wb.artifacts("nc-snapshots")
+    assert artifact["name"] == f"snapshots-{run.run_id}-val"
     assert {e["path"] for e in artifact["manifest"]["contents"]} == {
-        p.name for p in run["snapshots"].iterdir()
+        p.name for p in run.snapshots.iterdir()
     }
-    reference = _reference_per_class(
-        read_snapshot(list_snapshots(run["snapshots"])[0])["layers"]["h"]
-    )
-    table = _table(run, "tables/class_var_val_h")
+    reference = reference_per_class(read_snapshot(list_snapshots(run.snapshots)[0])["layers"]["h"])
+    table = run.wb.table("tables/class_var_val_h")
     np.testing.assert_allclose([r[1] for r in table["data"]], reference["class_var"], 1e-12)
