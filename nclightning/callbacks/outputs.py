@@ -49,9 +49,12 @@ def log_row(trainer, row: Mapping[str, float], epochs_trained: int, step: int) -
 
 
 def wandb_runs(trainer) -> list:
+    """The W&B runs of the Trainer's W&B loggers, leaving out disabled ones
+    (``WANDB_MODE=disabled``: nothing to render or upload for them)."""
     from lightning.pytorch.loggers import WandbLogger
 
-    return [lg.experiment for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+    runs = [lg.experiment for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+    return [run for run in runs if not getattr(run, "disabled", False)]
 
 
 class WandbOutputs:
