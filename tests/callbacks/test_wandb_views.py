@@ -78,7 +78,17 @@ class Recorded:
     snapshots: Path
 
 
-def _fit(tmp: Path, measure: bool = False, **options) -> Recorded:
+def _csv_rows(folder: Path) -> list[dict[str, float]]:
+    """The probe rows of a CSV logger's metrics.csv."""
+    with open(Path(folder) / "metrics.csv") as f:
+        return [
+            {k: float(v) for k, v in r.items() if v != ""}
+            for r in csv.DictReader(f)
+            if r.get("epochs_trained")
+        ]
+
+
+def _fit(tmp: Path, measure: bool = False, ckpt_path=None, **options) -> Recorded:
     """One fit of 3 epochs (4 probes), or with ``measure`` one ``trainer.validate`` of an
     untrained network (one probe), both loggers, the W&B run finished as a script ends."""
     import wandb
@@ -100,16 +110,11 @@ def _fit(tmp: Path, measure: bool = False, **options) -> Recorded:
     if measure:
         trainer.validate(Net(), _loader())
     else:
-        trainer.fit(Net(), _loader())
+        trainer.fit(Net(), _loader(), ckpt_path=ckpt_path)
     run_dir = Path(wandb_logger.experiment.dir).parent
     run_id = wandb_logger.experiment.id
     wandb_logger.experiment.finish()
-    with open(Path(csv_logger.log_dir) / "metrics.csv") as f:
-        rows = [
-            {k: float(v) for k, v in r.items() if v != ""}
-            for r in csv.DictReader(f)
-            if r.get("epochs_trained")
-        ]
+    rows = _csv_rows(Path(csv_logger.log_dir))
     snapshots = Path(csv_logger.log_dir) / "snapshots" / cb.name
     return Recorded(WandbRun(run_dir), rows, run_id, snapshots)
 
@@ -296,3 +301,30 @@ def test_a_measurement_logs_its_views_and_snapshot_artifact_when_it_ends(tmp_pat
     reference = reference_per_class(read_snapshot(list_snapshots(run.snapshots)[0])["layers"]["h"])
     table = run.wb.table("tables/class_var_val_h")
     np.testing.assert_allclose([r[1] for r in table["data"]], reference["class_var"], 1e-12)
+
+
+def test_a_resumed_run_charts_the_whole_run_from_both_records(tmp_path):
+    """Stopped after 2 epochs (its last checkpoint), resumed to 3 with W&B: the charts hold
+    the first part's probes (its metrics.csv) and the resumed part's (the new metrics.csv)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    torch.manual_seed(0)
+    first = CSVLogger(str(tmp_path / "first"), name="mine")
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    Trainer(
+        max_epochs=EPOCHS - 1,
+        accelerator="cpu",
+        logger=first,
+        callbacks=[NeuralCollapseCallback(layers=LAYERS, pairs=[("h0", "h")]), ckpt],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(Net(), _loader())
+    before = _csv_rows(Path(first.log_dir))
+    run = _fit(tmp_path / "resumed", ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert [r["epochs_trained"] for r in before] == [0.0, 1.0, 2.0]
+    assert [r["epochs_trained"] for r in run.rows] == [3.0]
+    for metric in ("nc1", "nc2_etf"):
+        lines = run.wb.chart_lines(f"charts-train/{metric}")
+        for layer in LAYERS:
+            key = f"nc-train/{layer}/{metric}"
+            assert lines[layer] == {**csv_series(before, key), **csv_series(run.rows, key)}
