@@ -7,9 +7,10 @@ fit (or a measurement) ends, and :class:`nclightning.callbacks.outputs.WandbOutp
 * :func:`layer_charts`: ``charts-{probe}/{metric}``: every layer of one metric as a line over
   ``epochs_trained`` (the interactive form of ``metrics_{probe}.png``; a layer-wise run: one
   line per stage);
-* :func:`pair_charts`: ``charts-{probe}-{h0}->{h}/{metric}``: per pair and metric, ``H``
-  measured, ``H*`` predicted, ``H0`` measured, and every logged baseline
-  (``pm-{probe}-{pair}/baseline/{name}/{metric}``) over ``epochs_trained``;
+* :func:`pair_charts`: per pair and metric over ``epochs_trained``,
+  ``charts-{probe}-{h0}->{h}/{metric}``: ``H`` measured, ``H*`` predicted, ``H0`` measured;
+  ``charts-{probe}-{h0}->{h}/residual/{metric}``: the residual of ``H*`` beside every logged
+  baseline's (``pm-{probe}-{pair}/baseline/{name}/{metric}``, decades);
 * :func:`class_tables`: ``tables/{quantity}_{probe}_{layer}`` for ``quantity`` in
   ``class_var``, ``cdnv_matrix``, ``cosine_matrix`` (docs/science.md §8) of the last probe, up
   to :data:`MAX_TABLE_CLASSES` classes;
@@ -114,25 +115,41 @@ def _baselines(rows: Rows, probe: str, pair: str, metric: str) -> list[str]:
 
 
 def pair_charts(rows: Rows, probe: str) -> dict[str, Chart]:
-    """``charts-{probe}-{pair}/{metric}``: ``H`` measured, ``H*`` predicted, ``H0`` measured
-    and each baseline of one fitted metric of one pair (docs/science.md §7.6)."""
+    """Per pair and fitted metric (docs/science.md §7.6), two charts:
+
+    * ``charts-{probe}-{pair}/{metric}``: the values of ``H`` measured, ``H*`` predicted and
+      ``H0`` measured;
+    * ``charts-{probe}-{pair}/residual/{metric}``: in decades, ``log10(x / measured)`` of the
+      model's ``H*`` (``residual/{metric}``) and of each model-free baseline logged as
+      ``baseline/{name}/{metric}``: 0 is an exact prediction.
+    """
     charts: dict[str, Chart] = {}
     for pair, metrics in _pairs(rows, probe).items():
         h0, h = keys.split_pair(pair)
+        head = f"charts-{probe}-{pair}"
         for metric in metrics:
-            sources = {
+            values = {
                 f"H ({h}) measured": keys.layer_key(probe, h, metric),
                 "H* predicted": keys.pair_key(probe, pair, f"predicted/{metric}"),
                 f"H0 ({h0}) measured": keys.layer_key(probe, h0, metric),
             }
+            residuals = {"H* predicted": keys.pair_key(probe, pair, f"residual/{metric}")}
             for name in _baselines(rows, probe, pair, metric):
-                key = keys.pair_key(probe, pair, f"baseline/{name}/{metric}")
-                sources[f"baseline {name}"] = key
-            lines = {name: _series(rows, key) for name, key in sources.items()}
-            lines = {name: points for name, points in lines.items() if points}
-            if lines:
-                title = f"{metric}: {pair} ({probe} probe)"
-                charts[f"charts-{probe}-{pair}/{metric}"] = Chart(title, lines)
+                residuals[f"baseline {name}"] = keys.pair_key(
+                    probe, pair, f"baseline/{name}/{metric}"
+                )
+            for key, title, sources in (
+                (f"{head}/{metric}", f"{metric}: {pair} ({probe} probe)", values),
+                (
+                    f"{head}/residual/{metric}",
+                    f"log10(x / measured) of {metric}: {pair} ({probe} probe)",
+                    residuals,
+                ),
+            ):
+                lines = {name: _series(rows, k) for name, k in sources.items()}
+                lines = {name: points for name, points in lines.items() if points}
+                if lines:
+                    charts[key] = Chart(title, lines)
     return charts
 
 

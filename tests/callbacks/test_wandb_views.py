@@ -159,48 +159,67 @@ def test_one_chart_per_metric_with_every_layer_over_epochs_trained(run):
                 assert _same(y, csv_points[x]), (metric, layer, x)
 
 
-def test_the_pair_chart_shows_measured_predicted_and_h0_as_in_metrics_csv(run):
+def test_the_pair_charts_show_measured_predicted_h0_and_residuals_as_in_metrics_csv(run):
     pair = "pm-train-h0->h"
     for metric in ("nc1", "nc2_etf", "cdnv"):
-        lines = run.wb.chart_lines(f"charts-train-h0->h/{metric}")
-        sources = {
-            "H (h) measured": f"nc-train/h/{metric}",
-            "H* predicted": f"{pair}/predicted/{metric}",
-            "H0 (h0) measured": f"nc-train/h0/{metric}",
+        charts = {
+            f"charts-train-h0->h/{metric}": {
+                "H (h) measured": f"nc-train/h/{metric}",
+                "H* predicted": f"{pair}/predicted/{metric}",
+                "H0 (h0) measured": f"nc-train/h0/{metric}",
+            },
+            f"charts-train-h0->h/residual/{metric}": {
+                "H* predicted": f"{pair}/residual/{metric}",
+                **{
+                    f"baseline {k.split('/')[-2]}": k
+                    for k in run.rows[0]
+                    if k.startswith(f"{pair}/baseline/") and k.endswith(f"/{metric}")
+                },
+            },
         }
-        assert set(lines) == set(sources)
-        for name, key in sources.items():
-            csv_points = csv_series(run.rows, key)
-            assert sorted(lines[name]) == sorted(csv_points), (metric, name)
-            for x, y in lines[name].items():
-                assert _same(y, csv_points[x]), (metric, name, x)
+        for chart, sources in charts.items():
+            lines = run.wb.chart_lines(chart)
+            assert set(lines) == set(sources)
+            for name, key in sources.items():
+                csv_points = csv_series(run.rows, key)
+                assert sorted(lines[name]) == sorted(csv_points), (chart, name)
+                for x, y in lines[name].items():
+                    assert _same(y, csv_points[x]), (chart, name, x)
 
 
-def test_pair_charts_draw_every_logged_baseline():
-    """Baselines (``pm-{probe}-{pair}/baseline/{name}/{metric}``) are read generically."""
+def test_pair_charts_draw_every_logged_baseline_beside_the_models_residual():
+    """Baselines (``pm-{probe}-{pair}/baseline/{name}/{metric}``, decades) are read
+    generically and drawn with the model's residual; the values chart has H, H* and H0."""
     rows = [
         {
             "epochs_trained": float(e),
             "nc-p/a/nc1": 1.0 / (e + 1),
             "nc-p/b/nc1": 0.5 / (e + 1),
             "pm-p-a->b/predicted/nc1": 0.4 / (e + 1),
-            "pm-p-a->b/baseline/no_model/nc1": 1.0 / (e + 1),
-            "pm-p-a->b/baseline/ufm/nc1": math.nan if e == 1 else 0.1,
+            "pm-p-a->b/residual/nc1": -0.1 * e,
+            "pm-p-a->b/baseline/h0/nc1": 0.3,
+            "pm-p-a->b/baseline/etf/nc1": math.nan if e == 1 else -2.0,
         }
         for e in range(3)
     ]
-    charts = pair_charts(rows, "p")
-    assert list(charts) == ["charts-p-a->b/nc1"]
-    assert charts["charts-p-a->b/nc1"] == Chart(
-        "nc1: a->b (p probe)",
-        {
-            "H (b) measured": [(0.0, 0.5), (1.0, 0.25), (2.0, 0.5 / 3)],
-            "H* predicted": [(0.0, 0.4), (1.0, 0.2), (2.0, 0.4 / 3)],
-            "H0 (a) measured": [(0.0, 1.0), (1.0, 0.5), (2.0, 1.0 / 3)],
-            "baseline no_model": [(0.0, 1.0), (1.0, 0.5), (2.0, 1.0 / 3)],
-            "baseline ufm": [(0.0, 0.1), (2.0, 0.1)],  # the NaN leaves a gap
-        },
-    )
+    assert pair_charts(rows, "p") == {
+        "charts-p-a->b/nc1": Chart(
+            "nc1: a->b (p probe)",
+            {
+                "H (b) measured": [(0.0, 0.5), (1.0, 0.25), (2.0, 0.5 / 3)],
+                "H* predicted": [(0.0, 0.4), (1.0, 0.2), (2.0, 0.4 / 3)],
+                "H0 (a) measured": [(0.0, 1.0), (1.0, 0.5), (2.0, 1.0 / 3)],
+            },
+        ),
+        "charts-p-a->b/residual/nc1": Chart(
+            "log10(x / measured) of nc1: a->b (p probe)",
+            {
+                "H* predicted": [(0.0, 0.0), (1.0, -0.1), (2.0, -0.2)],
+                "baseline h0": [(0.0, 0.3), (1.0, 0.3), (2.0, 0.3)],
+                "baseline etf": [(0.0, -2.0), (2.0, -2.0)],  # the NaN leaves a gap
+            },
+        ),
+    }
 
 
 def test_a_layerwise_run_charts_one_line_per_stage_as_its_metrics_figure():
