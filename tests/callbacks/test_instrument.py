@@ -202,9 +202,7 @@ def _token_run(**options):
     loader = DataLoader(TensorDataset(x, y), batch_size=16)
     logger = RecordingLogger()
     model = TokenNet()
-    cb = NeuralCollapseCallback(
-        probe=loader, name="tok", pairs=[], log_figures=False, **options
-    )
+    cb = NeuralCollapseCallback(probe=loader, name="tok", pairs=[], log_figures=False, **options)
     Trainer(
         max_epochs=1,
         accelerator="cpu",
