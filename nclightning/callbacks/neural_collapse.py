@@ -76,7 +76,10 @@ class NeuralCollapseCallback(Callback):
             ``H0``) or ``"skip"`` (NaN for the pair).
         cache_budget: bytes for the on-device feature cache (``"auto"``: a quarter of the free
             memory); beyond it the probe streams and runs a second pass for NC4.
-        log_figures_every_n_probes: W&B figures every n probes (0: never).
+        log_figures: also log the report's figures to W&B (``figures/{name}``), once, when
+            the fit or measurement ends (a few seconds of rendering; off by default: the line
+            charts, per-class tables and the snapshot artifact are logged then regardless,
+            :mod:`nclightning.callbacks.figures`, and ``nclightning report`` draws the figures).
         snapshot_dir: snapshot folder; default ``{version folder}/snapshots/{name}`` when the
             Trainer has a logger; ``False``: none. A folder of another run is refused.
         snapshot_features: also keep the first n probe samples' raw features in snapshots.
@@ -127,7 +130,7 @@ class NeuralCollapseCallback(Callback):
         batch_size: int | None = None,
         width_mismatch: Literal["error", "pad", "skip"] = "error",
         cache_budget: int | Literal["auto"] = "auto",
-        log_figures_every_n_probes: int = 10,
+        log_figures: bool = False,
         snapshot_dir: str | Literal[False] | None = None,
         snapshot_features: int = 0,
         progress: bool | None = None,
@@ -175,7 +178,7 @@ class NeuralCollapseCallback(Callback):
             width_mismatch,
         )
         self.every_n_epochs = int(every_n_epochs)
-        self.log_figures_every_n_probes = int(log_figures_every_n_probes)
+        self.log_figures = bool(log_figures)
         self.snapshot_dir = snapshot_dir
         self._probe: Probe | None = None
         self._wandb = outputs.WandbOutputs(self.name)
@@ -254,8 +257,8 @@ class NeuralCollapseCallback(Callback):
             self._measure(trainer, pl_module)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.is_global_zero and self._history:
-            self._wandb.summary(trainer, self._history[-1])
+        if trainer.is_global_zero:
+            self._end_outputs(trainer)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -341,6 +344,8 @@ class NeuralCollapseCallback(Callback):
         self._start_outputs(trainer)
         epochs = self._ckpt_position[0] if self._ckpt_position else trainer.current_epoch
         self.probe_now(trainer, pl_module, epochs)
+        if trainer.is_global_zero:
+            self._end_outputs(trainer)
 
     def _train_reference(
         self, trainer: Trainer, pl_module: LightningModule, epochs_trained: int
@@ -422,20 +427,35 @@ class NeuralCollapseCallback(Callback):
                 feeds=next(iter(probe.feeding), None),
                 kept=probe.kept,
             )
-        n = self.log_figures_every_n_probes
-        last = trainer.max_epochs is not None and epochs_trained == trainer.max_epochs
-        if n > 0 and (len(self._history) % n == 0 or last or trainer.state.fn != "fit"):
-            from nclightning.callbacks.figures import probe_media
 
-            train = self._train_sibling(trainer)
-            images, tables = probe_media(
-                self.name,
-                outputs.merge_by_epoch(train.history if train else [], self.history),
-                result,
-                probe.class_names,
-                epochs_trained,
-            )
-            self._wandb.media(trainer, images, tables, epochs_trained)
+    def _end_outputs(self, trainer: Trainer) -> None:
+        """W&B at the end of a fit or measurement (rank 0): the views of the whole run, the
+        snapshot artifact, the last values in the summary; off the per-probe path."""
+        if not self._history or not outputs.wandb_runs(trainer):
+            return
+        from nclightning.callbacks import figures
+
+        train = self._train_sibling(trainer)
+        rows = outputs.merge_by_epoch(train.history if train else [], self.history)
+        last = self._last
+        per_class = last.per_class if last is not None else {}
+        names = self._probe.class_names if self._probe is not None else None
+        epochs = int(self._history[-1][keys.EPOCHS_TRAINED])
+        images = {}
+        if self.log_figures:
+            images = figures.probe_images(self.name, rows, per_class, names, epochs)
+        self._wandb.views(
+            trainer,
+            charts=figures.layer_charts(self.history, self.name)
+            | figures.pair_charts(self.history, self.name),
+            tables=figures.class_tables(self.name, per_class, names),
+            images=images,
+            epochs_trained=epochs,
+        )
+        self._wandb.snapshots(
+            trainer, self._snapshots, [int(r[keys.EPOCHS_TRAINED]) for r in self._history]
+        )
+        self._wandb.summary(trainer, self._history[-1])
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

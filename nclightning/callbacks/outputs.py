@@ -3,8 +3,9 @@
 * :func:`log_row`: every scalar into ``trainer.callback_metrics`` (all ranks, identical) and
   through every logger (rank 0), at Lightning's global step, with ``epochs_trained``;
 * :class:`WandbOutputs`: W&B only: ``epochs_trained`` as the x-axis of every probe key, the
-  callback's settings in the run config, figures and per-class tables as media, the last
-  probe's values in the run summary;
+  callback's settings in the run config; at the end of a fit or measurement the views of
+  :mod:`nclightning.callbacks.figures` (line charts, per-class tables, figures), the snapshot
+  folder as a versioned artifact and the last probe's values in the run summary;
 * :func:`snapshot`: the snapshot file of a probe (:mod:`nclightning.record.snapshots`), in
   :func:`snapshot_folder`;
 * :func:`settings_record`, :func:`fit_record`: the settings kept in checkpoints (checked on
@@ -26,17 +27,16 @@ from nclightning.record import keys
 from nclightning.record.snapshots import write_snapshot
 
 __all__ = [
+    "SNAPSHOT_ARTIFACT_TYPE",
     "WandbOutputs",
     "fit_record",
     "log_row",
     "merge_by_epoch",
     "settings_record",
     "snapshot",
+    "snapshot_artifact_name",
     "snapshot_folder",
 ]
-
-MAX_TABLE_CLASSES = 100
-"""Per-class matrices go to W&B as tables up to this many classes (images always)."""
 
 
 def log_row(trainer: Trainer, row: Mapping[str, float], epochs_trained: int, step: int) -> None:
@@ -50,9 +50,12 @@ def log_row(trainer: Trainer, row: Mapping[str, float], epochs_trained: int, ste
 
 
 def wandb_runs(trainer: Trainer) -> list[Any]:
+    """The W&B runs of the Trainer's W&B loggers, leaving out disabled ones
+    (``WANDB_MODE=disabled``: nothing to render or upload for them)."""
     from lightning.pytorch.loggers import WandbLogger
 
-    return [lg.experiment for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+    runs = [lg.experiment for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+    return [run for run in runs if not getattr(run, "disabled", False)]
 
 
 class WandbOutputs:
@@ -70,24 +73,49 @@ class WandbOutputs:
                 {f"neural_collapse/{self.probe}": dict(settings)}, allow_val_change=True
             )
 
-    def media(
+    def views(
         self,
         trainer: Trainer,
+        *,
+        charts: Mapping[str, Any],
+        tables: Mapping[str, tuple[Sequence[str], Sequence[Sequence]]],
         images: Mapping[str, Any],
-        tables: Mapping[str, Any],
         epochs_trained: int,
     ) -> None:
+        """Line charts (:class:`nclightning.callbacks.figures.Chart`), tables and figures, in one
+        W&B history row (figures and tables at ``epochs_trained``)."""
         runs = wandb_runs(trainer)
-        if not runs or not (images or tables):
+        if not runs or not (charts or tables or images):
             return
         import wandb
 
-        payload: dict[str, Any] = {k: _image(wandb, fig) for k, fig in images.items()}
+        payload: dict[str, Any] = {k: _line_chart(wandb, c) for k, c in charts.items()}
         for key, (columns, rows) in tables.items():
             payload[key] = wandb.Table(columns=list(columns), data=[list(r) for r in rows])
+        payload.update({k: _image(wandb, fig) for k, fig in images.items()})
         payload[keys.EPOCHS_TRAINED] = epochs_trained
         for run in runs:
             run.log(payload)
+
+    def snapshots(self, trainer: Trainer, folder: Path | None, epochs: Sequence[int]) -> None:
+        """The snapshot folder as the artifact ``snapshots-{run id}-{probe}`` (type
+        :data:`SNAPSHOT_ARTIFACT_TYPE`): a new version each time its files change."""
+        if folder is None or not any(Path(folder).glob("*")):
+            return
+        runs = wandb_runs(trainer)
+        if not runs:
+            return
+        import wandb
+
+        for run in runs:
+            artifact = wandb.Artifact(
+                snapshot_artifact_name(run.id, self.probe),
+                type=SNAPSHOT_ARTIFACT_TYPE,
+                description=f"nclightning snapshots of probe {self.probe!r}",
+                metadata={"probe": self.probe, "epochs_trained": [int(e) for e in epochs]},
+            )
+            artifact.add_dir(str(folder))
+            run.log_artifact(artifact)
 
     def summary(self, trainer: Trainer, row: Mapping[str, float]) -> None:
         for run in wandb_runs(trainer):
@@ -96,11 +124,24 @@ class WandbOutputs:
                     run.summary[key] = value
 
 
-def matrix_table(matrix: torch.Tensor, names: Sequence[str]) -> tuple[list[str], list[list]]:
-    """``(columns, rows)`` of a ``[K, K]`` matrix with class names (a W&B table)."""
-    columns = ["class", *names]
-    rows = [[names[i], *(float(v) for v in matrix[i])] for i in range(matrix.shape[0])]
-    return columns, rows
+SNAPSHOT_ARTIFACT_TYPE = "nc-snapshots"
+"""W&B artifact type of a probe's snapshot folder."""
+
+
+def snapshot_artifact_name(run_id: str, probe: str) -> str:
+    """``snapshots-{run id}-{probe}``: one artifact per run and probe, versioned by W&B."""
+    return f"snapshots-{run_id}-{probe}"
+
+
+def _line_chart(wandb: Any, chart: Any) -> Any:
+    names = list(chart.lines)
+    return wandb.plot.line_series(
+        xs=[[x for x, _ in chart.lines[n]] for n in names],
+        ys=[[y for _, y in chart.lines[n]] for n in names],
+        keys=names,
+        title=chart.title,
+        xname=keys.EPOCHS_TRAINED,
+    )
 
 
 def _image(wandb: Any, fig: Any) -> Any:
