@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from drawn import assert_metrics_figure, capture, csv_rows, logged_curves
+from drawn import assert_curve, assert_metrics_figure, capture, csv_rows, logged_curves
 from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -250,3 +250,30 @@ def test_several_seeds_are_drawn_as_their_mean_and_band(tmp_path, monkeypatch):
         at_x = sorted(float(y) for vx, y in vertices if vx == x)
         assert at_x[0] == pytest.approx(min(col), rel=1e-12), x
         assert at_x[-1] == pytest.approx(max(col), rel=1e-12), x
+
+
+def test_splits_and_class_figures_of_a_users_run_are_the_record(users_dir, tmp_path, monkeypatch):
+    """``splits_train_vs_val_{layer}``: both probes' lines and the held-out probe's
+    ``nc4_train_means`` as in metrics.csv; ``class_variance_{probe}``: one bar per class,
+    ``V_k = class_ss_k / n_k`` of the last snapshot's stored statistics."""
+    from nclightning.record.snapshots import list_snapshots, read_snapshot
+
+    figures = capture(monkeypatch)
+    assert report.main([str(users_dir), "--out", str(tmp_path)]) == 0
+    metrics_csv = f"{users_dir}/metrics.csv"
+    train, val = logged_curves(metrics_csv, "train"), logged_curves(metrics_csv, "val")
+    for layer in ("h0", "h"):
+        by_title = {p.title.split(":")[0]: p for p in figures[f"splits_train_vs_val_{layer}"]}
+        for metric in ("nc1", "nc1_tilde", "cdnv", "nc2_etf"):
+            assert_curve(by_title[metric], "train", train[layer][metric])
+            assert_curve(by_title[metric], "val", val[layer][metric])
+    panel = {p.title.split(":")[0]: p for p in figures["splits_train_vs_val_h"]}["nc4"]
+    assert_curve(panel, "val vs train means", val["h"]["nc4_train_means"])
+    last = read_snapshot(list_snapshots(f"{users_dir}/snapshots/train")[-1])
+    assert last["epochs_trained"] == EPOCHS
+    bars = {p.title.split(":")[0]: p.bars for p in figures["class_variance_train"]}
+    for layer in ("h0", "h"):
+        stats = last["layers"][layer]
+        want = (stats["class_ss"].double() / stats["counts"].double()).tolist()
+        ((_, heights),) = bars[layer]
+        assert heights == pytest.approx(want, rel=1e-9), layer
