@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 from torchmetrics import Metric
 
 from nclightning.errors import ConfigurationError
@@ -107,7 +108,7 @@ def find_classifier(model: nn.Module, num_classes: int | None = None) -> str | N
     return linear[-1] if linear else None
 
 
-def trace_order(model: nn.Module, run_forward) -> list[tuple[str, int]]:
+def trace_order(model: nn.Module, run_forward: Callable[[], object]) -> list[tuple[str, int]]:
     """``(module name, output storage pointer)`` for every module call, in the order calls end.
 
     ``run_forward()`` runs one forward pass of ``model`` (the caller handles eval mode, no grad
@@ -115,7 +116,7 @@ def trace_order(model: nn.Module, run_forward) -> list[tuple[str, int]]:
     count.
     """
     calls: list[tuple[str, int]] = []
-    handles = []
+    handles: list[RemovableHandle] = []
 
     def hook(name):
         def fn(module, args, output):
@@ -240,7 +241,9 @@ def _dedupe(chosen: list[tuple[str, int]]) -> list[str]:
     return out
 
 
-def _filter(names: list[str], include, exclude) -> list[str]:
+def _filter(
+    names: list[str], include: Sequence[str] | None, exclude: Sequence[str] | None
+) -> list[str]:
     if include:
         names = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in include)]
     if exclude:

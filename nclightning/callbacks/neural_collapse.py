@@ -111,13 +111,36 @@ class NeuralCollapseCallback(Callback):
             ``H0``) or ``"skip"`` (NaN for the pair).
         cache_budget: bytes for the on-device feature cache (``"auto"``: a quarter of the free
             memory); beyond it the probe streams and runs a second pass for NC4.
-        log_figures_every_n_probes: W&B figures every n probes (0: never).
+        log_figures: also log the report's figures to W&B (``figures/{name}``), once, when
+            the fit or measurement ends (a few seconds of rendering; off by default: the line
+            charts, per-class tables and the snapshot artifact are logged then regardless,
+            :mod:`nclightning.callbacks.figures`, and ``nclightning report`` draws the figures).
         snapshot_dir: snapshot folder; default ``{version folder}/snapshots/{name}`` when the
             Trainer has a logger; ``False``: none. A folder of another run is refused.
         snapshot_features: also keep the first n probe samples' raw features in snapshots.
         progress: a progress bar for the pass (default: when the Trainer shows one).
         seed: seed of the ``max_samples`` subset and of ``max_dim`` projections.
         classifier: module name of the final linear classifier, ``"auto"`` or ``None``.
+
+    Example:
+        One epoch of a small MLP on synthetic data; the train probe's metrics land in
+        ``trainer.callback_metrics`` (and in every logger) under ``nc-train/{layer}/{metric}``.
+
+        >>> from lightning.pytorch import Trainer
+        >>> from nclightning import NeuralCollapseCallback
+        >>> from nclightning.data.synthetic import SyntheticDataModule
+        >>> from nclightning.models import CollapseClassifier
+        >>> dm = SyntheticDataModule(num_classes=3, samples_per_class=20, shape=(8,))
+        >>> model = CollapseClassifier(
+        ...     num_classes=3, input_shape=(8,), backbone_kwargs={"width": 16, "depth": 2})
+        >>> callback = NeuralCollapseCallback(every_n_epochs=1)
+        >>> trainer = Trainer(max_epochs=1, callbacks=[callback], logger=False,
+        ...     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(model, dm)
+        >>> "nc-train/penultimate/nc1" in trainer.callback_metrics
+        True
+        >>> callback.history[-1]["epochs_trained"]
+        1.0
     """
 
     def __init__(
@@ -144,7 +167,7 @@ class NeuralCollapseCallback(Callback):
         batch_size: int | None = None,
         width_mismatch: Literal["error", "pad", "skip"] = "error",
         cache_budget: int | Literal["auto"] = "auto",
-        log_figures_every_n_probes: int = 10,
+        log_figures: bool = False,
         snapshot_dir: str | Literal[False] | None = None,
         snapshot_features: int = 0,
         progress: bool | None = None,
@@ -233,7 +256,7 @@ class NeuralCollapseCallback(Callback):
         return dict(self._first.couplings)
 
     @property
-    def projections(self) -> dict:
+    def projections(self) -> dict[str, Tensor]:
         """The fixed ``[d, max_dim]`` projections of layers wider than ``max_dim``."""
         probe = self._first.probe
         return dict(probe.projections) if probe is not None else {}
@@ -304,9 +327,7 @@ class NeuralCollapseCallback(Callback):
         if self._probed_step != trainer.global_step:
             self.probe_now(trainer, pl_module, self._position(trainer))
         if trainer.is_global_zero:
-            for state in self._states.values():
-                if state.history:
-                    state.wandb.summary(trainer, state.history[-1])
+            self._end_outputs(trainer)
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.state.fn == "validate":
@@ -377,7 +398,9 @@ class NeuralCollapseCallback(Callback):
                 "a new run"
             )
 
-    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(
+        self, trainer: Any, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         saved = [
             k for k in checkpoint.get("callbacks", {}) if str(k).startswith(type(self).__qualname__)
         ]
@@ -446,6 +469,10 @@ class NeuralCollapseCallback(Callback):
         else:
             epochs = self._ckpt_epoch if self._ckpt_epoch is not None else trainer.current_epoch
         self.probe_now(trainer, pl_module, epochs)
+        if trainer.is_global_zero:
+            self._end_outputs(trainer)
+        if trainer.is_global_zero:
+            self._end_outputs(trainer)
 
     def _train_reference(self, state: _ProbeState, trainer, pl_module, epochs_trained: float):
         """The train probe's class means of this epoch, for a held-out probe's
@@ -502,7 +529,7 @@ class NeuralCollapseCallback(Callback):
             return self._epochs_done
         return self._epochs_done + self._fraction(trainer)
 
-    def _annotations(self, trainer, pl_module) -> dict[str, float]:
+    def _annotations(self, trainer: Any, pl_module: LightningModule) -> dict[str, float]:
         """Extra columns other callbacks add to a probe's row (e.g. the layer-wise depth)."""
         row: dict[str, float] = {}
         for cb in trainer.callbacks:
@@ -554,20 +581,35 @@ class NeuralCollapseCallback(Callback):
                 feeds=next(iter(probe.feeding), None),
                 kept=probe.kept,
             )
-        n = self.settings.outputs.log_figures_every_n_probes
-        last = trainer.max_epochs is not None and epochs_trained == trainer.max_epochs
-        final = trainer.state.fn != "fit" or not trainer.training or last
-        if n > 0 and (len(state.history) % n == 0 or final):
-            from nclightning.callbacks.figures import probe_media
 
-            images, tables = probe_media(
-                state.name,
-                outputs.merge_by_epoch(self._train_history(state, trainer), state.history),
-                result,
-                probe.class_names,
-                epochs_trained,
+    def _end_outputs(self, trainer: Trainer) -> None:
+        """W&B at the end of a fit or measurement (rank 0), per probe: the views of the whole
+        run, the snapshot artifact, the last values in the summary; off the per-probe path."""
+        if not outputs.wandb_runs(trainer):
+            return
+        from nclightning.callbacks import figures
+
+        for state in self._states.values():
+            if not state.history:
+                continue
+            name, history = state.name, state.history
+            rows = outputs.merge_by_epoch(self._train_history(state, trainer), history)
+            per_class = state.last.per_class if state.last is not None else {}
+            names = state.probe.class_names if state.probe is not None else None
+            epochs = int(history[-1][keys.EPOCHS_TRAINED])
+            images = {}
+            if self.settings.outputs.log_figures:
+                images = figures.probe_images(name, rows, per_class, names, epochs)
+            state.wandb.views(
+                trainer,
+                charts=figures.layer_charts(history, name) | figures.pair_charts(history, name),
+                tables=figures.class_tables(name, per_class, names),
+                images=images,
+                epochs_trained=epochs,
             )
-            state.wandb.media(trainer, images, tables, epochs_trained)
+            done = [int(r[keys.EPOCHS_TRAINED]) for r in history]
+            state.wandb.snapshots(trainer, state.snapshots, done)
+            state.wandb.summary(trainer, history[-1])
 
     def _train_history(self, state: _ProbeState, trainer) -> list[dict[str, float]]:
         if state.name == "train":

@@ -10,7 +10,8 @@ the same row.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -34,6 +35,8 @@ from nclightning.errors import ConfigurationError
 from nclightning.metrics import ClassStatistics
 
 __all__ = ["Probe"]
+
+Warn = Callable[[str, str], None]
 
 
 class Probe:
@@ -143,7 +146,7 @@ class Probe:
         return None if w is None else w.detach()
 
     # -- first probe: samples, loader, trace, plan ---------------------------------------------
-    def _prepare(self, subset: Tensor, warn) -> None:
+    def _prepare(self, subset: Tensor, warn: Warn) -> None:
         """Loader and example batch (first probe), blocks (``"all"``), widths and plan."""
         source, t = self._source(), self.trainer
         if self.loader is None:
@@ -167,7 +170,7 @@ class Probe:
             h0 = [a for a, b in self.pairs if not (skip and widths.get(a) != widths.get(b))]
             budget = self.features.cache_budget
             budget = passes.default_budget(self.device) if budget == "auto" else int(budget)
-            samples = len(self.loader.dataset)
+            samples = len(self.loader.dataset)  # type: ignore[arg-type]  # a map-style Subset
             self.pass_plan = passes.plan(
                 widths, itemsize, samples, source.num_classes, h0, budget, self.device
             )
@@ -190,11 +193,11 @@ class Probe:
         self.layers = {name: name for name in names}
         self.pairs = self._pairs()
 
-    def _forward(self, x):
+    def _forward(self, x: Any) -> Any:
         with self.trainer.precision_plugin.forward_context():
             return call_model(self.module, x)
 
-    def _widths(self, x) -> tuple[dict[str, int], int]:
+    def _widths(self, x: Any) -> tuple[dict[str, int], int]:
         """Each layer's width (after ``max_dim``) and the largest itemsize, from ``x``; which
         layers feed the classifier (kept from the last probe when ``x`` gives NaN features)."""
         with self._taps(projections={}) as taps:
@@ -231,7 +234,7 @@ class Probe:
                 out[alias] = q.to(torch.float32).to(self.device)
         return out
 
-    def _taps(self, projections=None) -> LayerTaps:
+    def _taps(self, projections: Mapping[str, Tensor] | None = None) -> LayerTaps:
         return LayerTaps(
             self.module,
             self.layers,
@@ -243,7 +246,7 @@ class Probe:
 
     # -- one probe --------------------------------------------------------------------------------
     def run(
-        self, subset: Tensor, reference, couplings: Mapping[str, float], warn
+        self, subset: Tensor, reference: Any, couplings: Mapping[str, float], warn: Warn
     ) -> analysis.ProbeResult:
         """One probe of the current weights (every rank calls it; identical results)."""
         with isolated_rng(self.device), eval_mode(self.module):
@@ -278,7 +281,7 @@ class Probe:
         per_class = analysis.per_class(moments) if self.trainer.is_global_zero else {}
         return analysis.ProbeResult(row, moments, per_class, fits)
 
-    def _pass(self, reference) -> passes.PassResult:
+    def _pass(self, reference: Any) -> passes.PassResult:
         t = self.trainer
         keep = self.snapshot_features if t.is_global_zero else 0
         loader = self._progress(self.loader)
@@ -307,7 +310,7 @@ class Probe:
             return None
         stats = {
             a: ClassStatistics(1, lp.dim, scatter="none", validate_args=False).to(self.device)
-            for a, lp in zip(self.layers, self.pass_plan.layers)
+            for a, lp in zip(self.layers, self._plan().layers)
         }
         t = self.trainer
         with self._taps() as taps:
@@ -323,11 +326,15 @@ class Probe:
                     st.update(features[a].float(), zeros)
         return {a: st.moments().means[0] for a, st in stats.items()}
 
-    def _fit_pairs(self, moments, weight, couplings, warn) -> tuple[dict, dict[str, float]]:
+    def _fit_pairs(
+        self, moments: Any, weight: Tensor | None, couplings: Mapping[str, float], warn: Warn
+    ) -> tuple[dict[str, Any], dict[str, float]]:
         """Pair fits on rank 0, broadcast (rows, or the error) so every rank agrees."""
         if not self.pairs:
             return {}, {}
-        t, fits, payload, notes = self.trainer, {}, None, []
+        t, fits = self.trainer, {}
+        notes: list[str] = []
+        payload: tuple[str, Any] | None = None
         if t.is_global_zero:
             try:
                 fits = analysis.fit_pairs(
@@ -349,7 +356,7 @@ class Probe:
             raise RuntimeError(f"NeuralCollapseCallback[{self.name}] pair fit failed: {payload[1]}")
         return fits, payload[1]
 
-    def _warn_about(self, moments, warn) -> None:
+    def _warn_about(self, moments: Any, warn: Warn) -> None:
         for alias, m in moments.items():
             if not (torch.isfinite(m.means).all() and torch.isfinite(m.class_ss).all()):
                 warn(

@@ -293,17 +293,18 @@ def _range(value) -> tuple[float, float]:
 
 @dataclass(frozen=True)
 class OutputSettings:
-    """What a probe writes besides the logged row: W&B figures every n probes (0: never),
-    the snapshot folder (``None``: the default, ``False``: none), the first raw features kept
-    in snapshots, the progress bar (``None``: when the Trainer shows one)."""
+    """What a probe writes besides the logged row: the report's figures in W&B at the end of
+    a fit (``log_figures``), the snapshot folder (``None``: the default, ``False``: none), the
+    first raw features kept in snapshots, the progress bar (``None``: when the Trainer shows
+    one)."""
 
-    log_figures_every_n_probes: int = 10
+    log_figures: bool = False
     snapshot_dir: str | bool | None = None
     snapshot_features: int = 0
     progress: bool | None = None
 
     @classmethod
-    def build(cls, *, log_figures_every_n_probes, snapshot_dir, snapshot_features,
+    def build(cls, *, log_figures, snapshot_dir, snapshot_features,
               progress) -> OutputSettings:  # fmt: skip
         if snapshot_dir is not None and snapshot_dir is not False:
             if not isinstance(snapshot_dir, (str, bytes)) and not hasattr(
@@ -313,10 +314,10 @@ class OutputSettings:
             snapshot_dir = str(snapshot_dir)
         if progress is not None and not isinstance(progress, bool):
             raise refuse("progress", progress, "True, False or None")
+        if not isinstance(log_figures, bool):
+            raise refuse("log_figures", log_figures, "True or False")
         return cls(
-            log_figures_every_n_probes=_int(
-                "log_figures_every_n_probes", log_figures_every_n_probes, 0
-            ),
+            log_figures=log_figures,
             snapshot_dir=snapshot_dir,
             snapshot_features=_int("snapshot_features", snapshot_features, 0),
             progress=progress,

@@ -67,7 +67,7 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def dataset_targets(dataset: Dataset) -> Tensor:
+def dataset_targets(dataset: Any) -> Tensor:
     """Labels ``[N]`` of a dataset: from ``.targets``/``.labels`` if present, else one read pass."""
     if isinstance(dataset, Subset):
         return dataset_targets(dataset.dataset)[torch.as_tensor(dataset.indices)]
@@ -159,9 +159,9 @@ class ProbeSource:
             return balanced_indices(self.targets, max_samples, seed)
         return torch.arange(len(self.targets))
 
-    def loader(self, indices: Tensor, batch_size: int, num_workers: int = 0) -> DataLoader:
+    def loader(self, indices: Tensor, batch_size: int, num_workers: int = 0) -> DataLoader[Any]:
         """An ordered loader over ``dataset[indices]`` with its own generator."""
-        kwargs = {}
+        kwargs: dict[str, Any] = {}
         if self.template is not None:
             kwargs = {
                 "collate_fn": self.template.collate_fn,
@@ -214,7 +214,7 @@ def resolve_source(probe, name: str, trainer, pl_module, num_classes: int) -> Pr
     return ProbeSource(dataset, targets, template, num_classes, shown, note)
 
 
-def _trainer_loader(trainer, dm, split: str) -> DataLoader:
+def _trainer_loader(trainer: Any, dm: Any, split: str) -> DataLoader[Any]:
     attr = {"train": "train_dataloader", "val": "val_dataloaders", "test": "test_dataloaders"}
     loader = getattr(trainer, attr[split], None)  # the loaders Lightning already built
     if isinstance(loader, (list, tuple)):

@@ -28,6 +28,7 @@ accuracy and NC4 use, and its input tells which tapped layer feeds it (``nc3``, 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -182,11 +183,11 @@ class LayerTaps:
 
         return hook
 
-    def _classifier_pre_hook(self, module: nn.Module, args) -> None:
+    def _classifier_pre_hook(self, module: nn.Module, args: Any) -> None:
         if args and isinstance(args[0], Tensor):
             self._classifier_input = args[0].detach().clone()
 
-    def _classifier_hook(self, module: nn.Module, args, output) -> None:
+    def _classifier_hook(self, module: nn.Module, args: Any, output: Any) -> None:
         if isinstance(output, Tensor):
             self._logits = output.detach()
 
@@ -199,7 +200,7 @@ class LayerTaps:
             self._handles.append(head.register_forward_hook(self._classifier_hook))
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()

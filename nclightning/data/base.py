@@ -83,7 +83,7 @@ class ImageTransform:
             x = F.pad(x, (p, p, p, p))[..., i : i + h, j : j + w]
         if self.flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
-        if self.mean is not None:
+        if self.mean is not None and self.std is not None:
             x = (x - self.mean) / self.std
         return x
 
@@ -335,7 +335,13 @@ class EpochShuffleSampler(DistributedSampler):
             num_replicas = torch.distributed.get_world_size() if distributed else 1
         if rank is None:
             rank = torch.distributed.get_rank() if distributed else 0
-        super().__init__(range(int(n)), num_replicas, rank, shuffle=True, seed=int(seed))
+        super().__init__(
+            range(int(n)),  # type: ignore[arg-type]  # any Sized works
+            num_replicas,
+            rank,
+            shuffle=True,
+            seed=int(seed),
+        )
         self.n = int(n)
 
     def __iter__(self) -> Iterator[int]:

@@ -80,7 +80,9 @@ class Accumulator:
             self._casts[key] = t.to(dtype)
         return self._casts[key]
 
-    def _buffer(self, store: dict[str, Tensor], name: str, like: Tensor, shape) -> Tensor:
+    def _buffer(
+        self, store: dict[str, Tensor], name: str, like: Tensor, shape: tuple[int, ...]
+    ) -> Tensor:
         buf = store.get(name)
         if buf is None or buf.dtype != like.dtype or buf.device != like.device:
             buf = store[name] = torch.zeros(shape, dtype=like.dtype, device=like.device)

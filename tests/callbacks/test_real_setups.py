@@ -103,9 +103,7 @@ def test_a_probe_lacking_the_highest_class_is_measured_over_the_classes_it_has()
     """K = 5 from the head; the held-out probe has classes 0..3 only (docs/science.md §9.5)."""
     logger, model = RecordingLogger(), UserNet()
     held = _loader(classes=range(4), seed=1)
-    cb = NeuralCollapseCallback(
-        layers={"h": "body.3"}, probe=held, name="held", pairs=[], log_figures_every_n_probes=0
-    )
+    cb = NeuralCollapseCallback(layers={"h": "body.3"}, probe=held, name="held", pairs=[])
     with pytest.warns(UserWarning, match=r"class\(es\) 4 have no sample"):
         _trainer([cb], logger).fit(model, _loader(shuffle=True))
     x, y = held.dataset.tensors
@@ -128,7 +126,7 @@ def test_an_empty_probe_is_refused_before_training():
 
 
 def test_labels_beyond_the_models_classes_are_refused_in_one_line():
-    cb = NeuralCollapseCallback(layers=["body.3"], pairs=[], log_figures_every_n_probes=0)
+    cb = NeuralCollapseCallback(layers=["body.3"], pairs=[])
     with pytest.raises(ConfigurationError, match=r"labels 0\.\.4 do not fit the model's 3 classes"):
         _trainer([cb]).fit(UserNet(classes=3), _loader())
 
@@ -187,9 +185,7 @@ def test_the_final_weights_are_probed_once_however_training_stops(
     trainer_kw, extra, every, expected
 ):
     logger, model = RecordingLogger(), UserNet()
-    cb = NeuralCollapseCallback(
-        layers={"h": "body.3"}, pairs=[], every_n_epochs=every, log_figures_every_n_probes=0
-    )
+    cb = NeuralCollapseCallback(layers={"h": "body.3"}, pairs=[], every_n_epochs=every)
     trainer = _trainer([*extra, cb], logger, **trainer_kw)
     trainer.fit(model, _loader(shuffle=True))
     rows = _rows_at_steps(logger, "train")
@@ -203,7 +199,7 @@ def test_the_final_weights_are_probed_once_however_training_stops(
 
 def test_a_resumed_run_does_not_probe_its_checkpoint_again(tmp_path):
     logger = RecordingLogger()
-    cb = NeuralCollapseCallback(layers={"h": "body.3"}, pairs=[], log_figures_every_n_probes=0)
+    cb = NeuralCollapseCallback(layers={"h": "body.3"}, pairs=[])
     seed_everything(0)
     trainer = _trainer([cb], logger, max_epochs=3, max_steps=9)
     trainer.fit(UserNet(), _loader())
@@ -211,7 +207,7 @@ def test_a_resumed_run_does_not_probe_its_checkpoint_again(tmp_path):
     assert [r["epochs_trained"] for _, r in _rows_at_steps(logger, "train")] == [0, 1, 1.5]
     again, cb2 = (
         RecordingLogger(),
-        NeuralCollapseCallback(layers={"h": "body.3"}, pairs=[], log_figures_every_n_probes=0),
+        NeuralCollapseCallback(layers={"h": "body.3"}, pairs=[]),
     )
     _trainer([cb2], again, max_epochs=3).fit(
         UserNet(), _loader(), ckpt_path=tmp_path / "stopped.ckpt"
@@ -227,9 +223,7 @@ def test_a_resumed_run_does_not_probe_its_checkpoint_again(tmp_path):
 
 def test_val_probe_with_a_sparse_validation_schedule_and_plain_loaders():
     logger, model = RecordingLogger(), UserNet()
-    cb = NeuralCollapseCallback(
-        layers={"h": "body.3"}, probe="val", pairs=[], log_figures_every_n_probes=0
-    )
+    cb = NeuralCollapseCallback(layers={"h": "body.3"}, probe="val", pairs=[])
     val = _loader(seed=2)
     _trainer([cb], logger, max_epochs=3, check_val_every_n_epoch=2).fit(model, _loader(), val)
     assert sorted(logger.probes("val")) == [0, 1, 2, 3]
@@ -258,7 +252,7 @@ def test_val_probe_with_a_sparse_validation_schedule_and_plain_loaders():
         (dict(probe="holdout"), "probe"),
         (dict(probes=["train", "train"]), "probes"),
         (dict(num_classes=1), "num_classes"),
-        (dict(log_figures_every_n_probes=-2), "log_figures_every_n_probes"),
+        (dict(log_figures="yes"), "log_figures"),
         (dict(snapshot_features=-1), "snapshot_features"),
         (dict(max_dim=0), "max_dim"),
         (dict(batch_size=0), "batch_size"),
@@ -278,7 +272,7 @@ def test_settings_are_four_typed_groups_with_one_owner_each():
     assert s.probe.names == ("train", "val") and s.probe.seed == 3
     assert s.features.pool_of("h") == "cls" and s.features.pool_of("other") == "avg"
     assert s.fit.coupling == 2.0 and isinstance(s.fit.coupling, float)
-    assert s.outputs.log_figures_every_n_probes == 10
+    assert s.outputs.log_figures is False
     with pytest.raises(AttributeError):
         s.fit.coupling = 3.0  # frozen
 
@@ -286,9 +280,7 @@ def test_settings_are_four_typed_groups_with_one_owner_each():
 # -- 4. several probes, one owner -----------------------------------------------------------------
 def test_one_callback_measures_several_probes_and_two_on_one_probe_are_refused():
     logger, model = RecordingLogger(), UserNet()
-    cb = NeuralCollapseCallback(
-        layers={"h": "body.3"}, probes=["train", "val"], pairs=[], log_figures_every_n_probes=0
-    )
+    cb = NeuralCollapseCallback(layers={"h": "body.3"}, probes=["train", "val"], pairs=[])
     train, val = _loader(), _loader(seed=3)
     _trainer([cb], logger).fit(model, train, val)
     row = logger.probes()[1]
@@ -358,7 +350,6 @@ def test_a_channels_first_1d_block_is_read_as_ncl_and_said(caplog):
     logger, model = RecordingLogger(), Signal1d()
     cb = NeuralCollapseCallback(
         layers={"b": "block", "s": "swap"}, output_fmt={"s": "NLC"}, pairs=[],
-        log_figures_every_n_probes=0,
     )  # fmt: skip
     with caplog.at_level(logging.INFO):
         _trainer([cb], logger).fit(model, _signals())
@@ -429,7 +420,7 @@ def test_bert_with_mapping_batches_and_mask_aware_token_pools():
     cb = NeuralCollapseCallback(
         layers={"mean": layer, "cls": layer, "last": layer},
         pool={"mean": "mean", "cls": "cls", "last": "last"},
-        pairs=[], log_figures_every_n_probes=0,
+        pairs=[],
     )  # fmt: skip
     data = Sentences()
     _trainer([cb], logger).fit(model, DataLoader(data, batch_size=8, shuffle=True))
@@ -499,8 +490,8 @@ def _images(size):
 def test_timm_models_are_probed_at_the_blocks_their_feature_info_declares(name, kw, size, expected):
     pytest.importorskip("timm")
     logger, model = RecordingLogger(), ImageNet(name, **kw)
-    cb = NeuralCollapseCallback(layers="all", pool="cls" if "vit" in name else "avg", pairs=[],
-                                log_figures_every_n_probes=0)  # fmt: skip
+    pool = "cls" if "vit" in name else "avg"
+    cb = NeuralCollapseCallback(layers="all", pool=pool, pairs=[])
     loader = _images(size)
     _trainer([cb], logger).fit(model, loader)
     assert {lp.alias: lp.dim for lp in cb.plan.layers} == expected
