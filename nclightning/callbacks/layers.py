@@ -31,6 +31,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
@@ -118,8 +119,8 @@ def trace_order(model: nn.Module, run_forward: Callable[[], object]) -> list[tup
     calls: list[tuple[str, int]] = []
     handles: list[RemovableHandle] = []
 
-    def hook(name):
-        def fn(module, args, output):
+    def hook(name: str) -> Callable[[nn.Module, Any, Any], None]:
+        def fn(module: nn.Module, args: Any, output: Any) -> None:
             out = first_tensor(output)
             if isinstance(out, Tensor):
                 calls.append((name, out.data_ptr()))
@@ -137,7 +138,7 @@ def trace_order(model: nn.Module, run_forward: Callable[[], object]) -> list[tup
     return calls
 
 
-def first_tensor(output) -> Tensor | None:
+def first_tensor(output: Any) -> Tensor | None:
     """The feature tensor of a module output: a tensor, a tuple's first entry, or an output
     object's ``last_hidden_state`` / ``logits`` (Hugging Face), else ``None``."""
     if isinstance(output, Tensor):
@@ -251,7 +252,7 @@ def _filter(
     return names
 
 
-def example_batch(dataset, template=None, size: int = 2):
+def example_batch(dataset: Any, template: Any = None, size: int = 2) -> Any:
     """The first ``size`` samples of ``dataset`` collated into a batch (by ``template``'s
     ``collate_fn`` when given: a tokenizer's padding collator, say)."""
     from torch.utils.data import default_collate
@@ -274,8 +275,9 @@ def declared_blocks(
         entries = getattr(info, "info", info)  # timm's FeatureInfo object, or its list
         if not isinstance(entries, (list, tuple)) or not entries:
             continue
-        names = [e.get("module") for e in entries if isinstance(e, Mapping)]
-        if not names or not all(isinstance(n, str) and n for n in names):
+        found = [e.get("module") for e in entries if isinstance(e, Mapping)]
+        names = [n for n in found if isinstance(n, str) and n]
+        if not names or len(names) != len(found):
             continue
         known = dict(module.named_modules())
         if not all(n in known for n in names):

@@ -22,9 +22,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from nclightning.callbacks import analysis, outputs
+from nclightning.callbacks.passes import PassPlan
 from nclightning.callbacks.probe import Probe
-from nclightning.callbacks.settings import CallbackSettings
+from nclightning.callbacks.settings import CallbackSettings, PairFitSettings
 from nclightning.errors import ConfigurationError
+from nclightning.metrics import ClassMoments
 from nclightning.record import keys
 from nclightning.record.snapshots import claim_directory
 
@@ -197,7 +199,7 @@ class NeuralCollapseCallback(Callback):
         return self._generate_state_key(probe=self.name)
 
     @property
-    def pair_settings(self):
+    def pair_settings(self) -> PairFitSettings:
         """The pair-fit settings (:class:`~nclightning.callbacks.settings.PairFitSettings`)."""
         return self.settings.fit
 
@@ -239,7 +241,7 @@ class NeuralCollapseCallback(Callback):
         return state.last if state.last_position == epochs_trained else None
 
     @property
-    def plan(self):
+    def plan(self) -> PassPlan | None:
         """How the first probe's latest pass ran (:class:`~nclightning.callbacks.passes.
         PassPlan`: cached or streamed, each layer's width and statistics, their memory)."""
         probe = self._first.probe
@@ -290,7 +292,7 @@ class NeuralCollapseCallback(Callback):
 
     # -- Lightning hooks ----------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        message = duplicate_probes(trainer.callbacks)
+        message = duplicate_probes(getattr(trainer, "callbacks", []))
         if message:
             raise ConfigurationError(message)
         self._reset()
@@ -427,7 +429,7 @@ class NeuralCollapseCallback(Callback):
         pl_module: LightningModule,
         epochs_trained: float,
         step: int | None = None,
-    ):
+    ) -> analysis.ProbeResult | None:
         """Run every probe of this callback now, logged as measured after ``epochs_trained``
         epochs (at ``step``, by default Lightning's global step); returns the last probe's
         ``ProbeResult``."""
@@ -436,7 +438,14 @@ class NeuralCollapseCallback(Callback):
         self._probed_step = trainer.global_step
         return self._last
 
-    def _probe_one(self, state: _ProbeState, trainer, pl_module, epochs_trained, step) -> None:
+    def _probe_one(
+        self,
+        state: _ProbeState,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        epochs_trained: float,
+        step: int | None,
+    ) -> None:
         assert state.probe is not None, "probe_now() runs between setup() and teardown()"
         subset = self._subset(state)
         reference = self._train_reference(state, trainer, pl_module, epochs_trained)
@@ -453,6 +462,7 @@ class NeuralCollapseCallback(Callback):
             self._write_outputs(state, trainer, result, row, epochs_trained, step)
 
     def _subset(self, state: _ProbeState) -> Tensor:
+        assert state.probe is not None, "probes run between setup() and teardown()"
         if state.subset is None:
             state.subset = state.probe.subset()
         else:
@@ -474,7 +484,13 @@ class NeuralCollapseCallback(Callback):
         if trainer.is_global_zero:
             self._end_outputs(trainer)
 
-    def _train_reference(self, state: _ProbeState, trainer, pl_module, epochs_trained: float):
+    def _train_reference(
+        self,
+        state: _ProbeState,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        epochs_trained: float,
+    ) -> dict[str, ClassMoments] | None:
         """The train probe's class means of this epoch, for a held-out probe's
         nc4_train_means: this callback's own train probe, else another callback's (public
         :meth:`result_at`) when it has measured the same epoch."""
@@ -488,8 +504,8 @@ class NeuralCollapseCallback(Callback):
             result = other.result_at(trainer, pl_module, "train", epochs_trained) if other else None
         return result.moments if result is not None else None
 
-    def _train_owner(self, trainer) -> NeuralCollapseCallback | None:
-        for cb in trainer.callbacks:
+    def _train_owner(self, trainer: Trainer) -> NeuralCollapseCallback | None:
+        for cb in getattr(trainer, "callbacks", []):
             if isinstance(cb, NeuralCollapseCallback) and cb is not self and "train" in cb.names:
                 return cb
         return None
@@ -501,9 +517,9 @@ class NeuralCollapseCallback(Callback):
         """A checkpoint saved after an epoch's last batch but before its end was counted (at
         validation end): the resumed run starts after that epoch, so it counts as completed."""
         t = self._trainer
-        return bool(
-            t is not None and t.state.fn == "fit" and not self._counted
-        ) and self._epoch_complete(t)
+        if t is None or t.state.fn != "fit" or self._counted:
+            return False
+        return self._epoch_complete(t)
 
     @staticmethod
     def _epoch_complete(trainer: Trainer) -> bool:
@@ -565,8 +581,17 @@ class NeuralCollapseCallback(Callback):
         if error:
             raise ConfigurationError(error)
 
-    def _write_outputs(self, state, trainer, result, row, epochs_trained, step: int) -> None:
+    def _write_outputs(
+        self,
+        state: _ProbeState,
+        trainer: Trainer,
+        result: analysis.ProbeResult,
+        row: dict[str, float],
+        epochs_trained: float,
+        step: int,
+    ) -> None:
         probe = state.probe
+        assert probe is not None, "outputs are written by a probe run"
         if state.snapshots is not None:
             outputs.snapshot(
                 state.snapshots,
@@ -611,7 +636,7 @@ class NeuralCollapseCallback(Callback):
             state.wandb.snapshots(trainer, state.snapshots, done)
             state.wandb.summary(trainer, history[-1])
 
-    def _train_history(self, state: _ProbeState, trainer) -> list[dict[str, float]]:
+    def _train_history(self, state: _ProbeState, trainer: Trainer) -> list[dict[str, float]]:
         if state.name == "train":
             return []
         if "train" in self._states:

@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 
-def log_row(trainer: Trainer, row: Mapping[str, float], epochs_trained: int, step: int) -> None:
+def log_row(trainer: Trainer, row: Mapping[str, float], epochs_trained: float, step: int) -> None:
     """``row`` into ``callback_metrics`` on every rank and through every logger on rank 0."""
     for name, value in row.items():
         trainer.callback_metrics[name] = torch.tensor(float(value))
@@ -159,7 +159,7 @@ def snapshot(
     directory: Path,
     *,
     probe: str,
-    epochs_trained: int,
+    epochs_trained: float,
     step: int,
     row: Mapping[str, float],
     moments: Mapping[str, Any],

@@ -11,11 +11,12 @@ the same row.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
+from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from nclightning.callbacks import analysis, layers, passes
@@ -42,7 +43,9 @@ Warn = Callable[[str, str], None]
 class Probe:
     """One probe source on one model, resolved against a Trainer (created in ``setup``)."""
 
-    def __init__(self, settings: CallbackSettings, index: int, trainer, module) -> None:
+    def __init__(
+        self, settings: CallbackSettings, index: int, trainer: Any, module: LightningModule
+    ) -> None:
         self.trainer, self.module = trainer, module
         self.features, self.pair_settings = settings.features, settings.fit
         self.probing = settings.probe
@@ -63,7 +66,7 @@ class Probe:
         self._layouts: dict[str, str] = {}
 
     # -- resolution -----------------------------------------------------------------------------
-    def _named_layers(self, module) -> dict[str, str]:
+    def _named_layers(self, module: nn.Module) -> dict[str, str]:
         spec = self.features.layers
         if spec == "all":
             return {}
@@ -77,7 +80,7 @@ class Probe:
                 )
         return layers.resolve_layers(module, spec)
 
-    def _classifier(self, module) -> str | None:
+    def _classifier(self, module: nn.Module) -> str | None:
         choice = self.features.classifier
         if choice == "auto":
             K = self.probing.num_classes or _declared_classes(self.trainer, module)
@@ -115,6 +118,10 @@ class Probe:
         """The fixed indices of the probe set (drawn once per run, kept in the state)."""
         source = self._source()
         return source.subset(self.probing.max_samples, self.probing.seed)
+
+    def _plan(self) -> passes.PassPlan:
+        assert self.pass_plan is not None, "the pass plan is made before the first pass"
+        return self.pass_plan
 
     def _source(self) -> ProbeSource:
         if self.source is None:
@@ -177,7 +184,7 @@ class Probe:
             if t.is_global_zero:
                 rank_zero_info(self.pass_plan.describe(self.name, len(subset), self._layouts))
 
-    def _discover(self, x) -> None:
+    def _discover(self, x: Any) -> None:
         f = self.features
         names = layers.declared_blocks(self.module, f.include, f.exclude)
         if names is None:  # no timm feature_info: the block rule on one traced forward pass
@@ -289,7 +296,7 @@ class Probe:
             return passes.run_pass(
                 taps,
                 loader,
-                self.pass_plan,
+                self._plan(),
                 num_classes=self.num_classes,
                 device=self.device,
                 forward_context=t.precision_plugin.forward_context,
@@ -340,7 +347,7 @@ class Probe:
                 fits = analysis.fit_pairs(
                     moments,
                     self.pairs,
-                    self.pair_settings,
+                    cast(Any, self.pair_settings),  # analysis.fit_pairs reads its fields
                     weight=weight,
                     feeding=self.feeding,
                     near=couplings,
@@ -376,7 +383,7 @@ class Probe:
                 f"({self.name}); metrics use the present classes",
             )
 
-    def _progress(self, loader):
+    def _progress(self, loader: Any) -> Any:
         show = self.progress
         t = self.trainer
         if show is None:
@@ -388,7 +395,7 @@ class Probe:
         return tqdm(loader, desc=f"NC probe ({self.name})", leave=False, dynamic_ncols=True)
 
 
-def _declared_classes(trainer, module) -> int | None:
+def _declared_classes(trainer: Any, module: nn.Module) -> int | None:
     """``num_classes`` declared by the DataModule or the model's hyperparameters."""
     for owner in (trainer.datamodule, getattr(module, "hparams", None), module):
         K = getattr(owner, "num_classes", None)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from torch.utils.data import DataLoader
 
@@ -59,6 +59,12 @@ def _int(argument: str, value: Any, low: int, *, optional: bool = False) -> int 
     return int(value)
 
 
+def _required(argument: str, value: Any, low: int) -> int:
+    checked = _int(argument, value, low)
+    assert checked is not None
+    return checked
+
+
 def _names(argument: str, value: Any) -> tuple[str, ...] | None:
     if value is None:
         return None
@@ -95,8 +101,19 @@ class ProbeSettings:
     num_classes: int | None = None
 
     @classmethod
-    def build(cls, *, probe, probes, name, ood_probe, max_samples, every_n_epochs, batch_size,
-              seed, num_classes) -> ProbeSettings:  # fmt: skip
+    def build(
+        cls,
+        *,
+        probe: Any,
+        probes: Any,
+        name: Any,
+        ood_probe: Any,
+        max_samples: Any,
+        every_n_epochs: Any,
+        batch_size: Any,
+        seed: Any,
+        num_classes: Any,
+    ) -> ProbeSettings:
         chosen = _probe_list(probe, probes)
         names = _probe_names(chosen, name)
         if ood_probe is not None and not isinstance(ood_probe, DataLoader):
@@ -108,14 +125,14 @@ class ProbeSettings:
             names=names,
             ood_probe=ood_probe,
             max_samples=_int("max_samples", max_samples, 1, optional=True),
-            every_n_epochs=_int("every_n_epochs", every_n_epochs, 1),
+            every_n_epochs=_required("every_n_epochs", every_n_epochs, 1),
             batch_size=_int("batch_size", batch_size, 1, optional=True),
             seed=int(seed),
             num_classes=_int("num_classes", num_classes, 2, optional=True),
         )
 
 
-def _probe_list(probe, probes) -> tuple[Any, ...]:
+def _probe_list(probe: Any, probes: Any) -> tuple[Any, ...]:
     valid = "'train', 'val', 'test' or a DataLoader"
     if probes is None:
         chosen: tuple[Any, ...] = (probe,)
@@ -131,7 +148,7 @@ def _probe_list(probe, probes) -> tuple[Any, ...]:
     return chosen
 
 
-def _probe_names(chosen: tuple[Any, ...], name) -> tuple[str, ...]:
+def _probe_names(chosen: tuple[Any, ...], name: Any) -> tuple[str, ...]:
     loaders = [p for p in chosen if isinstance(p, DataLoader)]
     if loaders:
         given = [name] if isinstance(name, str) or name is None else list(name)
@@ -143,13 +160,13 @@ def _probe_names(chosen: tuple[Any, ...], name) -> tuple[str, ...]:
                 "NeuralCollapseCallback(probe=loader, name='cifar10_c')",
             )
         it = iter(given)
-        names = [next(it) if isinstance(p, DataLoader) else p for p in chosen]
+        names: list[str] = [str(next(it)) if isinstance(p, DataLoader) else p for p in chosen]
     elif name is not None:
         if len(chosen) != 1 or not isinstance(name, str):
             raise refuse("name", name, "a name for a single probe, or None")
         names = [name]
     else:
-        names = list(chosen)
+        names = [str(p) for p in chosen]
     for n in names:
         try:
             keys.check_probe_name(n)
@@ -183,8 +200,18 @@ class FeatureSettings:
         return fmt.get(alias, "auto") if isinstance(fmt, Mapping) else fmt
 
     @classmethod
-    def build(cls, *, layers, include, exclude, classifier, pool, output_fmt, max_dim,
-              cache_budget) -> FeatureSettings:  # fmt: skip
+    def build(
+        cls,
+        *,
+        layers: Any,
+        include: Any,
+        exclude: Any,
+        classifier: Any,
+        pool: Any,
+        output_fmt: Any,
+        max_dim: Any,
+        cache_budget: Any,
+    ) -> FeatureSettings:
         valid_layers = "None (the model's feature_layers), 'all', a list of module names or a "
         valid_layers += "mapping alias -> module name"
         if isinstance(layers, str) and layers != "all":
@@ -230,8 +257,17 @@ class PairFitSettings:
     width_mismatch: str = "error"
 
     @classmethod
-    def build(cls, *, pairs, lambda_W, lambda_H, coupling, normalization, coupling_range,
-              width_mismatch) -> PairFitSettings:  # fmt: skip
+    def build(
+        cls,
+        *,
+        pairs: Any,
+        lambda_W: Any,
+        lambda_H: Any,
+        coupling: Any,
+        normalization: Any,
+        coupling_range: Any,
+        width_mismatch: Any,
+    ) -> PairFitSettings:
         from nclightning.perturbation import NORMALIZATIONS
 
         if pairs is not None:
@@ -280,7 +316,7 @@ class PairFitSettings:
         )
 
 
-def _range(value) -> tuple[float, float]:
+def _range(value: Any) -> tuple[float, float]:
     valid = "(low, high) with 0 < low < high, both finite"
     try:
         lo, hi = (float(v) for v in value)
@@ -299,13 +335,14 @@ class OutputSettings:
     one)."""
 
     log_figures: bool = False
-    snapshot_dir: str | bool | None = None
+    snapshot_dir: str | Literal[False] | None = None
     snapshot_features: int = 0
     progress: bool | None = None
 
     @classmethod
-    def build(cls, *, log_figures, snapshot_dir, snapshot_features,
-              progress) -> OutputSettings:  # fmt: skip
+    def build(
+        cls, *, log_figures: Any, snapshot_dir: Any, snapshot_features: Any, progress: Any
+    ) -> OutputSettings:
         if snapshot_dir is not None and snapshot_dir is not False:
             if not isinstance(snapshot_dir, (str, bytes)) and not hasattr(
                 snapshot_dir, "__fspath__"
@@ -319,7 +356,7 @@ class OutputSettings:
         return cls(
             log_figures=log_figures,
             snapshot_dir=snapshot_dir,
-            snapshot_features=_int("snapshot_features", snapshot_features, 0),
+            snapshot_features=_required("snapshot_features", snapshot_features, 0),
             progress=progress,
         )
 
@@ -336,7 +373,7 @@ class CallbackSettings:
     @classmethod
     def build(cls, **flat: Any) -> CallbackSettings:
         """From the callback's flat keyword arguments (each goes to its one group)."""
-        groups = {
+        groups: dict[str, tuple[Any, tuple[str, ...]]] = {
             "probe": (ProbeSettings, _fields(ProbeSettings.build)),
             "features": (FeatureSettings, _fields(FeatureSettings.build)),
             "fit": (PairFitSettings, _fields(PairFitSettings.build)),
@@ -371,7 +408,7 @@ class SimpleRecord:
     pool: Any
 
 
-def _fields(build) -> tuple[str, ...]:
+def _fields(build: Any) -> tuple[str, ...]:
     import inspect
 
     return tuple(inspect.signature(build).parameters)

@@ -100,7 +100,7 @@ def shard(indices: Tensor, rank: int, world_size: int) -> Tensor:
     return indices[rank::world_size]
 
 
-def split_batch(batch) -> tuple[Any, Tensor]:
+def split_batch(batch: Any) -> tuple[Any, Tensor]:
     """``(inputs, labels)`` of a batch.
 
     A ``(x, y, ...)`` tuple gives ``x``; a mapping with ``labels`` (the Hugging Face
@@ -125,7 +125,7 @@ def split_batch(batch) -> tuple[Any, Tensor]:
     )
 
 
-def inputs_of(batch) -> Any:
+def inputs_of(batch: Any) -> Any:
     """The model inputs of a batch that may have no labels (an out-of-distribution probe)."""
     if isinstance(batch, Mapping):
         return split_batch(batch)[0] if "labels" in batch or "x" in batch else dict(batch)
@@ -134,7 +134,7 @@ def inputs_of(batch) -> Any:
     return batch
 
 
-def call_model(model: nn.Module, inputs) -> Any:
+def call_model(model: nn.Module, inputs: Any) -> Any:
     """``model(**inputs)`` for a mapping of inputs, ``model(inputs)`` otherwise."""
     if isinstance(inputs, Mapping):
         return model(**inputs)
@@ -178,7 +178,9 @@ class ProbeSource:
         )
 
 
-def resolve_source(probe, name: str, trainer, pl_module, num_classes: int) -> ProbeSource:
+def resolve_source(
+    probe: Any, name: str, trainer: Any, pl_module: Any, num_classes: int
+) -> ProbeSource:
     """The :class:`ProbeSource` of ``probe`` (a split name or a ``DataLoader``) over
     ``num_classes`` classes (the model's). An empty probe, or labels outside ``0..K-1``,
     are refused here, before a probe runs."""
@@ -239,7 +241,7 @@ def _trainer_loader(trainer: Any, dm: Any, split: str) -> DataLoader[Any]:
     return loader
 
 
-def _fit_source(trainer, split: str):
+def _fit_source(trainer: Any, split: str) -> Any:
     """The loader given to ``trainer.fit``/``validate``/``test`` for ``split``, built now."""
     loops = {"train": ("fit_loop",), "val": ("fit_loop", "epoch_loop", "val_loop")}
     loops["test"] = ("test_loop",)

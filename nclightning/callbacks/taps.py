@@ -27,7 +27,7 @@ accuracy and NC4 use, and its input tells which tapped layer feeds it (``nc3``, 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -79,7 +79,7 @@ def layout_of(module: nn.Module, ndim: int, fmt: str = "auto", name: str = "") -
 
 
 def features_of(
-    output,
+    output: Any,
     module: nn.Module,
     fmt: str = "auto",
     pool: str = "avg",
@@ -166,11 +166,11 @@ class LayerTaps:
             raise ConfigurationError(f"pool {pool!r} for {alias!r}: choose from {POOLS}")
         return pool
 
-    def _hook(self, alias: str):
+    def _hook(self, alias: str) -> Callable[[nn.Module, Any, Any], None]:
         fmt, pool, proj = self.fmt(alias), self.pool(alias), self._projections.get(alias)
         name = alias  # errors name the layer as the user's settings do
 
-        def hook(module: nn.Module, args, output) -> None:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
             if alias not in self.layouts:
                 out = first_tensor(output)
                 ndim = out.ndim if isinstance(out, Tensor) else 2
@@ -207,7 +207,7 @@ class LayerTaps:
         self._features.clear()
         self._logits = self._classifier_input = None
 
-    def forward(self, x) -> tuple[dict[str, Tensor], Tensor | None]:
+    def forward(self, x: Any) -> tuple[dict[str, Tensor], Tensor | None]:
         """Run the model on ``x`` (a mapping goes in as keyword arguments); ``(features,
         logits)`` of this batch.
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from jsonargparse import set_parsing_settings
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
@@ -190,7 +191,7 @@ class NCLightningCLI(LightningCLI):
             raise ConfigError(f"invalid configuration: {err}") from err
         lifecycle.configure_threads(self.trainer, self.model, self.datamodule)
 
-    def instantiate_trainer(self, **kwargs: Any):
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         try:
             trainer = super().instantiate_trainer(**kwargs)
         except RuntimeError as err:  # Lightning refuses two callbacks of one state_key
