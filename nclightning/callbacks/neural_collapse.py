@@ -481,8 +481,6 @@ class NeuralCollapseCallback(Callback):
         self.probe_now(trainer, pl_module, epochs)
         if trainer.is_global_zero:
             self._end_outputs(trainer)
-        if trainer.is_global_zero:
-            self._end_outputs(trainer)
 
     def _train_reference(
         self,
