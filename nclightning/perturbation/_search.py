@@ -19,10 +19,20 @@ a branch of local minima after it stopped being global. The scan warm-starts eac
 from the previous one; the two grid points that bracket the first crossing are then solved
 again from the ridge start, and if either finds a lower minimum the whole scan is repeated
 with both starts at every grid point (the lower objective kept; ``Solver.branches`` counts
-the points where the starts disagreed). Refinement points start from the nearer end of the
-bracket, and the root is checked once more against a ridge start. Where two branches
+the points where the starts disagreed). Refinement points start from the interpolation of the
+bracket's minimisers in ``log beta`` or its nearer end, whichever has the lower objective, and
+the root is checked once more against a ridge start. Where two branches
 exchange global optimality inside the bracket the metric of the global minimiser jumps: the
 search then ends at the jump and reports it (``jump``) instead of a root.
+
+**Accuracy where it matters** (the cost, ``benchmarks/scale.py``). Every solve is only as
+accurate as the decision it serves, and each finer one continues from the coarser minimiser
+(nothing is solved twice): a scan point is solved *coarse* (Newton step :data:`COARSE_STEP`),
+enough for its side of a target farther than :data:`SIDE`; *loose* (:data:`LOOSE_STEP`) within
+:data:`SIDE`, at the bracket ends (their objectives are compared by the guard) and for the
+ridge runs of the guard; to the solver's ``tol`` within :data:`CLOSE`. Brent's method brings
+``log(value / target)`` to 0 (nearly linear in ``log beta`` where the metric follows a power of
+``beta``), so the refinement needs few points; the reported point is always solved to ``tol``.
 """
 
 from __future__ import annotations
@@ -96,16 +106,13 @@ class Solver:
         model = Model(self.spec, self.lw, self.lh, beta)
         return guess if model.evaluate(guess).f < model.evaluate(prev.W).f else prev.W
 
-    def at(
-        self, beta: float, starts: list[Tensor | None], loose: bool = False, level: str = ""
-    ) -> Point:
+    def at(self, beta: float, starts: list[Tensor | None], level: str = "tight") -> Point:
         """Solve at ``beta`` from every start (``None``: ridge); keep the lowest objective.
 
-        ``loose``: to a Newton step of :data:`LOOSE_STEP` only, enough for the side of a target
-        farther than :data:`CLOSE`, or to compare objectives (their error is quadratic);
-        ``level="coarse"``: to :data:`COARSE_STEP`, enough for a side farther than :data:`SIDE`.
+        ``level="loose"``: to a Newton step of :data:`LOOSE_STEP` only, enough for the side of a
+        target farther than :data:`CLOSE`, or to compare objectives (their error is quadratic);
+        ``"coarse"``: to :data:`COARSE_STEP`, enough for a side farther than :data:`SIDE`.
         """
-        level = level or ("loose" if loose else "tight")
         model = Model(self.spec, self.lw, self.lh, beta)
         if level in LEVELS:
             tol, step = LEVELS[level]
@@ -219,7 +226,7 @@ class RootSearch:
         for p in points:
             if p is None or p.cold:
                 continue
-            q = solver.at(p.beta, [None], loose=True)
+            q = solver.at(p.beta, [None], level="loose")
             if q.result.evaluation.f < p.result.evaluation.f - 1e-9 * abs(p.result.evaluation.f):
                 return False
         return True
