@@ -12,7 +12,9 @@ Cases (``CASES``; ``--only`` takes a case name or a comma-separated list):
   no ``near``) on synthetic class moments of that width ``d`` and class count ``K``, in units
   of one float64 ``torch.linalg.inv`` of a ``d x d`` SPD matrix. Targets 100, 60, 60.
 
-``--quick`` runs only the smallest fit case (d=512, K=100) and one repeat.
+``--quick`` runs only the smallest fit case (d=512, K=100) and one repeat. ``--cap S`` stops a
+measured run after ``S`` seconds (default 900): the line then reads ``> S`` and FAIL when
+``S`` is already over the target.
 
 Synthetic ``H0``: Gaussian class means (``||mu_k|| ~ 3``) and a within-class scatter with a
 ``1/j`` spectrum in a random basis (``Tr Sigma_W ~ Tr Sigma_B``: ``nc1_tilde ~ 1``), 50
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import statistics
 import sys
 import time
@@ -39,6 +42,11 @@ from nclightning.perturbation import fit_pair
 
 LAMBDA_W = LAMBDA_H = 5e-4
 PER_CLASS = 50
+CAP_S = 900.0  # --cap: seconds one measured run may take
+
+
+class Capped(Exception):
+    """A measured run passed ``CAP_S`` seconds."""
 
 
 @dataclass
@@ -52,15 +60,21 @@ class Outcome:
     target: float
     detail: str = ""
 
+    capped: bool = False  # measured is the cap: the run did not finish
+
     @property
     def ratio(self) -> float:
         return self.measured / self.unit
 
+    @property
+    def passed(self) -> bool:
+        return not self.capped and self.ratio <= self.target
+
     def line(self) -> str:
-        verdict = "PASS" if self.ratio <= self.target else "FAIL"
+        more = "> " if self.capped else ""
         return (
-            f"{self.case}, {self.measured:.3f} s, {self.unit_name} = {self.unit:.4f} s, "
-            f"{self.ratio:.1f}, <= {self.target:g}, {verdict}"
+            f"{self.case}, {more}{self.measured:.3f} s, {self.unit_name} = {self.unit:.4f} s, "
+            f"{more}{self.ratio:.1f}, <= {self.target:g}, {'PASS' if self.passed else 'FAIL'}"
         )
 
 
@@ -70,15 +84,35 @@ def _timed(fn: Callable[[], object]) -> tuple[float, object]:
     return time.perf_counter() - t, out
 
 
+def _capped(fn: Callable[[], object]) -> tuple[float, object]:
+    """``_timed(fn)``, or ``(CAP_S, None)`` when it runs longer than ``CAP_S`` seconds."""
+
+    def stop(*_):
+        raise Capped
+
+    old = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, CAP_S)
+    try:
+        return _timed(fn)
+    except Capped:
+        return CAP_S, None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def interleaved(measure: Callable[[], object], unit: Callable[[], object], repeats: int):
-    """``(median measured s, median unit s, last output)``: unit runs before and after each."""
+    """``(median measured s, median unit s, last output)``: unit runs before and after each;
+    the output is ``None`` when a run passed ``CAP_S`` (no further repeats then)."""
     unit()  # warm-up
     units, times, out = [_timed(unit)[0]], [], None
     for _ in range(repeats):
-        t, out = _timed(measure)
+        t, out = _capped(measure)
         times.append(t)
         units.append(_timed(unit)[0])
         units.append(_timed(unit)[0])
+        if out is None:
+            return t, statistics.median(units), None
     return statistics.median(times), statistics.median(units), out
 
 
@@ -117,12 +151,15 @@ def fit_case(d: int, K: int, target: float, repeats: int) -> Outcome:
         return fit_pair(m0, m, lambda_W=LAMBDA_W, lambda_H=LAMBDA_H)
 
     med, unit, res = interleaved(fit, lambda: torch.linalg.inv(spd), repeats)
+    name, unit_name = f"fit_pair d={d} K={K}", f"inv({d}x{d}) f64"
+    if res is None:
+        return Outcome(name, med, unit_name, unit, target, f"stopped at {CAP_S:g} s", True)
     s = res.solve
     detail = (
         f"status={res.status} coupling={res.coupling:.10g} converged={res.converged} "
         f"final solve: {s.iterations} Newton, {s.hessian_products} hvp"
     )
-    return Outcome(f"fit_pair d={d} K={K}", med, f"inv({d}x{d}) f64", unit, target, detail)
+    return Outcome(name, med, unit_name, unit, target, detail)
 
 
 def case_fit_pair_512_100(quick: bool) -> Outcome:
@@ -145,12 +182,19 @@ CASES: dict[str, Callable[[bool], Outcome]] = {
 QUICK = ("fit_pair_512_100",)
 
 
+def _set_cap(seconds: float) -> None:
+    global CAP_S
+    CAP_S = float(seconds)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="", help="case name(s), comma separated")
     ap.add_argument("--quick", action="store_true", help="the smallest cases, one repeat")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cap", type=float, default=CAP_S, help="seconds per measured run")
     args = ap.parse_args(argv)
+    _set_cap(args.cap)
     names = [n for n in args.only.split(",") if n] or list(QUICK if args.quick else CASES)
     unknown = [n for n in names if n not in CASES]
     if unknown:
@@ -168,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         print(out.line(), flush=True)
         if out.detail:
             print(f"  ({out.detail})", flush=True)
-        failed += out.ratio > out.target
-    print(f"loadavg at end {os.getloadavg()[0]:.2f}")
+        failed += not out.passed
+    print(f"loadavg at end {os.getloadavg()[0]:.2f}; {failed} of {len(names)} case(s) FAIL")
     return 0
 
 
