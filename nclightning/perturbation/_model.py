@@ -144,25 +144,23 @@ class Model:
 
         g_wmu = st.gram + b * st.w_mu
         mtm = mi @ t @ mi
-        wm = torch.cat([W, self.mu])  # [2K, d]
         fixed = torch.cat([W, self.mu, st.ws])  # [3K, d]
-        ee = torch.cat([e0, e1], 1)  # [K, 2K]
-        K = self.K
+        e01 = torch.cat([e0, e1])  # [2K, K]
+        K, s = self.K, self.s
 
         def hvp(V: Tensor) -> Tensor:
-            vs = V * self.s
-            vw = V @ wm.T  # [V W^T | V mu^T]
-            d_gram = vw[:, :K] + vw[:, :K].T
-            d_wmu = vw[:, K:].T
-            d_t = vs @ W.T
-            d_t = d_t + d_t.T
+            vf = V @ fixed.T  # [V W^T | V mu^T | V S W^T], one product
+            d_gram = vf[:, :K] + vf[:, :K].T
+            d_wmu = vf[:, K : 2 * K].T
+            d_t = vf[:, 2 * K :] + vf[:, 2 * K :].T
             d_mi = -mi @ d_gram @ mi
             d_rn = (b * d_wmu @ mi + a0 @ d_mi).T * self.n
             d_p1 = -(d_gram + b * d_wmu) @ mi - g_wmu @ d_mi
             tt = -mi @ (d_gram @ mtm)  # d_mi T M^-1; its transpose is M^-1 T d_mi
             d_e0 = (d_rn @ p1 + rn @ d_p1) / cn - (b * b / cn) * (tt + tt.T + mi @ d_t @ mi)
             d_all = torch.cat([d_e0, (b / cn) * d_rn, (b * b / cn) * d_mi], 1)  # [K, 3K]
-            return ee @ torch.cat([V, vs]) + d_all @ fixed
+            ev = e01 @ V  # E0 V and E1 V; (E1 V) S = E1 (V S)
+            return torch.addcmul(ev[:K], ev[K:], s).addmm_(d_all, fixed)
 
         return hvp
 

@@ -55,11 +55,15 @@ def _dot(a: Tensor, b: Tensor) -> float:
     return float((a * b).sum())
 
 
-def _choose(hvp: Operator, preconds: Sequence[Operator], g: Tensor) -> tuple[Operator, int]:
-    """The candidate whose gradient step has curvature ratio closest to 1 (and #products)."""
+def _choose(
+    hvp: Operator, preconds: Sequence[Operator], g: Tensor
+) -> tuple[Operator, int, tuple[Tensor, Tensor] | None]:
+    """The candidate whose gradient step has curvature ratio closest to 1, #products, and
+    ``(z, H z)`` of the chosen candidate's step ``z = M g`` (``None`` when not computed): the
+    first conjugate-gradient direction is ``-z``, so its product is not computed again."""
     if len(preconds) == 1:
-        return preconds[0], 0
-    best, best_score = preconds[0], math.inf
+        return preconds[0], 0, None
+    best, best_score, first = preconds[0], math.inf, None
     for m in preconds:
         z = m(g)
         hz = hvp(z)
@@ -67,8 +71,8 @@ def _choose(hvp: Operator, preconds: Sequence[Operator], g: Tensor) -> tuple[Ope
         zz = _dot(hz, hz)
         score = float((g - (_dot(hz, g) / zz) * hz).norm()) if zz > 0 else math.inf
         if score < best_score:
-            best, best_score = m, score
-    return best, len(preconds)
+            best, best_score, first = m, score, (z, hz)
+    return best, len(preconds), first
 
 
 def _cg(
@@ -78,8 +82,11 @@ def _cg(
     forcing: float,
     max_cg: int,
     small: Callable[[Tensor], bool] | None = None,
+    first: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, int, bool]:
     """Approximate solution of ``H p = -g`` by preconditioned CG: ``(p, #products, small)``.
+
+    ``first``: ``(M g, H M g)`` when already computed (the first product is then reused).
 
     ``small(p)`` is asked once, when the residual first falls below ``0.1 |g|``: a step that is
     already negligible then ends the solve (the convergence test of :func:`minimize` needs
@@ -87,29 +94,33 @@ def _cg(
     """
     p = g.new_zeros(g.shape)
     r = -g
-    z = precond(r)
+    z = precond(r) if first is None else -first[0]
     d = z
     rz = _dot(r, z)
     g_norm = float(g.norm())
+    products = 0
     for k in range(1, max_cg + 1):
-        hd = hvp(d)
+        if k == 1 and first is not None:
+            hd = -first[1]  # H(-M g), computed by the choice of preconditioner
+        else:
+            hd, products = hvp(d), products + 1
         curv = _dot(d, hd)
         if curv <= 0:  # non-positive curvature: keep what we have
-            return (z if k == 1 else p), k, False
+            return (z if k == 1 else p), products, False
         a = rz / curv
         p = p + a * d
         r = r - a * hd
         r_norm = float(r.norm())
         if small is not None and r_norm <= 0.1 * g_norm:
             if small(p):
-                return p, k, True
+                return p, products, True
             small = None
         if r_norm <= forcing * g_norm:
-            return p, k, False
+            return p, products, False
         z = precond(r)
         rz, rz_old = _dot(r, z), rz
         d = z + (rz / rz_old) * d
-    return p, max_cg, False
+    return p, products, False
 
 
 def _is_small(step: Tensor, x: Tensor, step_tol: float) -> bool:
@@ -127,8 +138,8 @@ def _direction(
     """Newton-CG direction at ``x``, the chosen preconditioner, #Hessian products, and whether
     the step was found negligible (``small``) before the CG solve was complete."""
     hvp, preconds = hessian(x, ev)
-    precond, used = _choose(hvp, preconds, ev.grad)
-    direction, k, negligible = _cg(hvp, precond, ev.grad, forcing, max_cg, small)
+    precond, used, first = _choose(hvp, preconds, ev.grad)
+    direction, k, negligible = _cg(hvp, precond, ev.grad, forcing, max_cg, small, first)
     if _dot(direction, ev.grad) >= 0:
         direction = -precond(ev.grad)
     return direction, precond, used + k, negligible

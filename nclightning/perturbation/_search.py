@@ -19,10 +19,20 @@ a branch of local minima after it stopped being global. The scan warm-starts eac
 from the previous one; the two grid points that bracket the first crossing are then solved
 again from the ridge start, and if either finds a lower minimum the whole scan is repeated
 with both starts at every grid point (the lower objective kept; ``Solver.branches`` counts
-the points where the starts disagreed). Refinement points start from the nearer end of the
-bracket, and the root is checked once more against a ridge start. Where two branches
+the points where the starts disagreed). Refinement points start from the interpolation of the
+bracket's minimisers in ``log beta`` or its nearer end, whichever has the lower objective, and
+the root is checked once more against a ridge start. Where two branches
 exchange global optimality inside the bracket the metric of the global minimiser jumps: the
 search then ends at the jump and reports it (``jump``) instead of a root.
+
+**Accuracy where it matters** (the cost, ``benchmarks/scale.py``). Every solve is only as
+accurate as the decision it serves, and each finer one continues from the coarser minimiser
+(nothing is solved twice): a scan point is solved *coarse* (Newton step :data:`COARSE_STEP`),
+enough for its side of a target farther than :data:`SIDE`; *loose* (:data:`LOOSE_STEP`) within
+:data:`SIDE`, at the bracket ends (their objectives are compared by the guard) and for the
+ridge runs of the guard; to the solver's ``tol`` within :data:`CLOSE`. Brent's method brings
+``log(value / target)`` to 0 (nearly linear in ``log beta`` where the metric follows a power of
+``beta``), so the refinement needs few points; the reported point is always solved to ``tol``.
 """
 
 from __future__ import annotations
@@ -42,11 +52,18 @@ __all__ = ["Point", "RootSearch", "Solver"]
 
 Metric = Callable[[Model, Tensor], float]
 
+COARSE_STEP = 1e-2
+"""Newton step (relative to ``|W|``) that ends a coarse solve: enough for the side of a target
+farther than :data:`SIDE` (the error left in ``W`` is about the square of the last step)."""
 LOOSE_STEP = 1e-4
 """Newton step (relative to ``|W|``) that ends a loose solve: the metric is then right to about
 that relative accuracy (a small gradient alone does not say it, see ``._newton``)."""
+SIDE = 0.25
+"""A coarse point within this relative distance of the target is continued to a loose solve."""
 CLOSE = 0.02
-"""A loose point within this relative distance of the target is solved again to ``tol``."""
+"""A loose point within this relative distance of the target is continued to ``tol``."""
+LEVELS = {"coarse": (1e-4, COARSE_STEP), "loose": (1e-6, LOOSE_STEP)}
+"""``(largest tol, step_tol)`` of the solves short of ``tol`` (a ``"tight"`` solve)."""
 
 
 @dataclass
@@ -58,7 +75,11 @@ class Point:
     model: Model
     result: NewtonResult
     cold: bool  # whether the ridge start was among the starts
-    loose: bool = False  # solved to LOOSE_TOL only
+    level: str = "tight"  # "coarse", "loose" (LEVELS) or "tight" (to the solver's tol)
+
+    @property
+    def loose(self) -> bool:
+        return self.level != "tight"
 
     @property
     def W(self) -> Tensor:  # eigenbasis
@@ -85,21 +106,26 @@ class Solver:
         model = Model(self.spec, self.lw, self.lh, beta)
         return guess if model.evaluate(guess).f < model.evaluate(prev.W).f else prev.W
 
-    def at(self, beta: float, starts: list[Tensor | None], loose: bool = False) -> Point:
+    def at(self, beta: float, starts: list[Tensor | None], level: str = "tight") -> Point:
         """Solve at ``beta`` from every start (``None``: ridge); keep the lowest objective.
 
-        ``loose``: to a Newton step of :data:`LOOSE_STEP` only, enough for the side of a target
-        farther than :data:`CLOSE`, or to compare objectives (their error is quadratic).
+        ``level="loose"``: to a Newton step of :data:`LOOSE_STEP` only, enough for the side of a
+        target farther than :data:`CLOSE`, or to compare objectives (their error is quadratic);
+        ``"coarse"``: to :data:`COARSE_STEP`, enough for a side farther than :data:`SIDE`.
         """
         model = Model(self.spec, self.lw, self.lh, beta)
-        kw = dict(tol=max(self.tol, 1e-6), step_tol=LOOSE_STEP) if loose else dict(tol=self.tol)
+        if level in LEVELS:
+            tol, step = LEVELS[level]
+            kw = dict(tol=max(self.tol, tol), step_tol=step)
+        else:
+            kw = dict(tol=self.tol)
         runs = [minimize_model(model, w, max_iter=200, **kw) for w in starts]
         best = min(runs, key=lambda r: (not r.converged, r.evaluation.f))
         fs = [r.evaluation.f for r in runs if r.converged]
         if fs and max(fs) - min(fs) > 1e-10 * abs(min(fs)):
             self.branches += 1
         cold = any(w is None for w in starts)
-        point = Point(beta, self.metric(model, best.x), model, best, cold, loose)
+        point = Point(beta, self.metric(model, best.x), model, best, cold, level)
         if not math.isfinite(point.value):
             raise ValueError(f"the fitted metric is not finite at beta={beta:g} ({point.value})")
         self.points.append(point)
@@ -146,6 +172,14 @@ class RootSearch:
         self.history = [(p.beta, p.value) for p in solver.points]
         return self
 
+    def _gap(self, p: Point) -> float:
+        """What the refinement brings to 0: ``log(value / target)`` for a positive target (a
+        metric like ``nc1_tilde`` is closer to a power of ``beta`` than to a line), else
+        ``value - target``; same sign, same root."""
+        if self.target > 0:
+            return math.log(max(p.value, 1e-300) / self.target)
+        return p.value - self.target
+
     def _side(self, p: Point) -> bool:
         return p.value > self.target
 
@@ -162,18 +196,26 @@ class RootSearch:
             starts: list[Tensor | None] = (
                 [None] if prev is None else [warm, None] if guard else [warm]
             )
-            p = self._tight(solver, solver.at(beta, starts, loose=not guard))
+            p = self._tight(solver, solver.at(beta, starts, level="tight" if guard else "coarse"))
             if p.value == self.target:
                 return None, p
             if prev is not None and self._side(p) != self._side(prev):
-                return self._tight(solver, prev, force=True), self._tight(solver, p, force=True)
+                # loose at least: the guard compares their objectives to 1e-9
+                return self._tight(solver, prev, loose=True), self._tight(solver, p, loose=True)
             prev, before = p, prev
         self.point = min(solver.points, key=lambda q: abs(q.value - self.target))
         return None, None
 
-    def _tight(self, solver: Solver, p: Point, force: bool = False) -> Point:
-        """``p`` solved to ``tol`` if it was loose and close to the target (or ``force``)."""
-        if p.loose and (force or abs(p.value - self.target) <= CLOSE * abs(self.target)):
+    def _tight(self, solver: Solver, p: Point, force: bool = False, loose: bool = False) -> Point:
+        """``p`` continued to the accuracy its distance to the target needs: a coarse point
+        within :data:`SIDE` (or any, with ``loose`` or ``force``) to a loose one, a loose one
+        within :data:`CLOSE` (or any, with ``force``) to ``tol``; each continuation starts from
+        ``p``'s minimiser, so nothing is solved twice."""
+        gap = abs(p.value - self.target)
+        if p.level == "coarse" and (force or loose or gap <= SIDE * abs(self.target)):
+            p = solver.at(p.beta, [p.W], level="loose")
+            gap = abs(p.value - self.target)
+        if p.loose and (force or gap <= CLOSE * abs(self.target)):
             return solver.at(p.beta, [p.W])
         return p
 
@@ -186,14 +228,16 @@ class RootSearch:
         for p in points:
             if p is None or p.cold:
                 continue
-            q = solver.at(p.beta, [None], loose=True)
+            q = solver.at(p.beta, [None], level="loose")
             if q.result.evaluation.f < p.result.evaluation.f - 1e-9 * abs(p.result.evaluation.f):
                 return False
         return True
 
     def _refine(self, solver: Solver, lower: Point, upper: Point, near: float | None) -> Point:
-        """Brent's method on ``x = log beta`` between two points on opposite sides."""
-        f = {id(p): p.value - self.target for p in (lower, upper)}
+        """Brent's method on ``x = log beta`` between two points on opposite sides, each new
+        point loose unless the best so far is within :data:`CLOSE` (then to ``tol``), warm
+        started from the interpolation of the bracket's minimisers (:func:`_start`)."""
+        f = {id(p): self._gap(p) for p in (lower, upper)}
         a, b, c = upper, lower, upper  # b: best so far, [b, c] brackets the crossing
         d = e = math.log(upper.beta) - math.log(lower.beta)
         xtol = 0.5 * math.log1p(self.rtol)
@@ -205,20 +249,37 @@ class RootSearch:
             if abs(f[id(c)]) < abs(f[id(b)]):
                 a, b, c = b, c, b
             xb, xm = math.log(b.beta), 0.5 * (math.log(c.beta) - math.log(b.beta))
-            if abs(xm) <= xtol or abs(f[id(b)]) <= 1e-11 * abs(self.target):
+            if abs(xm) <= xtol or abs(b.value - self.target) <= 1e-11 * abs(self.target):
                 break
             d, e = _brent_step(a, b, c, f, xm, xtol, d, e)
             if trial is not None:
                 d, trial = trial - xb, None
             a = b
             step = d if abs(d) > xtol else math.copysign(xtol, xm)
-            x = xb + step  # warm start from the nearer end of the bracket
-            b = solver.at(math.exp(x), [min((b, c), key=lambda p: abs(math.log(p.beta) - x)).W])
-            f[id(b)] = b.value - self.target
+            x = xb + step  # loose first, unless the best point so far is already close
+            level = "tight" if abs(b.value - self.target) <= CLOSE * abs(self.target) else "loose"
+            b = self._tight(solver, solver.at(math.exp(x), [_start(b, c, x)], level=level))
+            f[id(b)] = self._gap(b)
+        if b.loose:  # ended on a point far from the target (a jump): report it solved to tol
+            b = self._tight(solver, b, force=True)
+            f[id(b)] = self._gap(b)
         self.bracket = (min(b.beta, c.beta), max(b.beta, c.beta))
         tol = 1e-6 * abs(self.target)
-        self.jump = abs(f[id(b)]) > tol and abs(f[id(c)]) > tol
+        self.jump = abs(b.value - self.target) > tol and abs(c.value - self.target) > tol
         return b
+
+
+def _start(b: Point, c: Point, x: float) -> Tensor:
+    """Warm start at ``log beta = x`` inside ``[b, c]``: the interpolation of their minimisers
+    in ``log beta`` or the nearer one's, whichever has the lower objective at ``x``."""
+    near = min((b, c), key=lambda p: abs(math.log(p.beta) - x))
+    xb, xc = math.log(b.beta), math.log(c.beta)
+    if xb == xc:
+        return near.W
+    t = (x - xb) / (xc - xb)
+    guess = b.W + t * (c.W - b.W)
+    model = Model(near.model.spec, near.model.lw, near.model.lh, math.exp(x))
+    return guess if model.evaluate(guess).f < model.evaluate(near.W).f else near.W
 
 
 def _brent_step(
