@@ -73,7 +73,8 @@ def nc1(m: ClassMoments, eig_rtol: float = EIG_RTOL) -> float:
     """``(1/K) Tr(Sigma_W Sigma_B^+)`` (Papyan et al. 2020; docs/science.md §1).
 
     Computed in the range of the centred means ``M^T [K, d]``: with the thin SVD
-    ``M^T = U S V^T``, ``Sigma_B = V (S^2/K) V^T`` so ``(1/K) Tr(Sigma_W Sigma_B^+) =
+    ``M^T = U S V^T`` (``v_i``, ``s_i`` from the smaller Gram matrix, :func:`_between_eig`),
+    ``Sigma_B = V (S^2/K) V^T`` so ``(1/K) Tr(Sigma_W Sigma_B^+) =
     sum_i (v_i^T Sigma_W v_i) / s_i^2`` over kept ``i``, each quadratic form from
     :meth:`ClassMoments.within_quadratic` (full scatter or its projection on the span).
     Cost ``O(K d^2 + K^2 d)``. NaN for ``K < 2`` or ``Sigma_B = 0``.
@@ -83,13 +84,36 @@ def nc1(m: ClassMoments, eig_rtol: float = EIG_RTOL) -> float:
         return _NAN
     if m.scatter is None and m.span_basis is not None:
         mt = _span_means(m, mt)
-    _, s, vh = torch.linalg.svd(mt, full_matrices=False)  # rows of vh: v_i
-    ev = s.square()
-    if not float(ev.max()) > 0:
+    ev, vh = _between_eig(mt, eig_rtol)
+    if vh is None:
         return _NAN
-    keep = ev > eig_rtol * ev.max()
-    quad = m.within_quadratic(vh[keep]) / m.total  # v_i^T Sigma_W v_i
-    return float((quad / ev[keep]).sum())
+    quad = m.within_quadratic(vh) / m.total  # v_i^T Sigma_W v_i
+    return float((quad / ev).sum())
+
+
+def _between_eig(mt: Tensor, eig_rtol: float) -> tuple[Tensor, Tensor | None]:
+    """Kept eigenpairs of ``M M^T = mt^T mt``: ``(s_i^2 [r], v_i as rows [r, d])``.
+
+    From the smaller of the two Gram matrices (``O(K^2 d)`` and a ``min(K, d)``-sized
+    symmetric eigensolver instead of an SVD of ``mt``, several times faster): for ``K <= d``
+    ``mt mt^T = U S^2 U^T`` and ``v_i = mt^T u_i / s_i``, with ``s_i^2`` taken as
+    ``||mt^T u_i||^2``. Eigenvalues below ``eig_rtol`` times the largest are dropped;
+    ``(ev, None)`` when every eigenvalue is 0.
+    """
+    K, d = mt.shape
+    if K <= d:
+        lam, u = torch.linalg.eigh(mt @ mt.T)
+    else:
+        lam, u = torch.linalg.eigh(mt.T @ mt)
+    top = float(lam.max())
+    if not top > 0:
+        return lam, None
+    u = u[:, lam > eig_rtol * top]
+    if K > d:
+        return lam[lam > eig_rtol * top], u.T.contiguous()
+    w = u.T @ mt  # [r, d], rows s_i v_i
+    ev = w.square().sum(1)
+    return ev, w / ev.sqrt().unsqueeze(1)
 
 
 def nc1_tilde(m: ClassMoments) -> float:

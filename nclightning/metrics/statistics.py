@@ -158,6 +158,9 @@ class ClassStatistics(Float64States, Metric):
         per_class_scatter: bool = False,
         **kwargs: Any,
     ) -> None:
+        # compute() depends on set_classifier too: never serve a cached result
+        kwargs.setdefault("compute_with_cache", False)
+        self._sync_on_compute = bool(kwargs.get("sync_on_compute", True))
         super().__init__(**kwargs)
         if int(num_classes) < 1 or int(dim) < 1:
             raise ValueError(f"num_classes and dim must be >= 1, got {num_classes}, {dim}")
@@ -186,8 +189,6 @@ class ClassStatistics(Float64States, Metric):
         merge = functools.partial(merge_packed_states, layout=self._layout, basis=self._basis)
         self.add_state("packed", default, dist_reduce_fx=merge)
         self._accumulator = Accumulator(self._layout, self._basis, shift_dtype, self.fixed_shift)
-        self._views_of: Tensor | None = None
-        self._views_cache: dict[str, Tensor] = {}
         self._weight: Tensor | None = None
 
     # -- classifier ---------------------------------------------------------------------------
@@ -199,7 +200,6 @@ class ClassStatistics(Float64States, Metric):
                 f"got {tuple(weight.shape)}"
             )
         self._weight = None if weight is None else weight.detach().to(_F64).clone()
-        self._computed = None
 
     # -- accumulation -------------------------------------------------------------------------
     def _dtype_for(self, dtype: torch.dtype) -> torch.dtype:
@@ -234,57 +234,15 @@ class ClassStatistics(Float64States, Metric):
         x, y = self._check_batch(features, labels)
         if x.shape[0] == 0:
             return
-        self._accumulator.add(self._views(), x, y, self._dtype_for(x.dtype))
+        self._accumulator.add(self.packed, x, y, self._dtype_for(x.dtype))
 
     def forward(self, features: Tensor, labels: Tensor) -> None:  # type: ignore[override]
         """Same as :meth:`update`; returns ``None`` (no per-batch metrics)."""
         self.update(features, labels)
 
-    def _views(self) -> dict[str, Tensor]:
-        """Writable views of the packed state (rebuilt when ``self.packed`` is replaced)."""
-        if self._views_of is not self.packed:
-            self._accumulator.drop()
-            self._views_of, self._views_cache = self.packed, self._layout.views(self.packed)
-        return self._views_cache
-
-    # -- pending float32 sums: flushed before any read of the state ---------------------------
-    def _flush(self) -> None:
-        if hasattr(self, "_accumulator"):
-            self._accumulator.flush(self._views())
-
-    def sync(self, *args: Any, **kwargs: Any) -> None:
-        self._flush()
-        super().sync(*args, **kwargs)
-
-    @property
-    def metric_state(self) -> dict[str, Any]:  # type: ignore[override]
-        self._flush()
-        return super().metric_state
-
-    def merge_state(self, incoming_state: Any) -> None:
-        self._flush()
-        super().merge_state(incoming_state)
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        self._flush()
-        return super().state_dict(*args, **kwargs)
-
-    def reset(self) -> None:
-        super().reset()
-        self._accumulator.drop()
-
-    def _apply(self, fn: Any, exclude_state: Any = ()) -> Any:
-        self._flush()
-        this = super()._apply(fn, exclude_state)
-        if hasattr(this, "_accumulator"):
-            this._accumulator.drop()
-            this._views_of = None
-        return this
-
     # -- results ------------------------------------------------------------------------------
     def _moments(self) -> ClassMoments:
-        self._flush()
-        v = self._views()
+        v = self._layout.views(self.packed)
         missing = (v["n"] == 0).nonzero().flatten().tolist()
         if missing and not self.allow_missing_classes:
             raise ValueError(
@@ -296,8 +254,8 @@ class ClassStatistics(Float64States, Metric):
     def _synced(self):
         return self.sync_context(
             dist_sync_fn=self.dist_sync_fn,
-            should_sync=self._to_sync,
-            should_unsync=self._should_unsync,
+            process_group=self.process_group,
+            should_sync=self._sync_on_compute,
         )
 
     def moments(self) -> ClassMoments:
@@ -327,9 +285,3 @@ class ClassStatistics(Float64States, Metric):
         values = metrics_from_moments(m, self._weight, eig_rtol=self.eig_rtol)
         dev = self.packed.device
         return {k: torch.tensor(val, dtype=_F64, device=dev) for k, val in values.items()}
-
-    def __getstate__(self) -> dict[str, Any]:
-        self._flush()
-        state = super().__getstate__()
-        state["_cache"] = {}  # views and casts are rebuilt on the copy's own state
-        return state
