@@ -23,8 +23,6 @@ Conventions (docs/science.md §9):
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -135,12 +133,7 @@ def cdnv(m: ClassMoments) -> float:
     NaN for ``K < 2`` or when two class means coincide (see
     :func:`~nclightning.metrics.measures.cdnv_pairs`).
     """
-    ratio = measures.cdnv_pairs(m)
-    K = ratio.shape[0]
-    if K < 2:
-        return _NAN
-    off = ~torch.eye(K, dtype=torch.bool, device=ratio.device)
-    return float(ratio[off].mean())
+    return measures.pair_scalars(m)["cdnv"]
 
 
 def _std(x: Tensor) -> float:
@@ -156,31 +149,22 @@ def nc2(m: ClassMoments) -> dict[str, float]:
     * ``nc2_maxangle = max_{k != l} |cos + 1/(K-1)|``.
 
     NaN where undefined: every value for ``K < 2`` or ``M = 0``; the two angle values when a
-    centred mean is 0 (its cosines are undefined).
+    centred mean is 0 (its cosines are undefined). The pairwise values come from the tiled
+    pass :func:`~nclightning.metrics.measures.pair_scalars` (no ``[K, K]`` matrix).
     """
+    return _nc2(m, measures.pair_scalars(m))
+
+
+def _nc2(m: ClassMoments, pairs: dict[str, float]) -> dict[str, float]:
     keys = ("nc2_etf", "nc2_equinorm", "nc2_equiangle", "nc2_maxangle")
     mt = m.centered_means
-    K = mt.shape[0]
-    if K < 2:
+    if mt.shape[0] < 2:
         return dict.fromkeys(keys, _NAN)
-    g = mt @ mt.T
-    eye = torch.eye(K, dtype=g.dtype, device=g.device)
-    gn = float(torch.linalg.matrix_norm(g))
-    if not gn > 0:
-        return dict.fromkeys(keys, _NAN)
-    etf = (eye - 1.0 / K) / math.sqrt(K - 1)
     norms = torch.linalg.vector_norm(mt, dim=1)
-    out = {
-        "nc2_etf": float(torch.linalg.matrix_norm(g / gn - etf)),
-        "nc2_equinorm": _std(norms) / float(norms.mean()),
-        "nc2_equiangle": _NAN,
-        "nc2_maxangle": _NAN,
-    }
-    if bool((norms > 0).all()):
-        cos = g / (norms.unsqueeze(0) * norms.unsqueeze(1))
-        off = ~eye.bool()
-        out["nc2_equiangle"] = _std(cos[off])
-        out["nc2_maxangle"] = float((cos[off] + 1.0 / (K - 1)).abs().max())
+    if not float(norms.max()) > 0:
+        return dict.fromkeys(keys, _NAN)
+    out = {k: pairs.get(k, _NAN) for k in keys}
+    out["nc2_equinorm"] = _std(norms) / float(norms.mean())
     return out
 
 
@@ -242,9 +226,10 @@ def metrics_from_moments(
     if "nc1" in keys:
         out["nc1"] = nc1(m, eig_rtol)
     out["nc1_tilde"] = nc1_tilde(m)
-    out["cdnv"] = cdnv(m)
-    out.update(nc2(m))
-    out["gnc2_log"] = measures.gnc2_log(m)
+    pairs = measures.pair_scalars(m)  # one tiled pass over the pairs of classes
+    out["cdnv"] = pairs["cdnv"]
+    out.update(_nc2(m, pairs))
+    out["gnc2_log"] = pairs["gnc2_log"]
     if weight is not None:
         out["nc3"] = nc3(m, weight)
         out["unc3"] = measures.unc3(m, weight)
