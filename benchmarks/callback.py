@@ -78,7 +78,7 @@ def _time_fits(nc: NeuralCollapseCallback, repeats: int = 3) -> float:
 
 
 def measure(name: str, model, dm, epochs: int, **options) -> None:
-    nc = NeuralCollapseCallback(log_figures_every_n_probes=0, batch_size=256, **options)
+    nc = NeuralCollapseCallback(log_figures=False, batch_size=256, **options)
     timer = Timer(nc)
     Trainer(
         max_epochs=epochs,

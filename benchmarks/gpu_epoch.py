@@ -96,9 +96,7 @@ def run(args, options: dict | None) -> Timer:
         lr=0.05,
         scheduler="none",
     )
-    nc = (
-        None if options is None else NeuralCollapseCallback(log_figures_every_n_probes=0, **options)
-    )
+    nc = None if options is None else NeuralCollapseCallback(log_figures=False, **options)
     timer = Timer(nc)
     Trainer(
         accelerator=args.accelerator,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     return _atomic(Path(path), lambda f: torch.save(obj, f))
 
 
-def _atomic(path: Path, write) -> Path:
+def _atomic(path: Path, write: Callable[[Any], object]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:

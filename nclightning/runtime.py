@@ -34,6 +34,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "SMALL_WORK",
@@ -123,7 +124,9 @@ def _v1_limit(root: Path, path: str) -> float | None:
     return None
 
 
-def cgroup_cpu_limit(root: str | Path = "/sys/fs/cgroup", proc_cgroup: str | None = None):
+def cgroup_cpu_limit(
+    root: str | Path = "/sys/fs/cgroup", proc_cgroup: str | None = None
+) -> float | None:
     """CPUs granted by the cgroup CPU quota (a float, e.g. 1.5), or None without a quota.
 
     Reads cgroup v2 ``cpu.max`` (``"max 100000"`` = no quota) along the process's cgroup path,
@@ -207,7 +210,7 @@ def choose_threads(
 
 
 def configure_threads(
-    model=None,
+    model: Any = None,
     batch_size: int | None = None,
     *,
     processes: int = 1,
@@ -219,6 +222,15 @@ def configure_threads(
     ``model``: an ``nn.Module`` whose trainable parameters are counted (or pass ``num_params``).
     ``export=True`` also sets ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` for worker processes
     started later (DDP), which a later call does not mistake for the user's setting.
+
+    Example:
+        >>> import torch
+        >>> from nclightning.runtime import choose_threads, configure_threads
+        >>> choose_threads(num_params=10_000, batch_size=32).threads  # little work: one thread
+        1
+        >>> choice = configure_threads(torch.nn.Linear(8, 2), batch_size=32)
+        >>> choice.threads == torch.get_num_threads()  # applied, or the user's setting kept
+        True
     """
     import torch
 

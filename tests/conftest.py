@@ -1,6 +1,7 @@
 """Test-wide settings and collection rules.
 
-* W&B never touches the network or prompts; one intra-op thread; shared support modules
+* W&B never touches the network or prompts; one intra-op thread; no Hypothesis database (no
+  test writes into the checkout); shared support modules
   (``support``, ``ondisk``, ``runif``) importable from every test.
 * Tests that need a GPU carry ``RunIf(min_cuda_gpus=...)`` (``runif.py``): they are collected
   everywhere, skipped without CUDA, and marked ``gpu`` here so that ``-m gpu`` selects them.
@@ -16,6 +17,8 @@ from pathlib import Path
 import lightning.pytorch  # noqa: F401  (see below)
 import pytest
 import torch
+from hypothesis import settings
+from hypothesis.configuration import set_hypothesis_home_dir
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -27,6 +30,14 @@ os.environ.setdefault("PYTHONHASHSEED", "0")
 # (DDP workers) inherit OMP_NUM_THREADS.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
+
+# Hypothesis keeps no example database: nothing is written into the checkout (.hypothesis/),
+# and a run does not depend on what earlier runs found (tests that want fixed examples say
+# derandomize=True).
+settings.register_profile("nclightning", database=None)
+settings.load_profile("nclightning")
+# ... and its other files (recent versions cache constants there) go to a temporary folder.
+set_hypothesis_home_dir(tempfile.mkdtemp(prefix="nclightning-hypothesis-"))
 
 # Lightning binds its console handler to the sys.stderr of the moment it is first imported:
 # imported here, that is the session's stream, not the capsys buffer of whichever test first

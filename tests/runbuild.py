@@ -6,7 +6,10 @@ empty cells); the rows follow what a ``Trainer.fit`` logs, in its order:
 
 * at the start of epoch ``e``: ``LearningRateMonitor``'s ``lr-SGD`` with ``step`` only;
 * mid-epoch: ``train/loss_step`` with Lightning's ``epoch`` = e (a step-level metric);
-* at the end of epoch ``e``: ``train/acc``, ``train/loss`` and ``val/acc`` with ``epoch`` = e;
+* at the end of epoch ``e`` (global step ``G``): ``val/acc`` with ``epoch`` = e at step
+  ``G - 1``; then the callback's probe row at step ``G``; then Lightning's epoch-end
+  ``train/acc`` and ``train/loss`` at step ``G - 1`` (the order and steps a real
+  ``Trainer.fit`` writes: the step goes down inside one uninterrupted file);
 * the callback's probe rows in the schema of :mod:`nclightning.record.keys`, with
   ``epochs_trained`` (0 = the baseline before training) and ``step``, never ``epoch``.
 
@@ -110,12 +113,15 @@ def training_rows(
     for e in range(start, epochs):
         rows.append({"lr-SGD": lr(e), keys.STEP: STEPS * e})
         rows.append({"train/loss_step": 1.0 / (e + 1), "epoch": e, keys.STEP: STEPS * e + 5})
-        end = STEPS * (e + 1)
-        train_acc = accuracy("train", e + 1, zero_at) - 0.05 * (e + 1 < zero_at)
-        rows.append({"train/acc": train_acc, "train/loss": 2.0 / (e + 1), "epoch": e, "step": end})
-        rows.append({"val/acc": 0.5 + 0.04 * e, "epoch": e, keys.STEP: end})
-        if (e + 1) % every == 0:
+        end = STEPS * (e + 1)  # the global step once the epoch's last batch stepped
+        rows.append({"val/acc": 0.5 + 0.04 * e, "epoch": e, keys.STEP: end - 1})
+        if (e + 1) % every == 0:  # the callback's on_train_epoch_end, at the global step
             rows.append(probe_row(e + 1, probes, scale, zero_at=zero_at))
+        # Lightning's epoch-end training metrics: after the callbacks, one step lower
+        train_acc = accuracy("train", e + 1, zero_at) - 0.05 * (e + 1 < zero_at)
+        rows.append(
+            {"train/acc": train_acc, "train/loss": 2.0 / (e + 1), "epoch": e, "step": end - 1}
+        )
     return rows
 
 

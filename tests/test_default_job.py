@@ -27,6 +27,7 @@ from nclightning.record.keys import (
     layer_key,
     pair_key,
 )
+from nclightning.record.snapshots import list_snapshots, read_snapshot
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +37,7 @@ def run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("default_job")
     cwd, mode = os.getcwd(), os.environ.get("WANDB_MODE")
     os.chdir(root)
-    os.environ["WANDB_MODE"] = "disabled"
+    os.environ["WANDB_MODE"] = "offline"  # the W&B run is checked against the record below
     try:
         assert (
             main(["fit", "--config", "digits_mlp.yaml", "--trainer.enable_progress_bar", "false"])
@@ -117,8 +118,17 @@ def test_measure_of_the_last_checkpoint_reproduces_the_last_probe(run):
         assert float(measured[key]) == pytest.approx(float(last[key]), rel=1e-6, abs=1e-12), key
 
 
-def test_report_draws_the_figures_of_the_default_run(run, capsys):
+def test_report_draws_the_figures_of_the_default_run(run, capsys, monkeypatch):
+    from drawn import assert_metrics_figure, capture, logged_curves
+
+    clipped = []
+    figures = capture(monkeypatch, clipped)
     assert main(["report", str(run.parent)]) == 0
+    assert "dropped" not in capsys.readouterr().err and clipped == []
+    # every probe (0, 5, ..., 150) of every layer, as metrics.csv holds it
+    logged = logged_curves(run / "metrics.csv", "train")
+    assert [x for x, _ in logged["penultimate"]["nc1"]] == [float(e) for e in range(0, 151, 5)]
+    assert assert_metrics_figure(figures["metrics_train"], logged) == 2 * 6 - 1  # nc3: one layer
     out = run.parent / "report"
     names = sorted(p.name for p in out.glob("*.png"))
     assert {
@@ -135,3 +145,44 @@ def test_report_draws_the_figures_of_the_default_run(run, capsys):
             float(np.std(img)) > 0.02
             and len(np.unique(img.reshape(-1, img.shape[-1]), axis=0)) > 20
         )
+
+
+def test_the_wandb_run_shows_what_metrics_csv_and_the_snapshots_hold(run):
+    """The default job's offline W&B run, read back with wandb's reader: every layer chart and
+    pair chart equals metrics.csv epoch for epoch, the per-class tables equal the last
+    snapshot's moments (float64 reference), the snapshot artifact holds the snapshot files."""
+    from wandbread import WandbRun, csv_series, md5_b64, number, reference_per_class
+
+    # the fit's run: the first folder (a measurement of its checkpoint may have added one)
+    wb = WandbRun(sorted((run.parent.parent / "wandb").glob("offline-run-*"))[0])
+    assert wb.summary["state"] == "finished" and wb.summary["exit_code"] == 0
+    rows = [{k: float(v) for k, v in r.items() if v} for r in _probes(run)]
+    for layer in ("h0", "penultimate"):
+        for metric in (*MOMENT_KEYS, "nc4"):
+            (points,) = [
+                p for name, p in wb.chart_lines(f"charts-train/{metric}").items() if name == layer
+            ]
+            assert points == pytest.approx(csv_series(rows, layer_key("train", layer, metric)))
+    pair = "h0->penultimate"
+    lines = wb.chart_lines(f"charts-train-{pair}/nc1")
+    assert lines["H* predicted"] == pytest.approx(
+        csv_series(rows, pair_key("train", pair, "predicted/nc1")), rel=1e-12
+    )
+    assert lines["H (penultimate) measured"] == pytest.approx(
+        csv_series(rows, layer_key("train", "penultimate", "nc1")), rel=1e-12
+    )
+    snapshots = run / "snapshots" / "train"
+    last = read_snapshot(list_snapshots(snapshots)[-1])
+    assert last["epochs_trained"] == 150
+    reference = reference_per_class(last["layers"]["penultimate"])
+    for quantity in ("cdnv_matrix", "cosine_matrix"):
+        table = wb.table(f"tables/{quantity}_train_penultimate")
+        assert table["columns"] == ["class", *last["class_names"]]
+        got = np.array([[number(v) for v in r[1:]] for r in table["data"]])
+        np.testing.assert_allclose(got, reference[quantity], rtol=1e-10, atol=1e-12)
+    table = wb.table("tables/class_var_train_penultimate")
+    np.testing.assert_allclose([r[1] for r in table["data"]], reference["class_var"], 1e-12)
+    (artifact,) = wb.artifacts("nc-snapshots")
+    files = {p.name: md5_b64(p) for p in snapshots.iterdir()}
+    assert {e["path"]: e["digest"] for e in artifact["manifest"]["contents"]} == files
+    assert not any(k.startswith("figures/") for item in wb.history() for k in item)

@@ -85,7 +85,7 @@ def test_callback_under_bf16_mixed_precision_and_channels_last():
         channels_last=True,
     )
     logger = RecordingLogger()
-    cb = NeuralCollapseCallback(layers="all", log_figures_every_n_probes=0)
+    cb = NeuralCollapseCallback(layers="all", log_figures=False)
     Trainer(
         accelerator="gpu",
         devices=1,
@@ -111,7 +111,7 @@ def test_pair_fit_of_a_probe_on_cuda():
         num_classes=4, input_shape=(3, 32, 32), backbone="resnet18", backbone_kwargs={"width": 16}
     )
     logger = RecordingLogger()
-    cb = NeuralCollapseCallback(log_figures_every_n_probes=0)
+    cb = NeuralCollapseCallback(log_figures=False)
     Trainer(
         accelerator="gpu",
         devices=1,

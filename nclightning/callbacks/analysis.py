@@ -144,7 +144,7 @@ def pair_rows(probe: str, fits: Mapping[str, Any]) -> dict[str, float]:
     row: dict[str, float] = {}
     for name, fit in fits.items():
 
-        def put(quantity: str, value: float, name=name) -> None:
+        def put(quantity: str, value: float, name: str = name) -> None:
             row[keys.pair_key(probe, name, quantity)] = float(value)
 
         if fit is None:

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 from torchmetrics import Metric
 
 from nclightning.errors import ConfigurationError
@@ -102,7 +104,7 @@ def find_classifier(model: nn.Module, num_classes: int | None = None) -> str | N
     return linear[-1] if linear else None
 
 
-def trace_order(model: nn.Module, run_forward) -> list[tuple[str, int]]:
+def trace_order(model: nn.Module, run_forward: Callable[[], object]) -> list[tuple[str, int]]:
     """``(module name, output storage pointer)`` for every module call, in the order calls end.
 
     ``run_forward()`` runs one forward pass of ``model`` (the caller handles eval mode, no grad
@@ -110,10 +112,10 @@ def trace_order(model: nn.Module, run_forward) -> list[tuple[str, int]]:
     count.
     """
     calls: list[tuple[str, int]] = []
-    handles = []
+    handles: list[RemovableHandle] = []
 
-    def hook(name):
-        def fn(module, args, output):
+    def hook(name: str) -> Callable[[nn.Module, Any, Any], None]:
+        def fn(module: nn.Module, args: Any, output: Any) -> None:
             out = output[0] if isinstance(output, (tuple, list)) and output else output
             if isinstance(out, Tensor):
                 calls.append((name, out.data_ptr()))
@@ -221,7 +223,9 @@ def _dedupe(chosen: list[tuple[str, int]]) -> list[str]:
     return out
 
 
-def _filter(names: list[str], include, exclude) -> list[str]:
+def _filter(
+    names: list[str], include: Sequence[str] | None, exclude: Sequence[str] | None
+) -> list[str]:
     if include:
         names = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in include)]
     if exclude:
@@ -229,7 +233,7 @@ def _filter(names: list[str], include, exclude) -> list[str]:
     return names
 
 
-def example_batch(dataset, size: int = 2):
+def example_batch(dataset: Any, size: int = 2) -> Any:
     """The first ``size`` samples of ``dataset`` collated into a batch ``(x, y)``."""
     from torch.utils.data import default_collate
 

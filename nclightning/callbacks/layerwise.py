@@ -11,6 +11,7 @@ with the ``mlp`` backbone implements it, and so can any ``LightningModule``.
 from __future__ import annotations
 
 import weakref
+from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -24,7 +25,9 @@ __all__ = ["LayerwiseTraining"]
 
 def _reset_parameters(head: nn.Module) -> None:
     """Re-initialise every submodule of ``head`` that defines ``reset_parameters``."""
-    resettable = [m for m in head.modules() if callable(getattr(m, "reset_parameters", None))]
+    resettable: list[Any] = [
+        m for m in head.modules() if callable(getattr(m, "reset_parameters", None))
+    ]
     if not resettable:
         raise ConfigurationError(
             f"LayerwiseTraining re-initialises the head at each stage, but "
@@ -106,9 +109,9 @@ class LayerwiseTraining(Callback):
                 f"start_depth {self.start_depth} exceeds the model's {max_depth} blocks"
             )
         self._module = weakref.ref(pl_module)
-        keep = stage != "fit" and self.depth is not None
+        depth = self.depth if stage != "fit" else None
         self._set_depth(
-            model, self.depth if keep else self.depth_at(trainer.current_epoch, max_depth)
+            model, depth if depth is not None else self.depth_at(trainer.current_epoch, max_depth)
         )
 
     def state_dict(self) -> dict[str, int | None]:

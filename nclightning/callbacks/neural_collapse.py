@@ -16,11 +16,13 @@ from typing import Any, Literal
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
 from torch.utils.data import DataLoader
 
-from nclightning.callbacks import analysis, outputs
+from nclightning.callbacks import analysis, outputs, passes
 from nclightning.callbacks.probe import Probe, ProbeSettings
 from nclightning.errors import ConfigurationError
+from nclightning.metrics import ClassMoments
 from nclightning.record import keys
 from nclightning.record.snapshots import claim_directory
 
@@ -74,13 +76,36 @@ class NeuralCollapseCallback(Callback):
             ``H0``) or ``"skip"`` (NaN for the pair).
         cache_budget: bytes for the on-device feature cache (``"auto"``: a quarter of the free
             memory); beyond it the probe streams and runs a second pass for NC4.
-        log_figures_every_n_probes: W&B figures every n probes (0: never).
+        log_figures: also log the report's figures to W&B (``figures/{name}``), once, when
+            the fit or measurement ends (a few seconds of rendering; off by default: the line
+            charts, per-class tables and the snapshot artifact are logged then regardless,
+            :mod:`nclightning.callbacks.figures`, and ``nclightning report`` draws the figures).
         snapshot_dir: snapshot folder; default ``{version folder}/snapshots/{name}`` when the
             Trainer has a logger; ``False``: none. A folder of another run is refused.
         snapshot_features: also keep the first n probe samples' raw features in snapshots.
         progress: a progress bar for the pass (default: when the Trainer shows one).
         seed: seed of the ``max_samples`` subset and of ``max_dim`` projections.
         classifier: module name of the final linear classifier, ``"auto"`` or ``None``.
+
+    Example:
+        One epoch of a small MLP on synthetic data; the train probe's metrics land in
+        ``trainer.callback_metrics`` (and in every logger) under ``nc-train/{layer}/{metric}``.
+
+        >>> from lightning.pytorch import Trainer
+        >>> from nclightning import NeuralCollapseCallback
+        >>> from nclightning.data.synthetic import SyntheticDataModule
+        >>> from nclightning.models import CollapseClassifier
+        >>> dm = SyntheticDataModule(num_classes=3, samples_per_class=20, shape=(8,))
+        >>> model = CollapseClassifier(
+        ...     num_classes=3, input_shape=(8,), backbone_kwargs={"width": 16, "depth": 2})
+        >>> callback = NeuralCollapseCallback(every_n_epochs=1)
+        >>> trainer = Trainer(max_epochs=1, callbacks=[callback], logger=False,
+        ...     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(model, dm)
+        >>> "nc-train/penultimate/nc1" in trainer.callback_metrics
+        True
+        >>> callback.history[-1]["epochs_trained"]
+        1.0
     """
 
     def __init__(
@@ -105,7 +130,7 @@ class NeuralCollapseCallback(Callback):
         batch_size: int | None = None,
         width_mismatch: Literal["error", "pad", "skip"] = "error",
         cache_budget: int | Literal["auto"] = "auto",
-        log_figures_every_n_probes: int = 10,
+        log_figures: bool = False,
         snapshot_dir: str | Literal[False] | None = None,
         snapshot_features: int = 0,
         progress: bool | None = None,
@@ -153,7 +178,7 @@ class NeuralCollapseCallback(Callback):
             width_mismatch,
         )
         self.every_n_epochs = int(every_n_epochs)
-        self.log_figures_every_n_probes = int(log_figures_every_n_probes)
+        self.log_figures = bool(log_figures)
         self.snapshot_dir = snapshot_dir
         self._probe: Probe | None = None
         self._wandb = outputs.WandbOutputs(self.name)
@@ -175,13 +200,13 @@ class NeuralCollapseCallback(Callback):
         return [dict(r) for r in self._history]
 
     @property
-    def plan(self):
+    def plan(self) -> passes.PassPlan | None:
         """How the latest probe ran (:class:`~nclightning.callbacks.passes.PassPlan`: cached
         or streamed, each layer's width and statistics, the memory they take)."""
         return self._probe.pass_plan if self._probe is not None else None
 
     @property
-    def projections(self) -> dict:
+    def projections(self) -> dict[str, Tensor]:
         """The fixed ``[d, max_dim]`` projections of layers wider than ``max_dim``."""
         return dict(self._probe.projections) if self._probe is not None else {}
 
@@ -193,7 +218,7 @@ class NeuralCollapseCallback(Callback):
     def _reset(self) -> None:
         """Per-fit state: a new ``fit`` (or measurement) starts from nothing."""
         self._history: list[dict[str, float]] = []
-        self._subset = None
+        self._subset: Tensor | None = None
         self._couplings: dict[str, float] = {}
         self._last_probed = -1
         self._last: analysis.ProbeResult | None = None
@@ -232,8 +257,8 @@ class NeuralCollapseCallback(Callback):
             self._measure(trainer, pl_module)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.is_global_zero and self._history:
-            self._wandb.summary(trainer, self._history[-1])
+        if trainer.is_global_zero:
+            self._end_outputs(trainer)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -267,7 +292,9 @@ class NeuralCollapseCallback(Callback):
         if self._fitting:  # a resumed run is the same run; a measurement is a run of its own
             self._token = str(state_dict.get("token", self._token))
 
-    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(
+        self, trainer: Any, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         saved = [
             k for k in checkpoint.get("callbacks", {}) if str(k).startswith(type(self).__qualname__)
         ]
@@ -290,7 +317,7 @@ class NeuralCollapseCallback(Callback):
         pl_module: LightningModule,
         epochs_trained: int,
         step: int | None = None,
-    ):
+    ) -> analysis.ProbeResult:
         """Run one probe now, logged as measured after ``epochs_trained`` epochs (at ``step``,
         by default Lightning's global step); returns its ``ProbeResult``."""
         assert self._probe is not None, "probe_now() runs between setup() and teardown()"
@@ -317,8 +344,12 @@ class NeuralCollapseCallback(Callback):
         self._start_outputs(trainer)
         epochs = self._ckpt_position[0] if self._ckpt_position else trainer.current_epoch
         self.probe_now(trainer, pl_module, epochs)
+        if trainer.is_global_zero:
+            self._end_outputs(trainer)
 
-    def _train_reference(self, trainer, pl_module, epochs_trained: int):
+    def _train_reference(
+        self, trainer: Trainer, pl_module: LightningModule, epochs_trained: int
+    ) -> dict[str, ClassMoments] | None:
         """The train probe's class means of this epoch, for a held-out probe's nc4_train_means."""
         cb = self._train_sibling(trainer)
         if cb is None:
@@ -329,7 +360,7 @@ class NeuralCollapseCallback(Callback):
             return cb._last.moments
         return None
 
-    def _train_sibling(self, trainer) -> NeuralCollapseCallback | None:
+    def _train_sibling(self, trainer: Any) -> NeuralCollapseCallback | None:
         """The instance probing ``train`` in the same Trainer (for a held-out probe)."""
         if self.name == "train":
             return None
@@ -342,7 +373,7 @@ class NeuralCollapseCallback(Callback):
         last = trainer.max_epochs is not None and epoch == trainer.max_epochs
         return epoch % self.every_n_epochs == 0 or last
 
-    def _annotations(self, trainer, pl_module) -> dict[str, float]:
+    def _annotations(self, trainer: Any, pl_module: LightningModule) -> dict[str, float]:
         """Extra columns other callbacks add to a probe's row (e.g. the layer-wise depth)."""
         row: dict[str, float] = {}
         for cb in trainer.callbacks:
@@ -372,7 +403,16 @@ class NeuralCollapseCallback(Callback):
         if error:
             raise ConfigurationError(error)
 
-    def _write_outputs(self, trainer, result, row, epochs_trained: int, step: int) -> None:
+    def _write_outputs(
+        self,
+        trainer: Trainer,
+        result: analysis.ProbeResult,
+        row: dict[str, float],
+        epochs_trained: int,
+        step: int,
+    ) -> None:
+        probe = self._probe
+        assert probe is not None, "outputs are written by a probe run"
         if self._snapshots is not None:
             outputs.snapshot(
                 self._snapshots,
@@ -382,25 +422,40 @@ class NeuralCollapseCallback(Callback):
                 row=row,
                 moments=result.moments,
                 fits=result.fits,
-                class_names=self._probe.class_names,
-                classifier_weight=self._probe.weight(),
-                feeds=next(iter(self._probe.feeding), None),
-                kept=self._probe.kept,
+                class_names=probe.class_names,
+                classifier_weight=probe.weight(),
+                feeds=next(iter(probe.feeding), None),
+                kept=probe.kept,
             )
-        n = self.log_figures_every_n_probes
-        last = trainer.max_epochs is not None and epochs_trained == trainer.max_epochs
-        if n > 0 and (len(self._history) % n == 0 or last or trainer.state.fn != "fit"):
-            from nclightning.callbacks.figures import probe_media
 
-            train = self._train_sibling(trainer)
-            images, tables = probe_media(
-                self.name,
-                outputs.merge_by_epoch(train.history if train else [], self.history),
-                result,
-                self._probe.class_names,
-                epochs_trained,
-            )
-            self._wandb.media(trainer, images, tables, epochs_trained)
+    def _end_outputs(self, trainer: Trainer) -> None:
+        """W&B at the end of a fit or measurement (rank 0): the views of the whole run, the
+        snapshot artifact, the last values in the summary; off the per-probe path."""
+        if not self._history or not outputs.wandb_runs(trainer):
+            return
+        from nclightning.callbacks import figures
+
+        train = self._train_sibling(trainer)
+        rows = outputs.merge_by_epoch(train.history if train else [], self.history)
+        last = self._last
+        per_class = last.per_class if last is not None else {}
+        names = self._probe.class_names if self._probe is not None else None
+        epochs = int(self._history[-1][keys.EPOCHS_TRAINED])
+        images = {}
+        if self.log_figures:
+            images = figures.probe_images(self.name, rows, per_class, names, epochs)
+        self._wandb.views(
+            trainer,
+            charts=figures.layer_charts(self.history, self.name)
+            | figures.pair_charts(self.history, self.name),
+            tables=figures.class_tables(self.name, per_class, names),
+            images=images,
+            epochs_trained=epochs,
+        )
+        self._wandb.snapshots(
+            trainer, self._snapshots, [int(r[keys.EPOCHS_TRAINED]) for r in self._history]
+        )
+        self._wandb.summary(trainer, self._history[-1])
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -3,8 +3,9 @@
 * :func:`log_row`: every scalar into ``trainer.callback_metrics`` (all ranks, identical) and
   through every logger (rank 0), at Lightning's global step, with ``epochs_trained``;
 * :class:`WandbOutputs`: W&B only: ``epochs_trained`` as the x-axis of every probe key, the
-  callback's settings in the run config, figures and per-class tables as media, the last
-  probe's values in the run summary;
+  callback's settings in the run config; at the end of a fit or measurement the views of
+  :mod:`nclightning.callbacks.figures` (line charts, per-class tables, figures), the snapshot
+  folder as a versioned artifact and the last probe's values in the run summary;
 * :func:`snapshot`: the snapshot file of a probe (:mod:`nclightning.record.snapshots`), in
   :func:`snapshot_folder`;
 * :func:`settings_record`, :func:`fit_record`: the settings kept in checkpoints (checked on
@@ -16,29 +17,29 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from lightning.pytorch import Trainer
 
 from nclightning.perturbation import DEFAULT_NORMALIZATION
 from nclightning.record import keys
 from nclightning.record.snapshots import write_snapshot
 
 __all__ = [
+    "SNAPSHOT_ARTIFACT_TYPE",
     "WandbOutputs",
     "fit_record",
     "log_row",
     "merge_by_epoch",
     "settings_record",
     "snapshot",
+    "snapshot_artifact_name",
     "snapshot_folder",
 ]
 
-MAX_TABLE_CLASSES = 100
-"""Per-class matrices go to W&B as tables up to this many classes (images always)."""
 
-
-def log_row(trainer, row: Mapping[str, float], epochs_trained: int, step: int) -> None:
+def log_row(trainer: Trainer, row: Mapping[str, float], epochs_trained: int, step: int) -> None:
     """``row`` into ``callback_metrics`` on every rank and through every logger on rank 0."""
     for name, value in row.items():
         trainer.callback_metrics[name] = torch.tensor(float(value))
@@ -48,10 +49,13 @@ def log_row(trainer, row: Mapping[str, float], epochs_trained: int, step: int) -
             logger.log_metrics(record, step=step)
 
 
-def wandb_runs(trainer) -> list:
+def wandb_runs(trainer: Trainer) -> list[Any]:
+    """The W&B runs of the Trainer's W&B loggers, leaving out disabled ones
+    (``WANDB_MODE=disabled``: nothing to render or upload for them)."""
     from lightning.pytorch.loggers import WandbLogger
 
-    return [lg.experiment for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+    runs = [lg.experiment for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+    return [run for run in runs if not getattr(run, "disabled", False)]
 
 
 class WandbOutputs:
@@ -60,7 +64,7 @@ class WandbOutputs:
     def __init__(self, probe: str) -> None:
         self.probe = probe
 
-    def setup(self, trainer, settings: Mapping[str, Any]) -> None:
+    def setup(self, trainer: Trainer, settings: Mapping[str, Any]) -> None:
         for run in wandb_runs(trainer):
             run.define_metric(keys.EPOCHS_TRAINED)
             for pattern in (f"nc-{self.probe}/*", f"pm-{self.probe}-*", "figures/*", "tables/*"):
@@ -69,36 +73,78 @@ class WandbOutputs:
                 {f"neural_collapse/{self.probe}": dict(settings)}, allow_val_change=True
             )
 
-    def media(
-        self, trainer, images: Mapping[str, Any], tables: Mapping[str, Any], epochs_trained: int
-    ):
+    def views(
+        self,
+        trainer: Trainer,
+        *,
+        charts: Mapping[str, Any],
+        tables: Mapping[str, tuple[Sequence[str], Sequence[Sequence]]],
+        images: Mapping[str, Any],
+        epochs_trained: int,
+    ) -> None:
+        """Line charts (:class:`nclightning.callbacks.figures.Chart`), tables and figures, in one
+        W&B history row (figures and tables at ``epochs_trained``)."""
         runs = wandb_runs(trainer)
-        if not runs or not (images or tables):
+        if not runs or not (charts or tables or images):
             return
         import wandb
 
-        payload: dict[str, Any] = {k: _image(wandb, fig) for k, fig in images.items()}
+        payload: dict[str, Any] = {k: _line_chart(wandb, c) for k, c in charts.items()}
         for key, (columns, rows) in tables.items():
             payload[key] = wandb.Table(columns=list(columns), data=[list(r) for r in rows])
+        payload.update({k: _image(wandb, fig) for k, fig in images.items()})
         payload[keys.EPOCHS_TRAINED] = epochs_trained
         for run in runs:
             run.log(payload)
 
-    def summary(self, trainer, row: Mapping[str, float]) -> None:
+    def snapshots(self, trainer: Trainer, folder: Path | None, epochs: Sequence[int]) -> None:
+        """The snapshot folder as the artifact ``snapshots-{run id}-{probe}`` (type
+        :data:`SNAPSHOT_ARTIFACT_TYPE`): a new version each time its files change."""
+        if folder is None or not any(Path(folder).glob("*")):
+            return
+        runs = wandb_runs(trainer)
+        if not runs:
+            return
+        import wandb
+
+        for run in runs:
+            artifact = wandb.Artifact(
+                snapshot_artifact_name(run.id, self.probe),
+                type=SNAPSHOT_ARTIFACT_TYPE,
+                description=f"nclightning snapshots of probe {self.probe!r}",
+                metadata={"probe": self.probe, "epochs_trained": [int(e) for e in epochs]},
+            )
+            artifact.add_dir(str(folder))
+            run.log_artifact(artifact)
+
+    def summary(self, trainer: Trainer, row: Mapping[str, float]) -> None:
         for run in wandb_runs(trainer):
             for key, value in row.items():
                 if math.isfinite(value):
                     run.summary[key] = value
 
 
-def matrix_table(matrix: torch.Tensor, names: Sequence[str]) -> tuple[list[str], list[list]]:
-    """``(columns, rows)`` of a ``[K, K]`` matrix with class names (a W&B table)."""
-    columns = ["class", *names]
-    rows = [[names[i], *(float(v) for v in matrix[i])] for i in range(matrix.shape[0])]
-    return columns, rows
+SNAPSHOT_ARTIFACT_TYPE = "nc-snapshots"
+"""W&B artifact type of a probe's snapshot folder."""
 
 
-def _image(wandb, fig) -> Any:
+def snapshot_artifact_name(run_id: str, probe: str) -> str:
+    """``snapshots-{run id}-{probe}``: one artifact per run and probe, versioned by W&B."""
+    return f"snapshots-{run_id}-{probe}"
+
+
+def _line_chart(wandb: Any, chart: Any) -> Any:
+    names = list(chart.lines)
+    return wandb.plot.line_series(
+        xs=[[x for x, _ in chart.lines[n]] for n in names],
+        ys=[[y for _, y in chart.lines[n]] for n in names],
+        keys=names,
+        title=chart.title,
+        xname=keys.EPOCHS_TRAINED,
+    )
+
+
+def _image(wandb: Any, fig: Any) -> Any:
     import io
 
     from PIL import Image
@@ -110,7 +156,7 @@ def _image(wandb, fig) -> Any:
 
 
 def snapshot(
-    directory,
+    directory: Path,
     *,
     probe: str,
     epochs_trained: int,
@@ -151,7 +197,7 @@ def snapshot(
     write_snapshot(directory, payload)
 
 
-def _fit_entry(fit) -> dict[str, Any]:
+def _fit_entry(fit: Any) -> dict[str, Any]:
     return {
         "status": fit.status,
         "normalization": fit.normalization,
@@ -163,7 +209,9 @@ def _fit_entry(fit) -> dict[str, Any]:
     }
 
 
-def snapshot_folder(snapshot_dir, trainer, name: str) -> Path | None:
+def snapshot_folder(
+    snapshot_dir: str | Path | Literal[False] | None, trainer: Trainer, name: str
+) -> Path | None:
     """``snapshot_dir``, else ``{version folder}/snapshots/{name}`` when the Trainer logs.
 
     Calls ``trainer.log_dir``, a collective under DDP: call it on every rank.
@@ -186,7 +234,7 @@ def merge_by_epoch(
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
-def settings_record(settings, name: str) -> dict[str, Any]:
+def settings_record(settings: Any, name: str) -> dict[str, Any]:
     """The probe settings that make a probe's state meaningful (checked on resume)."""
     layers = settings.layers if not isinstance(settings.layers, Mapping) else dict(settings.layers)
     return {
@@ -200,7 +248,7 @@ def settings_record(settings, name: str) -> dict[str, Any]:
     }
 
 
-def fit_record(pair_settings, settings, every_n_epochs: int) -> dict[str, Any]:
+def fit_record(pair_settings: Any, settings: Any, every_n_epochs: int) -> dict[str, Any]:
     """The pair-fit and schedule settings, for the W&B run config."""
     return {
         "lambda_W": pair_settings.lambda_W,

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -202,15 +203,24 @@ def run_pass(
     )
 
 
-def _stats(K: int, dim: int, device, scatter: str, **kwargs) -> ClassStatistics:
+def _stats(K: int, dim: int, device: torch.device, scatter: str, **kwargs: Any) -> ClassStatistics:
     mode = "full" if scatter == "span" else scatter  # span needs a basis: see _second_sweep
     return ClassStatistics(
         K, dim, scatter=mode, allow_missing_classes=True, validate_args=False, **kwargs
     ).to(device)
 
 
-def _first_pass(taps, loader, stats, cached, device, forward_context, keep) -> _Batches:
-    out = _Batches({a: [] for a in stats}, [], [], *_zeros(device, 2), {})
+def _first_pass(
+    taps: LayerTaps,
+    loader: Iterable[Any],
+    stats: dict[str, ClassStatistics],
+    cached: bool,
+    device: torch.device,
+    forward_context: Callable[[], Any],
+    keep: int,
+) -> _Batches:
+    correct, seen = _zeros(device, 2)
+    out = _Batches({a: [] for a in stats}, [], [], correct, seen, {})
     kept = 0
     for batch in loader:
         x, y = split_batch(batch)
@@ -238,7 +248,15 @@ def _first_pass(taps, loader, stats, cached, device, forward_context, keep) -> _
     return out
 
 
-def _second_sweep(batches: _Batches, pass_plan, means, refs, K, device, has_head):
+def _second_sweep(
+    batches: _Batches,
+    pass_plan: PassPlan,
+    means: Mapping[str, ClassMoments],
+    refs: Any,
+    K: int,
+    device: torch.device,
+    has_head: bool,
+) -> tuple[Any, ...]:
     """Scatter around the synced means, from the cache; exact NC4 counts."""
     moments, nc4, nc4_ref = {}, {}, {}
     for lp in pass_plan.layers:
@@ -282,7 +300,9 @@ SWEEP_ROWS = 4096
 this many rows: the per-class scatter costs one ``d^2`` pass per class and update."""
 
 
-def _chunks(features: Sequence[Tensor], labels: Sequence[Tensor], preds: Sequence[Tensor]):
+def _chunks(
+    features: Sequence[Tensor], labels: Sequence[Tensor], preds: Sequence[Tensor]
+) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
     """``(features, labels, predictions or None)`` of consecutive cached batches, joined."""
 
     def join(ts: Sequence[Tensor], group: list[int]) -> Tensor:
@@ -298,7 +318,15 @@ def _chunks(features: Sequence[Tensor], labels: Sequence[Tensor], preds: Sequenc
             group, rows = [], 0
 
 
-def _nc4_pass(taps, loader, moments, refs, device, forward_context, has_head):
+def _nc4_pass(
+    taps: LayerTaps,
+    loader: Iterable[Any],
+    moments: Mapping[str, ClassMoments],
+    refs: Any,
+    device: torch.device,
+    forward_context: Callable[[], Any],
+    has_head: bool,
+) -> tuple[Any, ...]:
     """Streamed mode: a second forward pass counting NCC mismatches against the final means."""
     if not has_head:
         return {}, {}
@@ -309,6 +337,7 @@ def _nc4_pass(taps, loader, moments, refs, device, forward_context, has_head):
         x, _ = split_batch(batch)
         with forward_context():
             features, logits = taps.forward(_to(x, device))
+        assert logits is not None  # has_head: the classifier ran
         pred = logits.argmax(1)
         for alias, counter in ncc.items():
             counter.update(features[alias].float(), pred)
@@ -320,11 +349,11 @@ def _nc4_pass(taps, loader, moments, refs, device, forward_context, has_head):
     )
 
 
-def _zeros(device, n: int) -> list[Tensor]:
+def _zeros(device: torch.device, n: int) -> list[Tensor]:
     return [torch.zeros((), dtype=_F64, device=device) for _ in range(n)]
 
 
-def _to(x, device):
+def _to(x: Any, device: torch.device) -> Any:
     from lightning.fabric.utilities.apply_func import move_data_to_device
 
     return move_data_to_device(x, device)

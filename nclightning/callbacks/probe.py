@@ -9,13 +9,13 @@ broadcast so every rank holds the same row.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from nclightning.callbacks import analysis, layers, passes
@@ -31,6 +31,9 @@ from nclightning.callbacks.taps import OUTPUT_FORMATS, LayerTaps
 from nclightning.errors import ConfigurationError
 from nclightning.metrics import ClassStatistics
 from nclightning.record import keys
+
+Warn = Callable[[str, str], None]
+"""``warn(key, message)``: warn once per key (the callback's ``_warn_once``)."""
 
 __all__ = ["Probe", "ProbeSettings"]
 
@@ -58,7 +61,18 @@ class ProbeSettings:
     classifier: str | None
 
     @classmethod
-    def build(cls, *, probe, name, pairs, pool, output_fmt, max_dim, cache_budget, **kw):
+    def build(
+        cls,
+        *,
+        probe: Any,
+        name: str | None,
+        pairs: Any,
+        pool: str,
+        output_fmt: Any,
+        max_dim: int | None,
+        cache_budget: Any,
+        **kw: Any,
+    ) -> ProbeSettings:
         if isinstance(probe, DataLoader):
             if name is None:
                 raise ConfigurationError(
@@ -107,7 +121,9 @@ class ProbeSettings:
 class Probe:
     """One probe source on one model, resolved against a Trainer (created in ``setup``)."""
 
-    def __init__(self, settings: ProbeSettings, trainer, module, pair_settings) -> None:
+    def __init__(
+        self, settings: ProbeSettings, trainer: Any, module: Any, pair_settings: Any
+    ) -> None:
         self.settings, self.trainer, self.module = settings, trainer, module
         self.pair_settings = pair_settings
         self.layers = self._named_layers(module)  # alias -> module; {} until traced for "all"
@@ -122,7 +138,7 @@ class Probe:
         self._example = None
 
     # -- resolution -----------------------------------------------------------------------------
-    def _named_layers(self, module) -> dict[str, str]:
+    def _named_layers(self, module: nn.Module) -> dict[str, str]:
         spec = self.settings.layers
         if spec == "all":
             return {}
@@ -136,7 +152,7 @@ class Probe:
                 )
         return layers.resolve_layers(module, spec)
 
-    def _classifier(self, module) -> str | None:
+    def _classifier(self, module: nn.Module) -> str | None:
         choice = self.settings.classifier
         if choice == "auto":
             K = getattr(getattr(module, "hparams", {}), "num_classes", None)
@@ -167,8 +183,11 @@ class Probe:
 
     def subset(self) -> Tensor:
         """The fixed indices of the probe set (drawn once per run, kept in the state)."""
-        self._source()
-        return self.source.subset(self.settings.max_samples, self.settings.seed)
+        return self._source().subset(self.settings.max_samples, self.settings.seed)
+
+    def _plan(self) -> passes.PassPlan:
+        assert self.pass_plan is not None, "the pass plan is made before the first pass"
+        return self.pass_plan
 
     def _source(self) -> ProbeSource:
         if self.source is None:
@@ -183,7 +202,7 @@ class Probe:
         return None if w is None else w.detach()
 
     # -- first probe: samples, loader, trace, plan ---------------------------------------------
-    def _prepare(self, subset: Tensor, warn) -> None:
+    def _prepare(self, subset: Tensor, warn: Warn) -> None:
         """Loader and example batch (first probe), blocks (``"all"``), widths and plan."""
         source, t = self._source(), self.trainer
         if self.loader is None:
@@ -206,14 +225,14 @@ class Probe:
             h0 = [a for a, b in self.pairs if not (skip and widths.get(a) != widths.get(b))]
             budget = self.settings.cache_budget
             budget = passes.default_budget(self.device) if budget == "auto" else int(budget)
-            samples = len(self.loader.dataset)
+            samples = len(self.loader.dataset)  # type: ignore[arg-type]  # a map-style Subset
             self.pass_plan = passes.plan(
                 widths, itemsize, samples, source.num_classes, h0, budget, self.device
             )
             if t.is_global_zero:
                 rank_zero_info(self.pass_plan.describe(self.settings.name, len(subset)))
 
-    def _discover(self, x) -> None:
+    def _discover(self, x: Any) -> None:
         calls = layers.trace_order(self.module, lambda: self._forward(x))
         names = layers.discover_blocks(
             self.module, calls, self.classifier, self.settings.include, self.settings.exclude
@@ -226,11 +245,11 @@ class Probe:
         self.layers = {name: name for name in names}
         self.pairs = self._pairs()
 
-    def _forward(self, x):
+    def _forward(self, x: Any) -> Any:
         with self.trainer.precision_plugin.forward_context():
             return self.module(x)
 
-    def _widths(self, x) -> tuple[dict[str, int], int]:
+    def _widths(self, x: Any) -> tuple[dict[str, int], int]:
         """Each layer's width (after ``max_dim``) and the largest itemsize, from ``x``; which
         layers feed the classifier (kept from the last probe when ``x`` gives NaN features)."""
         with self._taps(projections={}) as taps:
@@ -266,7 +285,7 @@ class Probe:
                 out[alias] = q.to(torch.float32).to(self.device)
         return out
 
-    def _taps(self, projections=None) -> LayerTaps:
+    def _taps(self, projections: Mapping[str, Tensor] | None = None) -> LayerTaps:
         return LayerTaps(
             self.module,
             self.layers,
@@ -278,7 +297,7 @@ class Probe:
 
     # -- one probe --------------------------------------------------------------------------------
     def run(
-        self, subset: Tensor, reference, couplings: Mapping[str, float], warn
+        self, subset: Tensor, reference: Any, couplings: Mapping[str, float], warn: Warn
     ) -> analysis.ProbeResult:
         """One probe of the current weights (every rank calls it; identical results)."""
         with isolated_rng(self.device), eval_mode(self.module):
@@ -313,7 +332,7 @@ class Probe:
         per_class = analysis.per_class(moments) if self.trainer.is_global_zero else {}
         return analysis.ProbeResult(row, moments, per_class, fits)
 
-    def _pass(self, reference) -> passes.PassResult:
+    def _pass(self, reference: Any) -> passes.PassResult:
         t = self.trainer
         keep = self.settings.snapshot_features if t.is_global_zero else 0
         loader = self._progress(self.loader)
@@ -321,8 +340,8 @@ class Probe:
             return passes.run_pass(
                 taps,
                 loader,
-                self.pass_plan,
-                num_classes=self.source.num_classes,
+                self._plan(),
+                num_classes=self._source().num_classes,
                 device=self.device,
                 forward_context=t.precision_plugin.forward_context,
                 reduce_sum=self._reduce_sum,
@@ -342,7 +361,7 @@ class Probe:
             return None
         stats = {
             a: ClassStatistics(1, lp.dim, scatter="none", validate_args=False).to(self.device)
-            for a, lp in zip(self.layers, self.pass_plan.layers)
+            for a, lp in zip(self.layers, self._plan().layers)
         }
         t = self.trainer
         with self._taps() as taps:
@@ -357,11 +376,15 @@ class Probe:
                     st.update(features[a].float(), zeros)
         return {a: st.moments().means[0] for a, st in stats.items()}
 
-    def _fit_pairs(self, moments, weight, couplings, warn) -> tuple[dict, dict[str, float]]:
+    def _fit_pairs(
+        self, moments: Any, weight: Tensor | None, couplings: Mapping[str, float], warn: Warn
+    ) -> tuple[dict[str, Any], dict[str, float]]:
         """Pair fits on rank 0, broadcast (rows, or the error) so every rank agrees."""
         if not self.pairs:
             return {}, {}
-        t, fits, payload, notes = self.trainer, {}, None, []
+        t, fits = self.trainer, {}
+        notes: list[str] = []
+        payload: tuple[str, Any] | None = None
         if t.is_global_zero:
             try:
                 fits = analysis.fit_pairs(
@@ -385,7 +408,7 @@ class Probe:
             )
         return fits, payload[1]
 
-    def _warn_about(self, moments, warn) -> None:
+    def _warn_about(self, moments: Any, warn: Warn) -> None:
         for alias, m in moments.items():
             if not (torch.isfinite(m.means).all() and torch.isfinite(m.class_ss).all()):
                 warn(
@@ -405,7 +428,7 @@ class Probe:
                 f"({self.settings.name}); metrics use the present classes",
             )
 
-    def _progress(self, loader):
+    def _progress(self, loader: Any) -> Any:
         show = self.settings.progress
         t = self.trainer
         if show is None:

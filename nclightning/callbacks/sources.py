@@ -15,6 +15,7 @@ import random
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,7 +65,7 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def dataset_targets(dataset: Dataset) -> Tensor:
+def dataset_targets(dataset: Any) -> Tensor:
     """Labels ``[N]`` of a dataset: from ``.targets``/``.labels`` if present, else one read pass."""
     if isinstance(dataset, Subset):
         return dataset_targets(dataset.dataset)[torch.as_tensor(dataset.indices)]
@@ -97,7 +98,7 @@ def shard(indices: Tensor, rank: int, world_size: int) -> Tensor:
     return indices[rank::world_size]
 
 
-def split_batch(batch) -> tuple[Tensor, Tensor]:
+def split_batch(batch: Any) -> tuple[Tensor, Tensor]:
     """``(inputs, labels)`` from a ``(x, y, ...)`` batch or a dict with ``x``/``y`` style keys."""
     if isinstance(batch, Mapping):
         for xk, yk in (("x", "y"), ("input", "target"), ("inputs", "targets"), ("image", "label")):
@@ -133,9 +134,9 @@ class ProbeSource:
             return balanced_indices(self.targets, max_samples, seed)
         return torch.arange(len(self.targets))
 
-    def loader(self, indices: Tensor, batch_size: int, num_workers: int = 0) -> DataLoader:
+    def loader(self, indices: Tensor, batch_size: int, num_workers: int = 0) -> DataLoader[Any]:
         """An ordered loader over ``dataset[indices]`` with its own generator."""
-        kwargs = {}
+        kwargs: dict[str, Any] = {}
         if self.template is not None:
             kwargs = {
                 "collate_fn": self.template.collate_fn,
@@ -152,7 +153,7 @@ class ProbeSource:
         )
 
 
-def resolve_source(probe, trainer, pl_module) -> ProbeSource:
+def resolve_source(probe: Any, trainer: Any, pl_module: nn.Module) -> ProbeSource:
     """The :class:`ProbeSource` of ``probe`` (a split name or a ``DataLoader``)."""
     dm = trainer.datamodule
     names = getattr(dm, "class_names", None)
@@ -175,7 +176,7 @@ def resolve_source(probe, trainer, pl_module) -> ProbeSource:
     return ProbeSource(dataset, targets, template, K, list(names) if names else None, note)
 
 
-def _trainer_loader(trainer, dm, split: str) -> DataLoader:
+def _trainer_loader(trainer: Any, dm: Any, split: str) -> DataLoader[Any]:
     attr = {"train": "train_dataloader", "val": "val_dataloaders", "test": "test_dataloaders"}
     loader = getattr(trainer, attr[split], None)  # the loaders Lightning already built
     if isinstance(loader, (list, tuple)):

@@ -18,7 +18,8 @@ accuracy and NC4 use, and its input tells which tapped layer feeds it (``nc3``, 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +41,7 @@ _CHANNELS_FIRST_1D = (
 )
 
 
-def features_of(output, module: nn.Module, fmt: str = "auto", pool: str = "avg") -> Tensor:
+def features_of(output: Any, module: nn.Module, fmt: str = "auto", pool: str = "avg") -> Tensor:
     """Rows ``[B, d]`` of one module output (a tensor, or a tuple starting with one)."""
     out = output[0] if isinstance(output, (tuple, list)) else output
     if not isinstance(out, Tensor):
@@ -99,10 +100,10 @@ class LayerTaps:
             )
         return fmt
 
-    def _hook(self, alias: str):
+    def _hook(self, alias: str) -> Callable[[nn.Module, Any, Any], None]:
         fmt, proj = self.fmt(alias), self._projections.get(alias)
 
-        def hook(module: nn.Module, args, output) -> None:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
             h = features_of(output, module, fmt, self.pool)
             if proj is not None:
                 h = h.to(proj.dtype) @ proj.to(h.device)
@@ -110,11 +111,11 @@ class LayerTaps:
 
         return hook
 
-    def _classifier_pre_hook(self, module: nn.Module, args) -> None:
+    def _classifier_pre_hook(self, module: nn.Module, args: Any) -> None:
         if args and isinstance(args[0], Tensor):
             self._classifier_input = args[0].detach().clone()
 
-    def _classifier_hook(self, module: nn.Module, args, output) -> None:
+    def _classifier_hook(self, module: nn.Module, args: Any, output: Any) -> None:
         if isinstance(output, Tensor):
             self._logits = output.detach()
 
@@ -127,14 +128,14 @@ class LayerTaps:
             self._handles.append(head.register_forward_hook(self._classifier_hook))
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         self._features.clear()
         self._logits = self._classifier_input = None
 
-    def forward(self, x) -> tuple[dict[str, Tensor], Tensor | None]:
+    def forward(self, x: Any) -> tuple[dict[str, Tensor], Tensor | None]:
         """Run the model on ``x``; ``(features, logits)`` of this batch.
 
         A model whose ``forward`` returns embeddings without calling its classifier gets the

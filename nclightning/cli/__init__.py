@@ -35,6 +35,7 @@ import importlib
 import os
 import sys
 import warnings
+from typing import Any
 
 from nclightning.cli.config_files import (
     CONFIG_DIR,
@@ -65,7 +66,7 @@ LIGHT_COMMANDS = ("theory", "report")  # no Lightning import, their own errors
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     """W&B helpers now live in :mod:`nclightning.loggers` (imported lazily: it needs Lightning)."""
     if name in ("ensure_wandb_mode", "finish_wandb_runs", "wandb_api_key_available"):
         from nclightning import loggers
@@ -74,7 +75,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def run_trainer_cli(argv: list[str], run: bool = True, *, measure: bool = False):
+def run_trainer_cli(argv: list[str], run: bool = True, *, measure: bool = False) -> Any:
     """Run a Trainer subcommand; returns the CLI object (its ``trainer`` holds the results).
 
     With ``run=False`` nothing is trained and ``argv`` has no subcommand: the CLI only parses

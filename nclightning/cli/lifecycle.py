@@ -112,12 +112,18 @@ def mark_measurement(trainer: Any) -> None:
 
 
 def after_success(trainer: Any, measure: bool = False) -> None:
-    from nclightning.loggers import CSVLogger, finish_wandb_runs
+    """Say where everything is: the run folder, the report command, the W&B runs to sync."""
+    from lightning.pytorch.loggers import CSVLogger
 
-    if measure and trainer.is_global_zero:
+    from nclightning.loggers import finish_wandb_runs
+
+    if trainer.is_global_zero:
         for logger in trainer.loggers:
             if isinstance(logger, CSVLogger):
-                _say(f"measurements in {Path(logger.log_dir) / 'metrics.csv'}")
+                folder = Path(logger.log_dir)
+                what = "measurements" if measure else "run"
+                _say(f"{what} in {folder} (metrics.csv, config, checkpoints, snapshots)")
+                _say(f"figures:  nclightning report {folder}")
     finish_wandb_runs(trainer)
 
 

@@ -16,6 +16,7 @@ new processes). What each step adds to LightningCLI:
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from jsonargparse import set_parsing_settings
@@ -46,7 +47,7 @@ class NCArgumentParser(LightningArgumentParser):
     ncl_argv: tuple[str, ...] | list[str] = ()
     ncl_prog: str = "nclightning"
 
-    def error(self, message: str, ex: Exception | None = None):
+    def error(self, message: str, ex: Exception | None = None) -> Any:
         from jsonargparse._common import debug_mode_active
 
         if not self.exit_on_error or debug_mode_active():
@@ -63,7 +64,7 @@ class NCArgumentParser(LightningArgumentParser):
             f"{short_message(message, ctx)}\n  (every option: {self.ncl_prog} --help)"
         ) from None
 
-    def _subcommand_parser(self):
+    def _subcommand_parser(self) -> Any:
         action = getattr(self, "_subcommands_action", None)
         for arg in self.ncl_argv:
             if action is not None and arg in action._name_parser_map:
@@ -80,7 +81,7 @@ class SaveRunConfig(SaveConfigCallback):
     config.
     """
 
-    def setup(self, trainer, pl_module, stage) -> None:
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if self.already_saved:
             return
         log_dir = trainer.log_dir
@@ -99,7 +100,7 @@ class SaveRunConfig(SaveConfigCallback):
         """A free ``config[-k].yaml`` path, or None when this run's config is already there."""
         import yaml
 
-        def essentials(text: str):
+        def essentials(text: str) -> Any:
             config = yaml.safe_load(text) or {}
             config.pop("ckpt_path", None)
             return config
@@ -115,7 +116,7 @@ class SaveRunConfig(SaveConfigCallback):
             name = f"{stem}-{k}{suffix}"
         return os.path.join(log_dir, name)
 
-    def save_config(self, trainer, pl_module, stage) -> None:
+    def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
         import json
 
         for logger in trainer.loggers:
@@ -134,7 +135,13 @@ class NCLightningCLI(LightningCLI):
     ``measure``).
     """
 
-    def __init__(self, *args: Any, ncl_argv=None, measure: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        ncl_argv: Sequence[str] | None = None,
+        measure: bool = False,
+        **kwargs: Any,
+    ) -> None:
         self.ncl_argv = list(ncl_argv or kwargs.get("args") or [])
         self.measure = measure
         self.resumed = False
@@ -149,16 +156,17 @@ class NCLightningCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("subclass_mode_model", False)
         kwargs.setdefault("subclass_mode_data", True)
-        super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
+        super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)  # type: ignore[misc]
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         parser = super().init_parser(**kwargs)
-        parser.ncl_argv = self.ncl_argv
+        parser.ncl_argv = self.ncl_argv  # type: ignore[attr-defined]
         command = "measure" if self.measure else next(iter(self.ncl_argv), "fit")
-        parser.ncl_prog = f"nclightning {command}" if not command.startswith("-") else "nclightning"
+        prog = f"nclightning {command}" if not command.startswith("-") else "nclightning"
+        parser.ncl_prog = prog  # type: ignore[attr-defined]
         return parser
 
-    def add_arguments_to_parser(self, parser) -> None:
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # Shape facts come from the data module (available right after __init__).
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.input_shape", "model.input_shape", apply_on="instantiate")
@@ -179,7 +187,7 @@ class NCLightningCLI(LightningCLI):
             raise ConfigError(f"invalid configuration: {err}") from err
         lifecycle.configure_threads(self.trainer, self.model, self.datamodule)
 
-    def instantiate_trainer(self, **kwargs: Any):
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
         return lifecycle.prepare_trainer(super().instantiate_trainer(**kwargs))
 
     def before_fit(self) -> None:

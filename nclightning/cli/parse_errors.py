@@ -100,9 +100,11 @@ def _subclasses(base: str | None, near: str) -> list[str]:
     if base is None:
         return [f"{module}.{n}" for n in dir(mod) if n[:1].isupper()]
     cls = getattr(mod, name, None)
-    found, todo = set(), [cls] if isinstance(cls, type) else []
+    found: set[str] = set()
+    todo: list[type] = [cls] if isinstance(cls, type) else []
     while todo:
-        for sub in todo.pop().__subclasses__():
+        subclasses: list[type] = todo.pop().__subclasses__()
+        for sub in subclasses:
             if not sub.__name__.startswith("_") and "<locals>" not in sub.__qualname__:
                 found.add(f"{sub.__module__}.{sub.__qualname__}")
             todo.append(sub)

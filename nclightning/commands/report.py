@@ -23,6 +23,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from nclightning.errors import ConfigurationError, DataError, UserError
 
@@ -131,7 +132,7 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _check(run, args) -> list[str]:
+def _check(run: Any, args: Any) -> list[str]:
     """The probes to draw for ``run``; :class:`UserError` for anything asked but not logged."""
     from nclightning.record import views
 
@@ -157,7 +158,7 @@ def _check(run, args) -> list[str]:
     return probes
 
 
-def _missing(kind: str, wanted, available: Sequence[str], run, probe: str) -> None:
+def _missing(kind: str, wanted: Any, available: Sequence[str], run: Any, probe: str) -> None:
     missing = [w for w in wanted or () if w not in available]
     if missing:
         raise ConfigurationError(
@@ -166,14 +167,14 @@ def _missing(kind: str, wanted, available: Sequence[str], run, probe: str) -> No
         )
 
 
-def _report(args) -> tuple[list[Path], list[str]]:
+def _report(args: Any) -> tuple[list[Path], list[str]]:
     """Read and check every run first, so that a user error writes no figure at all."""
     from nclightning.record import runs as records
 
     runs = records.find_runs(args.run_dirs)
     probes = {run.label: _check(run, args) for run in runs}
     several = len(runs) > 1
-    notes: list[str] = []
+    notes: list[str] = [note for run in runs for note in run.notes]
     plan = _overlay_plan(runs, probes, args, notes) if several else {}
     first = args.run_dirs[0]
     here = first.parent if first.is_file() else first
@@ -200,7 +201,7 @@ def _save(figures: dict, out: Path) -> list[Path]:
     return [plotting.save_figure(fig, out / f"{name}.png") for name, fig in figures.items()]
 
 
-def _write_run(run, probe: str, out: Path, args, notes: list[str]) -> list[Path]:
+def _write_run(run: Any, probe: str, out: Path, args: Any, notes: list[str]) -> list[Path]:
     from nclightning.record import figures, views
 
     snapshot = None
@@ -215,7 +216,7 @@ def _write_run(run, probe: str, out: Path, args, notes: list[str]) -> list[Path]
     return _save(drawn, out)
 
 
-def _overlay_layer(runs, probe: str, args, notes: list[str]) -> str | None:
+def _overlay_layer(runs: Any, probe: str, args: Any, notes: list[str]) -> str | None:
     from nclightning.record import views
 
     orders = [views.layer_order(r.rows, probe) for r in runs]
@@ -234,7 +235,7 @@ def _overlay_layer(runs, probe: str, args, notes: list[str]) -> str | None:
     return "penultimate" if "penultimate" in common else common[-1]
 
 
-def _overlay_plan(runs, probes, args, notes: list[str]) -> dict[str, str]:
+def _overlay_plan(runs: Any, probes: Any, args: Any, notes: list[str]) -> dict[str, str]:
     """``{probe: layer}`` of the overlays: probes every run logged, at a layer they share."""
     shared = [p for p in probes[runs[0].label] if all(p in probes[r.label] for r in runs)]
     plan = {}
@@ -245,7 +246,9 @@ def _overlay_plan(runs, probes, args, notes: list[str]) -> dict[str, str]:
     return plan
 
 
-def _write_overlays(runs, plan: dict[str, str], root: Path, args, notes: list[str]) -> list[Path]:
+def _write_overlays(
+    runs: Any, plan: dict[str, str], root: Path, args: Any, notes: list[str]
+) -> list[Path]:
     from nclightning.record import figures, views
     from nclightning.record.groups import group_runs
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = ["Variant", "main", "variants"]
@@ -42,7 +43,10 @@ class Variant:
 
 
 def variants(
-    weight_decay: float, classifier_weight_decay: float, losses=("mse", "ce"), factors=(2.0, 0.0)
+    weight_decay: float,
+    classifier_weight_decay: float,
+    losses: Sequence[str] = ("mse", "ce"),
+    factors: Sequence[float] = (2.0, 0.0),
 ) -> list[Variant]:
     """The baseline and, per factor, the classifier-only and feature-only variants, per loss."""
     w, c = weight_decay, classifier_weight_decay

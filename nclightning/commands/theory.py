@@ -18,6 +18,7 @@ import argparse
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -68,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _save(fig, out: Path, dpi: int) -> None:
+def _save(fig: Any, out: Path, dpi: int) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -83,7 +83,7 @@ class ImageTransform:
             x = F.pad(x, (p, p, p, p))[..., i : i + h, j : j + w]
         if self.flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
-        if self.mean is not None:
+        if self.mean is not None and self.std is not None:
             x = (x - self.mean) / self.std
         return x
 
@@ -113,11 +113,13 @@ def augment_batch(
     """The random crop and flip of :class:`ImageTransform` for a whole batch ``x[B, C, H, W]``
     on its own device: offsets uniform in ``0..2 padding`` and a flip with probability 1/2,
     independently per sample (the same distribution as the per-sample CPU path)."""
-    B = x.shape[0]
-    kw = {"device": x.device, "generator": generator}
-    rows = torch.randint(0, 2 * padding + 1, (B,), **kw)
-    cols = torch.randint(0, 2 * padding + 1, (B,), **kw)
-    flips = torch.rand(B, **kw) < 0.5 if flip else torch.zeros(B, dtype=torch.bool, device=x.device)
+    B, dev = x.shape[0], x.device
+    rows = torch.randint(0, 2 * padding + 1, (B,), device=dev, generator=generator)
+    cols = torch.randint(0, 2 * padding + 1, (B,), device=dev, generator=generator)
+    if flip:
+        flips = torch.rand(B, device=dev, generator=generator) < 0.5
+    else:
+        flips = torch.zeros(B, dtype=torch.bool, device=dev)
     return crop_flip(x, rows, cols, flips, padding)
 
 
@@ -370,7 +372,7 @@ class ClassificationDataModule(LightningDataModule):
         t = self._transform(self.augment)
         if t is not None and t.augments and x.ndim == 4:
             x = augment_batch(x, t.crop_padding, t.flip, generator)
-        if t is not None and t.mean is not None:
+        if t is not None and t.mean is not None and t.std is not None:
             x = (x - t.mean.to(x.device)) / t.std.to(x.device)
         return x
 
@@ -408,7 +410,13 @@ class EpochShuffleSampler(DistributedSampler):
             num_replicas = torch.distributed.get_world_size() if distributed else 1
         if rank is None:
             rank = torch.distributed.get_rank() if distributed else 0
-        super().__init__(range(int(n)), num_replicas, rank, shuffle=True, seed=int(seed))
+        super().__init__(
+            range(int(n)),  # type: ignore[arg-type]  # any Sized works
+            num_replicas,
+            rank,
+            shuffle=True,
+            seed=int(seed),
+        )
         self.n = int(n)
 
     def __iter__(self) -> Iterator[int]:

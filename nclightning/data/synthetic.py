@@ -101,6 +101,7 @@ class SyntheticDataModule(ClassificationDataModule):
 
     def _load_source(self, source: str) -> tuple[Tensor, Tensor]:
         n = self.samples_per_class if source == "train" else self.test_samples_per_class
+        assert n is not None  # this module always sets samples_per_class
         rng = self._streams()[1 if source == "train" else 2]
         means = self._means()
         targets = np.repeat(np.arange(self.num_classes), n)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import pickle
 import tarfile
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -91,11 +91,11 @@ class TorchvisionDataModule(ClassificationDataModule):
 
     # -- torchvision glue ----------------------------------------------------------------
 
-    def _torchvision(self, source: str, download: bool):
+    def _torchvision(self, source: str, download: bool) -> Any:
         """The torchvision dataset of stored split ``source`` (``"train"`` or ``"test"``)."""
         raise NotImplementedError
 
-    def _arrays(self, dataset) -> tuple[Tensor, Tensor]:
+    def _arrays(self, dataset: Any) -> tuple[Tensor, Tensor]:
         """``(uint8 data[N, C, H, W], targets[N])`` of a torchvision dataset."""
         raise NotImplementedError
 
@@ -191,7 +191,7 @@ class CIFAR10DataModule(TorchvisionDataModule):
     """
 
     NAME = "CIFAR-10"
-    CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer",
+    CLASS_NAMES: ClassVar[tuple[str, ...]] = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")  # fmt: skip
     INPUT_SHAPE = (3, 32, 32)
     MEAN = (0.4914, 0.4822, 0.4465)
@@ -204,12 +204,12 @@ class CIFAR10DataModule(TorchvisionDataModule):
         "fetch {urls} elsewhere and extract it into {root} so that {folder} holds data_batch_1..5, "
         "test_batch and batches.meta"
     )
-    _TV: ClassVar[type] = _CIFAR10
+    _TV: ClassVar[Any] = _CIFAR10
 
-    def _torchvision(self, source: str, download: bool):
+    def _torchvision(self, source: str, download: bool) -> Any:
         return self._TV(self.root, train=source == "train", download=download)
 
-    def _arrays(self, dataset) -> tuple[Tensor, Tensor]:
+    def _arrays(self, dataset: Any) -> tuple[Tensor, Tensor]:
         data = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
         return data, torch.as_tensor(dataset.targets, dtype=torch.int64)
 
@@ -270,12 +270,12 @@ class MNISTDataModule(TorchvisionDataModule):
         "fetch {urls} elsewhere, gunzip them and put train-images-idx3-ubyte, "
         "train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte in {folder}"
     )
-    _TV: ClassVar[type] = tvd.MNIST
+    _TV: ClassVar[Any] = tvd.MNIST
 
-    def _torchvision(self, source: str, download: bool):
+    def _torchvision(self, source: str, download: bool) -> Any:
         return self._TV(self.root, train=source == "train", download=download)
 
-    def _arrays(self, dataset) -> tuple[Tensor, Tensor]:
+    def _arrays(self, dataset: Any) -> tuple[Tensor, Tensor]:
         return dataset.data.unsqueeze(1).contiguous(), dataset.targets.to(torch.int64)
 
     def _urls(self) -> list[str]:
@@ -318,10 +318,10 @@ class SVHNDataModule(TorchvisionDataModule):
     FILES = ("train_32x32.mat", "test_32x32.mat")
     HOW_TO_PLACE = "fetch {urls} elsewhere and put train_32x32.mat and test_32x32.mat in {folder}"
 
-    def _torchvision(self, source: str, download: bool):
+    def _torchvision(self, source: str, download: bool) -> Any:
         return _SVHN(self.root, split=source, download=download)
 
-    def _arrays(self, dataset) -> tuple[Tensor, Tensor]:
+    def _arrays(self, dataset: Any) -> tuple[Tensor, Tensor]:
         return torch.from_numpy(dataset.data).contiguous(), torch.from_numpy(dataset.labels)
 
     def _urls(self) -> list[str]:

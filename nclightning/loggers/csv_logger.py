@@ -26,7 +26,7 @@ import io
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
@@ -149,6 +149,18 @@ class CSVLogger(_LightningCSVLogger):
     ``flush_logs_every_n_steps``, here 1 by default: every row on disk as soon as it is
     logged), plus ``version_prefix``: the folder name before the number (``"version_"``;
     ``nclightning measure`` uses ``"measure_"``). See the module docstring.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from nclightning.loggers import CSVLogger
+        >>> with tempfile.TemporaryDirectory() as root:
+        ...     logger = CSVLogger(root, name="demo")
+        ...     logger.log_metrics({"nc-train/penultimate/nc1": 0.5}, step=0)
+        ...     print(logger.version, (Path(logger.log_dir) / "metrics.csv").read_text())
+        0 nc-train/penultimate/nc1,step
+        0.5,0
+        <BLANKLINE>
     """
 
     def __init__(
@@ -160,7 +172,7 @@ class CSVLogger(_LightningCSVLogger):
         flush_logs_every_n_steps: int = 1,
         version_prefix: str = "version_",
     ) -> None:
-        super().__init__(save_dir, name, version, prefix, flush_logs_every_n_steps)
+        super().__init__(save_dir, name, version, prefix, flush_logs_every_n_steps)  # type: ignore[arg-type]
         self.version_prefix = version_prefix
         self._created: Path | None = None
         self._created_parents: list[Path] = []
@@ -187,7 +199,7 @@ class CSVLogger(_LightningCSVLogger):
     def _reserve_version(self) -> int | str:
         """The next free folder, created here (atomically) on rank 0; other ranks only look."""
         n = self._next_number()
-        if rank_zero_only.rank != 0 or "://" in str(self.root_dir):
+        if rank_zero_only.rank != 0 or "://" in str(self.root_dir):  # type: ignore[attr-defined]
             return self._label(n)
         root = Path(self.root_dir)
         self._created_parents = [p for p in (root, *root.parents) if not p.exists()]
@@ -224,13 +236,13 @@ class CSVLogger(_LightningCSVLogger):
             log_dir = self.log_dir  # reserves the folder (and notes the parents it creates)
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _Writer(log_dir, self._resume)
-        return self._experiment
+        return cast(_Writer, self._experiment)
 
-    def log_metrics(self, metrics, step=None) -> None:
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
         if not self._discarded:
             super().log_metrics(metrics, step)
 
-    def log_hyperparams(self, params=None) -> None:
+    def log_hyperparams(self, params: Any = None) -> None:
         if not self._discarded:
             super().log_hyperparams(params)
 
@@ -244,10 +256,10 @@ class CSVLogger(_LightningCSVLogger):
 
     def rows_on_disk(self) -> int:
         """Flush pending rows; the number of data rows ``metrics.csv`` now holds (rank 0)."""
-        if rank_zero_only.rank != 0 or self._experiment is None:
+        if rank_zero_only.rank != 0 or self._experiment is None:  # type: ignore[attr-defined]
             return 0
         self.save()
-        return self._experiment.rows_written
+        return cast(_Writer, self._experiment).rows_written
 
     # -- resume and discard -----------------------------------------------------------------
 

@@ -11,7 +11,10 @@ back before a resumed fit and points each logger at its earlier folder / W&B run
 keeps the rows an uninterrupted run would hold at that point
 (:func:`~nclightning.loggers.csv_logger.rows_to_keep`) and the resumed run appends the rest,
 so its ``metrics.csv`` equals an uninterrupted run's. A logger whose folder differs from the
-record (another ``save_dir``) starts a new version; the message says so.
+record (another ``save_dir``, or a Trainer resumed without :func:`resume_loggers`) starts a new
+version; :class:`RunRecord` then writes a resume note into it (``resumed_from.json``: the
+checkpoint, its step, the earlier folder), from which :mod:`nclightning.record.runs` stitches
+the two versions into one run.
 
 :func:`discard_run` removes what a run that failed before its first step created (its CSV
 version folder, its W&B run), so a failed start leaves nothing behind.
@@ -19,6 +22,7 @@ version folder, its W&B run), so a failed start leaves nothing behind.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -26,8 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback
+from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 
+from nclightning.files import atomic_write_bytes
 from nclightning.loggers.csv_logger import CSVLogger, ResumePoint
 from nclightning.loggers.wandb_logger import WandbLogger
 
@@ -53,12 +59,39 @@ class RunRecord(Callback):
     CLI does); a W&B run started by a spawned worker stays, marked failed.
     """
 
+    def __init__(self) -> None:
+        self._resumed: dict[str, Any] | None = None
+        self._ckpt_path: str | None = None
+
     @property
     def state_key(self) -> str:
         return "nclightning.RunRecord"
 
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
-        loggers = []
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        record = checkpoint.get(RECORD_KEY)
+        self._resumed = record if isinstance(record, dict) else None
+        path = getattr(trainer, "ckpt_path", None)
+        self._ckpt_path = os.path.abspath(path) if isinstance(path, (str, os.PathLike)) else None
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        """A resumed fit logging to a new CSV folder notes there which run it continues."""
+        if self._resumed is None or not trainer.is_global_zero:
+            return
+        entries = [e for e in self._resumed.get("loggers", []) if e.get("kind") == "csv"]
+        csv_loggers = [lg for lg in trainer.loggers if isinstance(lg, _LightningCSVLogger)]
+        for logger, entry in zip(csv_loggers, entries):
+            earlier = _version_folder(entry)
+            here = os.path.abspath(logger.log_dir)
+            if earlier is None or earlier == here:
+                continue  # resumed in place: the logger cut its file back to the checkpoint
+            step = self._resumed.get("step")
+            note = {"checkpoint": self._ckpt_path, "step": step, "from": earlier}
+            os.makedirs(here, exist_ok=True)
+            atomic_write_bytes(Path(here) / RESUME_NOTE, json.dumps(note, indent=1).encode())
+        self._resumed = None
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        loggers: list[dict[str, Any]] = []
         for logger in trainer.loggers:
             if isinstance(logger, CSVLogger):
                 rows = logger.rows_on_disk()
@@ -72,7 +105,7 @@ class RunRecord(Callback):
                 loggers.append({"kind": type(logger).__name__})
         checkpoint[RECORD_KEY] = {"format": 1, "step": _logger_step(trainer), "loggers": loggers}
 
-    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         """A run that fails before its first training step removes what it created."""
         if trainer.global_step == 0:
             removed = discard_run(trainer)
@@ -83,6 +116,18 @@ class RunRecord(Callback):
                     file=sys.stderr,
                     flush=True,
                 )
+
+
+RESUME_NOTE = "resumed_from.json"
+
+
+def _version_folder(entry: dict[str, Any]) -> str | None:
+    """The folder of a CSV logger entry of a run record."""
+    root, version = entry.get("root"), entry.get("version")
+    if not isinstance(root, str) or version is None:
+        return None
+    name = f"version_{version}" if isinstance(version, int) else str(version)
+    return os.path.abspath(os.path.join(root, name))
 
 
 def read_run_record(ckpt_path: str | os.PathLike) -> dict[str, Any] | None:
@@ -157,7 +202,7 @@ def _discard_wandb(logger: _LightningWandbLogger) -> bool:
     disabled = type(run).__name__ in ("NoopRun", "RunDisabled")
     run_dir, path, offline = Path(run.dir).parent, getattr(run, "path", None), is_offline(run)
     try:
-        run.finish(exit_code=1, quiet=True)
+        run.finish(exit_code=1, quiet=True)  # type: ignore[call-arg]  # older wandb
     except TypeError:
         run.finish(exit_code=1)
     logger._experiment = None

@@ -38,6 +38,7 @@ __all__ = [
     "ensure_wandb_mode",
     "finish_wandb_runs",
     "is_offline",
+    "offline_folders",
     "wandb_api_key_available",
     "wandb_base_url",
     "wandb_service_problem",
@@ -156,6 +157,19 @@ class WandbLogger(_LightningWandbLogger):
         fallback: ``"offline"`` (default) or ``"disabled"``: what to do when online fails.
 
     ``fallback_reason`` says why the run went offline (None when it did not).
+
+    Example:
+        Without an API key (as here) the run is offline from the start, never a prompt.
+
+        >>> import os, tempfile
+        >>> from nclightning.loggers import WandbLogger, ensure_wandb_mode
+        >>> mode = ensure_wandb_mode()  # WANDB_MODE=offline when no mode and no key are set
+        >>> with tempfile.TemporaryDirectory() as root:
+        ...     logger = WandbLogger(project="demo", save_dir=root, offline=True)
+        ...     logger.log_metrics({"nc-train/penultimate/nc1": 0.5}, step=0)
+        ...     logger.experiment.finish()
+        ...     print(sorted(os.listdir(root)))
+        ['wandb']
     """
 
     def __init__(
@@ -176,7 +190,7 @@ class WandbLogger(_LightningWandbLogger):
 
     @property
     @rank_zero_experiment
-    def experiment(self):
+    def experiment(self) -> Any:
         import wandb
 
         if (
@@ -190,13 +204,13 @@ class WandbLogger(_LightningWandbLogger):
                 self._experiment.define_metric(
                     "*", step_metric="trainer/global_step", step_sync=True
                 )
-        return _LightningWandbLogger.experiment.fget(self)
+        return _LightningWandbLogger.experiment.fget(self)  # type: ignore[attr-defined]
 
     def _online_wanted(self) -> bool:
         mode = self._wandb_init.get("mode") or os.environ.get("WANDB_MODE", "")
         return not self._offline and mode not in (*OFFLINE_MODES, "disabled")
 
-    def _start_run(self):
+    def _start_run(self) -> Any:
         """``wandb.init`` within the bounds of the class docstring, else the fallback."""
         import wandb
 
@@ -204,7 +218,7 @@ class WandbLogger(_LightningWandbLogger):
             return wandb.init(**self._wandb_init)
         start = time.monotonic()
         if not wandb_api_key_available():
-            problem = "no W&B API key found (WANDB_API_KEY or `wandb login`)"
+            problem: str | None = "no W&B API key found (WANDB_API_KEY or `wandb login`)"
         else:
             problem = wandb_service_problem(timeout=self.connect_timeout)
         if problem is None:
@@ -253,6 +267,15 @@ class WandbLogger(_LightningWandbLogger):
         self._wandb_init.update(id=run_id, resume="allow")
 
 
+def offline_folders(run_dir: Path, run_id: str | None) -> list[Path]:
+    """Every offline folder of the W&B run ``run_id`` beside ``run_dir`` (one per resumed
+    part, oldest first), ``run_dir`` included."""
+    found = set()
+    if run_id:
+        found = {f for f in run_dir.parent.glob(f"offline-run-*-{run_id}") if f.is_dir()}
+    return sorted(found | {run_dir}, key=lambda f: f.name)
+
+
 def finish_wandb_runs(trainer: Any, exit_code: int = 0) -> None:
     """Close the trainer's W&B runs and say where each went (and, offline, how to upload it).
 
@@ -268,8 +291,11 @@ def finish_wandb_runs(trainer: Any, exit_code: int = 0) -> None:
         if trainer.is_global_zero and getattr(run, "dir", None):
             run_dir = Path(run.dir).parent
             if is_offline(run):
+                folders = offline_folders(run_dir, getattr(run, "id", None))
                 _say(f"W&B run saved offline in {run_dir}")
-                _say(f"upload it with:  wandb sync {run_dir}")
+                if len(folders) > 1:  # a resumed run: each part has its own folder
+                    _say(f"the run {run.id} is in {len(folders)} offline folders (resumed)")
+                _say("upload it with:  wandb sync " + " ".join(str(f) for f in folders))
             elif getattr(run, "url", None):
                 _say(f"W&B run at {run.url}")
         if hasattr(run, "finish"):

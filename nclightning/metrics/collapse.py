@@ -41,6 +41,17 @@ def collapse_metrics(
     reported when ``predictions[N]`` are given or, without them, from the classifier's
     ``argmax(W h + b)``. ``ood_mean[d]`` adds ``nc5``. ``num_classes`` defaults to
     ``labels.max() + 1``. Never synchronises across processes.
+
+    Example:
+        >>> import torch
+        >>> from nclightning.metrics import collapse_metrics
+        >>> y = torch.tensor([0, 0, 1, 1])
+        >>> h = torch.tensor([[1.0, 0.0], [1.0, 0.0], [-1.0, 0.0], [-1.0, 0.0]])
+        >>> m = collapse_metrics(h, y)  # fully collapsed: no within-class spread
+        >>> float(m["nc1"]), float(m["cdnv"])
+        (0.0, 0.0)
+        >>> sorted(m)[:4]
+        ['cdnv', 'class_mean_norm', 'feature_norm', 'gnc2_log']
     """
     if features.ndim != 2:
         raise ValueError(f"features must be [N, d] (rows), got shape {tuple(features.shape)}")

@@ -221,7 +221,7 @@ def _unit(rows: Tensor) -> Tensor | None:
     norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
     if not bool((norms > 0).all()):
         return None
-    return rows / norms
+    return torch.div(rows, norms)
 
 
 def gnc2_log(m: ClassMoments) -> float:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -215,8 +216,8 @@ class ClassMoments:
         u = directions.to(device=self.means.device, dtype=torch.float64)
         if self.scatter is not None:
             return ((u @ self.scatter) * u).sum(1)
-        if self.span_basis is None:
-            self._full_scatter("within_quadratic (and nc1)")
+        if self.span_basis is None or self.span_scatter is None:
+            return ((u @ self._full_scatter("within_quadratic (and nc1)")) * u).sum(1)
         a = u @ self.span_basis  # [r, r'] coordinates in the basis
         outside = torch.linalg.vector_norm(u - a @ self.span_basis.T, dim=1)
         if bool((outside > SPAN_RTOL * torch.linalg.vector_norm(u, dim=1)).any()):
@@ -240,7 +241,7 @@ class ClassMoments:
         if r <= 0:
             return mt.new_zeros(self.dim, 0)
         _, _, vh = torch.linalg.svd(mt, full_matrices=False)
-        return vh[:r].T.contiguous()
+        return cast(Tensor, vh[:r].T.contiguous())
 
     # -- utilities --------------------------------------------------------------------------
     def pad(self, dim: int) -> ClassMoments:
@@ -266,17 +267,17 @@ class ClassMoments:
 
         return replace(
             self,
-            means=grow(self.means, (1,)),
+            means=torch.nn.functional.pad(self.means, [0, extra]),
             scatter=grow(self.scatter, (0, 1)),
             class_scatter=grow(self.class_scatter, (1, 2)),
             span_basis=grow(self.span_basis, (0,)),
         )
 
-    def to(self, *args, **kwargs) -> ClassMoments:
+    def to(self, *args: Any, **kwargs: Any) -> ClassMoments:
         """Move every tensor (``Tensor.to`` semantics)."""
-        names = ("counts", "means", "scatter", "class_ss", "class_scatter")
+        names: tuple[str, ...] = ("counts", "means", "scatter", "class_ss", "class_scatter")
         names += ("span_basis", "span_scatter", "norm_sums")
-        moved = {}
+        moved: dict[str, Any] = {}
         for name in names:
             t = getattr(self, name)
             moved[name] = None if t is None else t.to(*args, **kwargs)

@@ -15,6 +15,7 @@ Features are rows (``features[B, d]``); ``weight[K, d]``, ``bias[K]`` follow
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -29,7 +30,7 @@ __all__ = ["NCCMismatch", "NCCReference", "exact_float32_matmul"]
 
 
 @contextmanager
-def exact_float32_matmul():
+def exact_float32_matmul() -> Iterator[None]:
     """Run float32 matrix products in full IEEE precision (no TF32 / bf16 shortcuts).
 
     ``torch.set_float32_matmul_precision("high")`` (common with Lightning) would make the
@@ -102,7 +103,7 @@ class NCCReference:
         """Every eligible mean is the same point: the nearest centre is undefined."""
         self.proj = torch.cat([w, mu_c])  # [K + K', d]: classifier rows, then centred means
         self.bias = w @ self.centre + b  # logits of centred features: W(h - c) + (W c + b)
-        self._cache: dict[tuple, tuple[Tensor, ...]] = {}
+        self._cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor, ...]] = {}
 
     def _cast(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, ...]:
         key = (device, dtype)
@@ -173,6 +174,8 @@ class NCCMismatch(Float64States, Metric):
     higher_is_better = False
     full_state_update = False
     _F64_STATES = ("mismatches", "samples")
+    mismatches: Tensor
+    samples: Tensor
 
     def __init__(
         self,

@@ -13,6 +13,9 @@ Parts (float64), per class ``k`` with shift ``c_k`` and shifted deviations ``e =
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -166,7 +169,7 @@ class Float64States:
 
     _F64_STATES: tuple[str, ...] = ()
 
-    def _apply(self, fn, exclude_state=()):  # type: ignore[no-untyped-def]
+    def _apply(self, fn: Callable[[Tensor], Tensor], exclude_state: Sequence[str] = ()) -> Any:
         this = super()._apply(fn, exclude_state=(*exclude_state, *self._F64_STATES))  # type: ignore[misc]
         for key in self._F64_STATES:
             value = getattr(this, key)

@@ -54,6 +54,7 @@ states and applies it.
 from __future__ import annotations
 
 import functools
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -136,12 +137,33 @@ class ClassStatistics(Float64States, Metric):
     :meth:`compute` returns ``dict[str, Tensor]`` of 0-dim float64 tensors: the keys of
     :func:`~nclightning.metrics.metrics_from_moments` (``nc3``, ``unc3`` once
     :meth:`set_classifier` was called). ``forward`` only accumulates and returns ``None``.
+
+    Example:
+        Three tight classes in one streaming pass; the result equals the in-memory one.
+
+        >>> import torch
+        >>> from nclightning.metrics import ClassStatistics, collapse_metrics
+        >>> g = torch.Generator().manual_seed(0)
+        >>> y = torch.arange(3).repeat(20)
+        >>> h = 4 * torch.eye(3, dtype=torch.float64)[y] + 0.5 * torch.randn(
+        ...     60, 3, generator=g, dtype=torch.float64)
+        >>> stats = ClassStatistics(num_classes=3, dim=3)
+        >>> for hb, yb in zip(h.split(16), y.split(16)):
+        ...     stats.update(hb, yb)
+        >>> out = stats.compute()
+        >>> round(float(out["nc1"]), 4)
+        0.0324
+        >>> bool(torch.allclose(out["nc1"], collapse_metrics(h, y)["nc1"]))
+        True
+        >>> stats.moments().counts.tolist()
+        [20.0, 20.0, 20.0]
     """
 
     is_differentiable = False
     higher_is_better = False
     full_state_update = False
     _F64_STATES = ("packed",)
+    packed: Tensor
 
     def __init__(
         self,
@@ -236,7 +258,7 @@ class ClassStatistics(Float64States, Metric):
             return
         self._accumulator.add(self.packed, x, y, self._dtype_for(x.dtype))
 
-    def forward(self, features: Tensor, labels: Tensor) -> None:  # type: ignore[override]
+    def forward(self, features: Tensor, labels: Tensor) -> None:
         """Same as :meth:`update`; returns ``None`` (no per-batch metrics)."""
         self.update(features, labels)
 
@@ -251,7 +273,7 @@ class ClassStatistics(Float64States, Metric):
             )
         return state_moments(v, self._layout, self._basis)
 
-    def _synced(self):
+    def _synced(self) -> AbstractContextManager[None]:
         return self.sync_context(
             dist_sync_fn=self.dist_sync_fn,
             process_group=self.process_group,

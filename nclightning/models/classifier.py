@@ -124,6 +124,8 @@ class CollapseClassifier(LightningModule):
             speed option; ignored for vector inputs).
     """
 
+    backbone: Any  # a backbone of nclightning.models.backbones (out_dim, feature_info, ...)
+
     def __init__(
         self,
         num_classes: int,
@@ -205,7 +207,8 @@ class CollapseClassifier(LightningModule):
         if blocks is None:
             raise ConfigurationError(
                 "layer-wise training grows the 'mlp' backbone one block per stage; this "
-                f"CollapseClassifier has backbone {self.hparams.backbone!r}: use backbone 'mlp', "
+                f"CollapseClassifier has backbone {self.hparams['backbone']!r}: "
+                "use backbone 'mlp', "
                 "or a LightningModule that implements nclightning.models.LayerwiseModel"
             )
         return blocks()
@@ -227,10 +230,9 @@ class CollapseClassifier(LightningModule):
 
     def loss_fn(self, logits: Tensor, targets: Tensor) -> Tensor:
         """The configured loss (``ce`` or ``mse``), averaged over the batch."""
-        if self.hparams.loss == "mse":
-            return mse_loss(
-                logits, targets, self.hparams.mse_target_scale, self.hparams.mse_true_class_weight
-            )
+        hp: Any = self.hparams
+        if hp.loss == "mse":
+            return mse_loss(logits, targets, hp.mse_target_scale, hp.mse_true_class_weight)
         return F.cross_entropy(logits, targets)
 
     # -- steps --------------------------------------------------------------------------------
@@ -268,11 +270,11 @@ class CollapseClassifier(LightningModule):
         (``requires_grad``) are included and empty groups are dropped, so frozen layers (e.g.
         layer-wise training, docs/science.md §6.2, Fig. 2) are left out.
         """
-        hp = self.hparams
+        hp: Any = self.hparams
         classifier_wd = (
             hp.weight_decay if hp.classifier_weight_decay is None else hp.classifier_weight_decay
         )
-        groups = [
+        groups: list[dict[str, Any]] = [
             {"name": "features", "module": self.backbone, "weight_decay": float(hp.weight_decay)},
             {"name": "classifier", "module": self.classifier, "weight_decay": float(classifier_wd)},
         ]
@@ -284,7 +286,7 @@ class CollapseClassifier(LightningModule):
         return out
 
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
+        hp: Any = self.hparams
         if hp.optimizer == "sgd":
             opt: torch.optim.Optimizer = torch.optim.SGD(
                 self.parameter_groups(), lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov

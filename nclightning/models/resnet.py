@@ -65,7 +65,7 @@ def image_shape(name: str, input_shape: Sequence[int]) -> tuple[int, int, int]:
             f"backbone {name!r} is a conv net and needs an image input_shape (C, H, W), "
             f"got {shape}; use backbone 'mlp' for vector inputs"
         )
-    return shape  # type: ignore[return-value]
+    return shape
 
 
 class CifarResNet18(nn.Module):

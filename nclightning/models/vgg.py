@@ -60,9 +60,9 @@ class VGG11BN(nn.Module):
         self.feature_info: list[FeatureInfo] = []
         for i, multipliers in enumerate(VGG11_STAGES):
             convs = []
-            for j, m in enumerate(multipliers):
-                convs.append(conv_bn_relu(in_channels, m * width))
-                in_channels = m * width
+            for j, mult in enumerate(multipliers):
+                convs.append(conv_bn_relu(in_channels, mult * width))
+                in_channels = mult * width
                 alias = "h0" if (i, j) == (4, 0) else None
                 self.feature_info.append(
                     FeatureInfo(

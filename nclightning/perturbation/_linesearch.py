@@ -73,7 +73,8 @@ def line_search(
         return fa <= f0 + c1 * a * d0 or (fa <= f0 + f_tol and da <= (2 * c1 - 1) * d0)
 
     lo, f_lo, d_lo = 0.0, f0, d0
-    hi = f_hi = d_hi = None
+    hi: float | None = None
+    f_hi = d_hi = math.nan
     best: tuple[float, Evaluation] | None = None
     a = step
     for n in range(1, max_evals + 1):

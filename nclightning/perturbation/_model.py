@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
 
 from nclightning.perturbation._linesearch import Evaluation
+from nclightning.perturbation._newton import Operator
 from nclightning.perturbation._spectral import Spectrum
 
 __all__ = ["Model", "check_parameters"]
@@ -123,7 +125,7 @@ class Model:
         e0 = rn @ p1 / cn - (b * b / cn) * (st.m_inv @ st.t @ st.m_inv) + self.gamma * self.eye
         return e0, (b / cn) * rn, (b * b / cn) * st.m_inv
 
-    def hessian(self, W: Tensor, ev: Evaluation):
+    def hessian(self, W: Tensor, ev: Evaluation) -> tuple[Operator, list[Operator]]:
         """``(hvp, preconditioners)`` at ``W`` for :func:`._newton.minimize`."""
         st: _State = ev.ctx
         e0, _, e1 = self.multipliers(st)
@@ -131,7 +133,7 @@ class Model:
         fixed_h = self._fixed_h_preconditioner(st)
         return self.hvp(st, e0, e1), ([block, fixed_h] if block is not None else [fixed_h])
 
-    def hvp(self, st: _State, e0: Tensor, e1: Tensor):
+    def hvp(self, st: _State, e0: Tensor, e1: Tensor) -> Operator:
         """``V -> (Hessian of g at st.W) V``, ``O(K^2 d)`` per product (module docstring)."""
         W = st.W
         b, lh, cn = self.beta, self.lh, self.c * self.N
@@ -175,7 +177,7 @@ class Model:
         lam, vec = torch.linalg.eigh(li @ (0.5 * (e0 + e0.T)) @ li.T)
         return li.T @ vec, lam.unsqueeze(1) + self.s.unsqueeze(0)
 
-    def _block_preconditioner(self, pencil):
+    def _block_preconditioner(self, pencil: tuple[Tensor, Tensor] | None) -> Operator | None:
         """``q -> (E0 + s_j E1)^-1 q_j`` per column, or ``None`` where not positive definite."""
         if pencil is None:
             return None
@@ -217,7 +219,7 @@ class Model:
                 return V
         return None
 
-    def _fixed_h_preconditioner(self, st: _State):
+    def _fixed_h_preconditioner(self, st: _State) -> Operator:
         """``q -> q (H H^T/N + lambda_W/K I)^-1``: diagonal + rank 3K, by Woodbury."""
         K, N, a = self.K, self.N, (self.beta / self.c) ** 2
         diag = self.gamma + (a / N) * self.s  # [d]
@@ -242,7 +244,7 @@ class Model:
         x = (self.n.unsqueeze(1) * self.mu / self.N) / diag
         ud = u / diag
         core = torch.diag(self.N / self.n[present]) + ud @ u.T
-        return x - (x @ u.T) @ torch.linalg.solve(core, ud)
+        return x - (x @ u.T) @ cast(Tensor, torch.linalg.solve(core, ud))
 
     def features_summary(self, W: Tensor) -> tuple[float, Tensor]:
         """``(sum_i ||h*_i - m_k||^2, means m_k [K, d])`` of ``H*(W)`` in ``O(K^2 d)``."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor
 
@@ -34,6 +35,7 @@ __all__ = ["Evaluation", "NewtonResult", "minimize"]
 
 Operator = Callable[[Tensor], Tensor]
 Hessian = Callable[[Tensor, Evaluation], tuple[Operator, Sequence[Operator]]]
+Escape = Callable[[Tensor, Evaluation], Tensor | None]
 
 
 @dataclass
@@ -76,7 +78,7 @@ def _cg(
     forcing: float,
     max_cg: int,
     small: Callable[[Tensor], bool] | None = None,
-):
+) -> tuple[Tensor, int, bool]:
     """Approximate solution of ``H p = -g`` by preconditioned CG: ``(p, #products, small)``.
 
     ``small(p)`` is asked once, when the residual first falls below ``0.1 |g|``: a step that is
@@ -114,7 +116,14 @@ def _is_small(step: Tensor, x: Tensor, step_tol: float) -> bool:
     return float(step.norm()) <= step_tol * float(x.norm())
 
 
-def _direction(hessian: Hessian, x: Tensor, ev: Evaluation, forcing: float, max_cg: int, small):
+def _direction(
+    hessian: Hessian,
+    x: Tensor,
+    ev: Evaluation,
+    forcing: float,
+    max_cg: int,
+    small: Callable[[Tensor], bool] | None,
+) -> tuple[Tensor, Operator, int, bool]:
     """Newton-CG direction at ``x``, the chosen preconditioner, #Hessian products, and whether
     the step was found negligible (``small``) before the CG solve was complete."""
     hvp, preconds = hessian(x, ev)
@@ -128,7 +137,14 @@ def _direction(hessian: Hessian, x: Tensor, ev: Evaluation, forcing: float, max_
 class _Run:
     """The state of one :func:`minimize` call and its named steps."""
 
-    def __init__(self, fun, x0: Tensor, hessian: Hessian, escape, opts: dict) -> None:
+    def __init__(
+        self,
+        fun: Callable[[Tensor], Evaluation],
+        x0: Tensor,
+        hessian: Hessian,
+        escape: Escape | None,
+        opts: dict[str, Any],
+    ) -> None:
         self.fun, self.hessian, self.escape, self.opts = fun, hessian, escape, opts
         self.x, self.ev = x0, fun(x0)
         self.evals, self.hvps, self.escapes = 1, 0, 0
@@ -187,7 +203,7 @@ def minimize(
     max_iter: int,
     step_tol: float = 1e-8,
     max_cg: int = 200,
-    escape: Callable[[Tensor, Evaluation], Tensor | None] | None = None,
+    escape: Escape | None = None,
     max_escapes: int = 8,
 ) -> NewtonResult:
     """Minimise ``fun`` from ``x0`` (module docstring).

@@ -24,8 +24,11 @@ therefore fixes ``s`` by a rule, and reports ``beta / lambda_H`` of the problem 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Protocol, TypeVar
 
 import torch
+from torch import Tensor
 
 from nclightning.errors import ConfigurationError, DataError
 from nclightning.metrics import ClassMoments
@@ -87,7 +90,7 @@ def same_up_to_scale(h0: ClassMoments, h: ClassMoments, t: float, rtol: float = 
     if not torch.equal(h0.counts, h.counts):
         return False
 
-    def close(a, b) -> bool:
+    def close(a: Tensor, b: Tensor) -> bool:
         return float((a - b).norm()) <= rtol * max(float(b.norm()), 1e-300)
 
     pairs = [(h.means, t * h0.means), (h.class_ss, t * t * h0.class_ss)]
@@ -100,7 +103,27 @@ SCALE_RANGE = (1e-5, 1e3)
 """Searched ``s / s_between`` of the ``"norm_ratio"`` normalisation (grid of one per decade)."""
 
 
-def scale_search(fit_at, s0: float, ratio: float, near: float | None = None, rtol: float = 1e-6):
+class ScaleFit(Protocol):
+    """What :func:`scale_search` reads of a fit at one scale."""
+
+    @property
+    def ratio(self) -> float: ...
+    @property
+    def coupling(self) -> float: ...
+    @property
+    def converged(self) -> bool: ...
+
+
+FitT = TypeVar("FitT", bound=ScaleFit)
+
+
+def scale_search(
+    fit_at: Callable[[float, float | None, tuple[float, float] | None], FitT],
+    s0: float,
+    ratio: float,
+    near: float | None = None,
+    rtol: float = 1e-6,
+) -> tuple[FitT, bool, str | None]:
     """The ``"norm_ratio"`` fit: the smallest ``s`` with ``norm_ratio(H*) == ratio``.
 
     ``fit_at(s, near, window)`` fits the coupling at the scale ``s`` (``window``: a narrower
@@ -114,9 +137,9 @@ def scale_search(fit_at, s0: float, ratio: float, near: float | None = None, rto
     Returns ``(fit, converged, message or None)``; an unreachable ratio gives the closest fit.
     """
     lo, hi = (round(math.log10(x)) for x in SCALE_RANGE)
-    fits: dict[float, object] = {}
+    fits: dict[float, FitT] = {}
 
-    def gap(u: float, window=None) -> float:
+    def gap(u: float, window: tuple[float, float] | None = None) -> float:
         prev = fits[min(fits, key=lambda v: abs(v - u))].coupling if fits else near
         near_u = prev if prev is not None and math.isfinite(prev) else None
         fits[u] = fit_at(s0 * 10.0**u, near_u, window)
@@ -147,9 +170,11 @@ def scale_search(fit_at, s0: float, ratio: float, near: float | None = None, rto
     return fits[b if fa != 0 else a], True, None
 
 
-def _first_crossing(gap, lo: int, hi: int):
+def _first_crossing(
+    gap: Callable[[float], float], lo: int, hi: int
+) -> tuple[float, float, float, float] | None:
     """``(a, gap(a), b, gap(b))`` around the first sign change of ``gap`` on ``lo, ..., hi``."""
-    prev = None
+    prev: tuple[float, float] | None = None
     for k in range(lo, hi + 1):
         g = gap(float(k))
         if math.isnan(g):

@@ -28,7 +28,7 @@ search then ends at the jump and reports it (``jump``) instead of a root.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from torch import Tensor
@@ -159,7 +159,9 @@ class RootSearch:
         before: Point | None = None
         for beta in self.grid():
             warm = None if prev is None else solver.predict(beta, prev, before)
-            starts = [None] if prev is None else [warm, None] if guard else [warm]
+            starts: list[Tensor | None] = (
+                [None] if prev is None else [warm, None] if guard else [warm]
+            )
             p = self._tight(solver, solver.at(beta, starts, loose=not guard))
             if p.value == self.target:
                 return None, p
@@ -175,7 +177,7 @@ class RootSearch:
             return solver.at(p.beta, [p.W])
         return p
 
-    def _agree_with_cold(self, solver: Solver, points) -> bool:
+    def _agree_with_cold(self, solver: Solver, points: Sequence[Point | None]) -> bool:
         """Whether ridge starts at ``points`` find no lower minimum (the guard).
 
         The ridge runs are loose: the objective's error is second order in the gradient's,
@@ -219,7 +221,9 @@ class RootSearch:
         return b
 
 
-def _brent_step(a: Point, b: Point, c: Point, f: dict, xm: float, xtol: float, d, e):
+def _brent_step(
+    a: Point, b: Point, c: Point, f: dict[int, float], xm: float, xtol: float, d: float, e: float
+) -> tuple[float, float]:
     """Brent's interpolation step ``(d, e)``: inverse quadratic / secant, else bisection."""
     fa, fb, fc = f[id(a)], f[id(b)], f[id(c)]
     if abs(e) < xtol or abs(fa) <= abs(fb):

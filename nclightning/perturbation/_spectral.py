@@ -29,7 +29,7 @@ def scale_moments(m: ClassMoments, t: float) -> ClassMoments:
     return ClassMoments(
         counts=m.counts,
         means=m.means * t,
-        scatter=m.scatter * (t * t),
+        scatter=None if m.scatter is None else m.scatter * (t * t),
         class_ss=m.class_ss * (t * t),
         class_scatter=None if cs is None else cs * (t * t),
     )

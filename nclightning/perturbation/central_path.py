@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -39,7 +41,7 @@ def _ridge(H: Tensor, y: Tensor, lambda_W: float) -> Tensor:
     N, K = y.shape
     g = H.T @ H
     g.diagonal().add_(N * lambda_W / K)
-    return torch.linalg.solve(g, H.T @ y).T  # (S G^-1)^T = G^-1 S^T, G symmetric
+    return cast(Tensor, torch.linalg.solve(g, H.T @ y)).T  # (S G^-1)^T = G^-1 S^T, G symmetric
 
 
 def optimal_classifier(
@@ -109,17 +111,26 @@ def _traces(H: Tensor, labels: Tensor, K: int) -> tuple[float, float]:
     return float(m.class_ss.sum()) / m.total, between_energy(m)
 
 
-def _dopri_step(rhs, H: Tensor, k1: Tensor, step: float) -> tuple[Tensor, Tensor, Tensor]:
+def _dopri_step(
+    rhs: Callable[[Tensor], Tensor], H: Tensor, k1: Tensor, step: float
+) -> tuple[Tensor, Tensor, Tensor]:
     """One Dormand-Prince 5(4) step: ``(5th-order solution, its slope (FSAL), error)``."""
     ks = [k1]
     for i in range(1, 7):
         xi = H + step * sum(a * k for a, k in zip(_A[i], ks) if a != 0.0)
         ks.append(rhs(xi))
     err = step * sum(e * k for e, k in zip(_E, ks) if e != 0.0)
-    return xi, ks[6], err  # stage 7 evaluates at the 5th-order solution
+    return xi, ks[6], cast(Tensor, err)  # stage 7 evaluates at the 5th-order solution
 
 
-def _integrate_to(rhs, state: dict, target: float, rtol: float, atol: float, max_steps: int):
+def _integrate_to(
+    rhs: Callable[[Tensor], Tensor],
+    state: dict[str, Any],
+    target: float,
+    rtol: float,
+    atol: float,
+    max_steps: int,
+) -> None:
     """Advance ``state`` (``H``, ``k1``, ``t``, ``h``, counts) to ``t = target`` exactly."""
     while state["t"] < target:
         if state["steps"] + state["rejected"] >= max_steps:
@@ -180,7 +191,7 @@ def central_path_flow(
         raise ValueError("t_eval must be increasing and non-negative")
     k1 = rhs(H)
     h = 0.01 * max(float(H.norm()), 1e-12) / max(float(k1.norm()), 1e-300)
-    state = dict(H=H, k1=k1, t=0.0, h=h, steps=0, rejected=0)
+    state: dict[str, Any] = dict(H=H, k1=k1, t=0.0, h=h, steps=0, rejected=0)
     out_h, sw, sb = [], [], []
     for target in times:
         _integrate_to(rhs, state, target, rtol, atol, max_steps)

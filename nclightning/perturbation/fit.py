@@ -9,6 +9,7 @@ against non-global local minima).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,7 +52,7 @@ class BetaFit:
     branches: int = 0
 
 
-def metric_of(name: str):
+def metric_of(name: str) -> Callable[[Model, Tensor], float]:
     """``(model, W_eigenbasis) -> metric of H*`` for :class:`._search.Solver`."""
     if name == "nc1_tilde":
         return lambda model, W: model.nc1_tilde(W)
@@ -73,7 +74,7 @@ def search_message(search: RootSearch, metric: str) -> str:
             f"target {metric}={search.target:g} not reachable for beta in "
             f"[{search.lo:g}, {search.hi:g}]: values seen span [{min(vals):g}, {max(vals):g}]"
         )
-    if search.jump:
+    if search.jump and search.bracket is not None:
         lo, hi = search.bracket
         return (
             f"the global minimiser's {metric} jumps across the target between beta={lo:.6g} "
@@ -116,7 +117,7 @@ def fit_beta(
         exception, no warning: a training callback can log it and go on).
     """
     m, features, y = as_moments(h0, labels, num_classes)
-    if features is not None and metric == "cdnv":
+    if features is not None and y is not None and metric == "cdnv":
         m = ClassMoments.from_features(features, y, m.num_classes, per_class_scatter=True)
     known = metrics_from_moments(m, weight=torch.zeros_like(m.means))
     if metric not in known:
@@ -128,6 +129,7 @@ def fit_beta(
     search = RootSearch(float(target), float(lo), float(hi), points_per_decade, rtol)
     search.find(solver, near)
     p = search.point
+    assert p is not None  # set by find()
     return BetaFit(
         beta=p.beta,
         value=p.value,

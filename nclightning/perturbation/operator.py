@@ -102,6 +102,7 @@ def perturbation_operator(
     if minimizer is None:
         res = solve(x, lab, lambda_W=lambda_W, lambda_H=lambda_H, beta=beta, num_classes=K, tol=tol)
         W, H = res.W, res.H
+        assert H is not None  # solve() of raw features returns H*
     else:
         W, H = (t.detach().to(device=x.device, dtype=torch.float64) for t in minimizer)
     H, lab = H[order], lab[order]

@@ -132,7 +132,9 @@ def _metrics(m: ClassMoments, weight: Tensor | None, norm_ratio: float) -> dict[
     return out
 
 
-def _residuals(predicted: dict, measured: dict, fitted: tuple[str, ...]) -> dict[str, float]:
+def _residuals(
+    predicted: dict[str, float], measured: dict[str, float], fitted: tuple[str, ...]
+) -> dict[str, float]:
     keys = [k for k in RESIDUAL_KEYS if k in predicted and k in measured and k not in fitted]
     return {k: residual(predicted[k], measured[k]) for k in keys}
 
@@ -191,6 +193,25 @@ def fit_pair(
     Raises:
         ConfigurationError: widths or class counts differ, unknown normalisation, bad lambdas.
         DataError: ``H0`` has no scale (dead layer) or ``nc1_tilde(H)`` is not finite.
+
+    Example:
+        ``H`` is a tighter copy of ``H0``; the fit finds the coupling whose ``H*`` matches its
+        ``nc1_tilde``. ``H0`` keeps its per-class scatter, so ``cdnv`` of ``H*`` is defined.
+
+        >>> import torch
+        >>> from nclightning.metrics import ClassMoments
+        >>> from nclightning.perturbation import fit_pair
+        >>> g = torch.Generator().manual_seed(0)
+        >>> y = torch.arange(3).repeat(20)
+        >>> mu = 4 * torch.eye(3, dtype=torch.float64)[y]
+        >>> h0 = mu + 0.5 * torch.randn(60, 3, generator=g, dtype=torch.float64)
+        >>> h = mu + 0.2 * torch.randn(60, 3, generator=g, dtype=torch.float64)
+        >>> m0 = ClassMoments.from_features(h0, y, 3, per_class_scatter=True)
+        >>> fit = fit_pair(m0, ClassMoments.from_features(h, y, 3), lambda_W=5e-3, lambda_H=5e-3)
+        >>> fit.status, fit.converged, round(fit.coupling)
+        ('fitted', True, 161)
+        >>> sorted(fit.residuals)
+        ['cdnv', 'nc1', 'nc2_equinorm', 'nc2_etf', 'norm_ratio']
     """
     if normalization not in NORMALIZATIONS:
         raise ConfigurationError(
@@ -214,18 +235,24 @@ def fit_pair(
         return _fixed_pair(
             m0, measured, normalization, float(coupling), lambda_W, lambda_H, weight, tol
         )
-    args = dict(lambda_W=lambda_W, lambda_H=lambda_H, weight=weight, measured=measured)
+    args: dict[str, Any] = dict(
+        lambda_W=lambda_W, lambda_H=lambda_H, weight=weight, measured=measured
+    )
     if same_up_to_scale(m0, m, measured["norm_ratio"]):
         return _limit("identical", m0, normalization, **args)
     if not target < metrics_from_moments(m0)["nc1_tilde"]:
         return _limit("not_more_collapsed", m0, normalization, **args)
-    opts = dict(lambda_W=lambda_W, lambda_H=lambda_H, target=target, coupling_range=(lo, hi))
+    opts: dict[str, Any] = dict(
+        lambda_W=lambda_W, lambda_H=lambda_H, target=target, coupling_range=(lo, hi)
+    )
     opts.update(ppd=points_per_decade, rtol=rtol, tol=tol)
     base = Spectrum.of(m0)
     if normalization == "norm_ratio":
         s0 = fixed_scale(m0, "between", lambda_W, lambda_H)
 
-        def at_scale(s: float, near_s: float | None, window) -> _AtScale:
+        def at_scale(
+            s: float, near_s: float | None, window: tuple[float, float] | None
+        ) -> _AtScale:
             kw = opts if window is None else {**opts, "coupling_range": window}
             return _search_at_scale(base, s, near=near_s, **kw)
 
@@ -248,7 +275,9 @@ class _AtScale:
 
     @property
     def coupling(self) -> float:
-        return self.search.point.beta / self.lambda_H
+        point = self.search.point
+        assert point is not None  # set by find()
+        return point.beta / self.lambda_H
 
     @property
     def converged(self) -> bool:
@@ -275,6 +304,7 @@ def _search_at_scale(
     search = RootSearch(target, lo, hi, ppd, rtol)
     search.find(solver, None if near is None else lambda_H * near)
     p = search.point
+    assert p is not None  # set by find()
     ratio = p.model.rms(p.W) / (s * rms_norm(base.moments))
     return _AtScale(s, search, solver, lambda_H, ratio)
 
@@ -302,13 +332,24 @@ class _AtCoupling:
         return bool(self.point.result.converged)
 
 
-def _fixed_pair(m0, measured, normalization, coupling, lambda_W, lambda_H, weight, tol) -> PairFit:
+def _fixed_pair(
+    m0: ClassMoments,
+    measured: dict[str, float],
+    normalization: str,
+    coupling: float,
+    lambda_W: float,
+    lambda_H: float,
+    weight: Tensor | None,
+    tol: float,
+) -> PairFit:
     """``H*`` of ``s H0`` at ``coupling``: status ``"fixed"``, every metric a residual."""
     if not (math.isfinite(coupling) and coupling > 0):
         raise ConfigurationError(f"coupling must be a positive number, got {coupling!r}")
     base = Spectrum.of(m0)
 
-    def at_scale(s: float, near=None, window=None) -> _AtCoupling:
+    def at_scale(
+        s: float, near: float | None = None, window: tuple[float, float] | None = None
+    ) -> _AtCoupling:
         spec = base.scaled(s)
         solver = Solver(spec, lambda_W, lambda_H, metric_of("nc1_tilde"), tol)
         point = solver.at(lambda_H * coupling, [None])
@@ -335,10 +376,13 @@ def _pair_fit(
     status: str = "fitted",
 ) -> PairFit:
     """The comparison of ``H*`` with ``H`` at the found coupling (moments of ``H*``)."""
-    p, lh = found.search.point, found.lambda_H
+    search, lh = found.search, found.lambda_H
+    p = search.point
+    assert p is not None  # set by find()
     res = result_of(p.model, p.result)
     predicted = _metrics(res.moments, res.W if weight is not None else None, found.ratio)
-    message = note or search_message(found.search, "nc1_tilde")
+    found_by = search_message(search, "nc1_tilde") if isinstance(search, RootSearch) else ""
+    message = note or found_by
     if found.solver.branches:
         message += (
             f"; {found.solver.branches} evaluation(s) where two starts reached different minima"

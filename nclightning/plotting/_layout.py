@@ -17,6 +17,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -35,6 +36,7 @@ __all__ = [
     "colors",
     "figure_png",
     "finish_log_axis",
+    "fit_margins",
     "legend",
     "legend_width",
     "log_line",
@@ -147,7 +149,7 @@ def legend(grid: Grid, title: str | None, extra: Sequence = ()) -> None:
     for h in extra:
         seen.setdefault(h.get_label(), h)
     if seen:
-        grid.fig.legend(
+        grid.fig.legend(  # type: ignore[call-overload]
             list(seen.values()), list(seen), loc="upper left", bbox_to_anchor=grid.legend_anchor,
             title=title, fontsize="small", title_fontsize="small", frameon=False,
         )  # fmt: skip
@@ -178,7 +180,9 @@ class LogData:
         self.negative |= other.negative
 
 
-def log_line(ax: Axes, series: Iterable[tuple[float, float]], *, color, **style) -> LogData:
+def log_line(
+    ax: Axes, series: Iterable[tuple[float, float]], *, color: Any, **style: Any
+) -> LogData:
     """Draw ``series`` on a log axis: NaN, infinite and ``<= 0`` values break the line.
 
     Returns what :func:`finish_log_axis` needs to place the limits and the bands.
@@ -206,11 +210,11 @@ def log_line(ax: Axes, series: Iterable[tuple[float, float]], *, color, **style)
 class _OutsideBands(LogLocator):
     """A log locator that puts no tick on the bands (they hold no data value)."""
 
-    def __init__(self, lo: float, hi: float, **kwargs) -> None:
+    def __init__(self, lo: float, hi: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.lo, self.hi = lo, hi
 
-    def tick_values(self, vmin, vmax):
+    def tick_values(self, vmin: float, vmax: float) -> Any:
         ticks = super().tick_values(vmin, vmax)
         return [t for t in ticks if self.lo <= t <= self.hi]
 
@@ -305,10 +309,49 @@ def share_xlim(axes: Sequence[Axes], xs: Sequence[float]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def fit_margins(fig: Figure, pad: float = 0.08) -> None:
+    """Grow ``fig`` where its drawn contents (long tick labels, titles, legends) stick out.
+
+    The margins of :func:`new_figure` are fixed in inches and fit usual labels; a longer one
+    (``1.66x10^-1`` on a narrow log range) would be clipped at the edge. This draws the figure
+    once, and where its tight box leaves the canvas, widens or heightens the canvas by that
+    much (plus ``pad`` inches), keeping every axes, text and legend where it was relative to
+    the others.
+    """
+    from matplotlib.text import Text
+
+    box = fig.get_tightbbox()  # inches, from the figure's own renderer
+    width, height = fig.get_size_inches()
+    grow_l, grow_b = max(0.0, pad - box.x0), max(0.0, pad - box.y0)
+    grow_r, grow_t = max(0.0, box.x1 + pad - width), max(0.0, box.y1 + pad - height)
+    if not (box.x0 < 0 or box.y0 < 0 or box.x1 > width or box.y1 > height):
+        return
+    new_w, new_h = width + grow_l + grow_r, height + grow_b + grow_t
+
+    def moved(x: float, y: float) -> tuple[float, float]:  # figure fractions, old -> new
+        return (x * width + grow_l) / new_w, (y * height + grow_b) / new_h
+
+    anchors = []
+    for legend in fig.legends:
+        anchor = legend.get_bbox_to_anchor()
+        anchors.append((legend, anchor.x0 / fig.dpi / width, anchor.y1 / fig.dpi / height))
+    for ax in fig.axes:
+        pos = ax.get_position()
+        x0, y0 = moved(pos.x0, pos.y0)
+        ax.set_position((x0, y0, pos.width * width / new_w, pos.height * height / new_h))
+    for text in fig.findobj(Text):
+        if text.get_transform() == fig.transFigure and text.figure is fig:
+            text.set_position(moved(*text.get_position()))
+    fig.set_size_inches(new_w, new_h)
+    for legend, x, y in anchors:
+        legend.set_bbox_to_anchor(moved(x, y), transform=fig.transFigure)
+
+
 def save_figure(fig: Figure, path: str | Path, *, dpi: int = 110) -> Path:
     """Write ``fig`` as a PNG at ``path`` (parents created), release it, return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    fit_margins(fig)
     fig.savefig(path, dpi=dpi, format="png")
     _release(fig)
     return path
@@ -317,6 +360,7 @@ def save_figure(fig: Figure, path: str | Path, *, dpi: int = 110) -> Path:
 def figure_png(fig: Figure, *, dpi: int = 100) -> bytes:
     """``fig`` as PNG bytes (for ``wandb.Image(PIL.Image.open(io.BytesIO(...)))``), released."""
     buf = io.BytesIO()
+    fit_margins(fig)
     fig.savefig(buf, dpi=dpi, format="png")
     _release(fig)
     return buf.getvalue()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping, Sequence
+from typing import Any
 
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -27,9 +28,12 @@ History = Mapping[str, Mapping[str, Series]]
 _STRIP_H = 0.6  # inches of the learning-rate strip
 
 
-def _drawable(history: History, lines: Sequence[str], metrics: Sequence[str], asked: bool):
+def _drawable(
+    history: History, lines: Sequence[str], metrics: Sequence[str], asked: bool
+) -> tuple[list[str], list[str]]:
     """Metrics with at least one value to show, and a note per metric left out."""
-    keep, notes = [], []
+    keep: list[str] = []
+    notes: list[str] = []
     for m in metrics:
         values = [v for lay in lines for _, v in history[lay].get(m, ())]
         if not values:
@@ -136,7 +140,7 @@ def band_stats(runs: Sequence[Series]) -> list[tuple[float, float, float, float,
     return [(x, sum(vs) / len(vs), min(vs), max(vs), len(vs)) for x, vs in sorted(at.items()) if vs]
 
 
-def _draw_band(ax: Axes, runs: Sequence[Series], color, label: str) -> L.LogData:
+def _draw_band(ax: Axes, runs: Sequence[Series], color: Any, label: str) -> L.LogData:
     stats = band_stats(runs)
     data = L.log_line(ax, [(x, m) for x, m, *_ in stats], color=color, label=label)
     xs = [x for x, *_ in stats]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -36,7 +37,7 @@ def etf_cosines(K: int) -> np.ndarray:
     return out
 
 
-def _square(matrix, what: str) -> np.ndarray:
+def _square(matrix: Any, what: str) -> np.ndarray:
     m = np.asarray(matrix, dtype=float)
     if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] < 2:
         raise ValueError(f"{what}: expected a [K, K] matrix with K >= 2, got shape {m.shape}")
@@ -58,7 +59,9 @@ def _label_room(names: Sequence[str], K: int) -> float:
     return 0.075 * max(len(n) for n in names) if K <= MAX_NAMED else 0.0
 
 
-def _heatmap(ax: Axes, m: np.ndarray, names: Sequence[str], norm, cmap: str, fmt: str | None):
+def _heatmap(
+    ax: Axes, m: np.ndarray, names: Sequence[str], norm: Any, cmap: str, fmt: str | None
+) -> Any:
     from matplotlib import colormaps
 
     cm = colormaps[cmap].with_extremes(bad="0.8")
@@ -78,7 +81,7 @@ def _heatmap(ax: Axes, m: np.ndarray, names: Sequence[str], norm, cmap: str, fmt
     return im
 
 
-def _colorbar(grid: L.Grid, im, label: str) -> None:
+def _colorbar(grid: L.Grid, im: Any, label: str) -> None:
     """A colour bar in the right-hand column that ``new_figure(legend_w=)`` reserved."""
     fig, pos = grid.fig, grid.panels[-1].get_position()
     width = fig.get_figwidth()
@@ -87,7 +90,7 @@ def _colorbar(grid: L.Grid, im, label: str) -> None:
 
 
 def cosine_vs_etf(
-    cosine, class_names: Sequence[str] | None = None, *, title: str | None = None
+    cosine: Any, class_names: Sequence[str] | None = None, *, title: str | None = None
 ) -> Figure:
     """Two heatmaps: the measured ``cos(mu_k - mu_c, mu_l - mu_c)`` and the simplex ETF's.
 
@@ -121,7 +124,7 @@ def cosine_vs_etf(
 
 
 def cdnv_heatmap(
-    cdnv, class_names: Sequence[str] | None = None, *, title: str | None = None
+    cdnv: Any, class_names: Sequence[str] | None = None, *, title: str | None = None
 ) -> Figure:
     """Heatmap of the pairwise CDNV ``[K, K]`` on a log colour scale; the diagonal is blank.
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -30,17 +31,25 @@ _BAR_STYLES = (("0.6", None, "white"), ("C0", None, "white"), ("C3", "//", "0.2"
 _WIDTH = 0.27
 
 
-def _pair_metrics(h0, h, h_star, metrics) -> tuple[list[str], list[str]]:
+def _pair_metrics(
+    h0: Mapping[str, float],
+    h: Mapping[str, float],
+    h_star: Mapping[str, float],
+    metrics: Sequence[str] | None,
+) -> tuple[list[str], list[str]]:
     """Metrics to draw (caller's order, else ``h_star``'s) and those without any value."""
     metrics = list(h_star) if metrics is None else list(metrics)
-    keep, left_out = [], []
+    keep: list[str] = []
+    left_out: list[str] = []
     for m in metrics:
         values = [d.get(m, math.nan) for d in (h0, h, h_star)]
         (keep if any(math.isfinite(v) for v in values) else left_out).append(m)
     return keep, left_out
 
 
-def _bar_panel(ax: Axes, metrics: Sequence[str], values: Sequence[Mapping], labels) -> None:
+def _bar_panel(
+    ax: Axes, metrics: Sequence[str], values: Sequence[Mapping[str, float]], labels: Sequence[str]
+) -> None:
     """Grouped bars (H0, H, H*) per metric on a log axis; zeros on the band."""
     data, groups = L.LogData(), []
     for j, (vals, (colour, _, _)) in enumerate(zip(values, _BAR_STYLES)):
@@ -95,7 +104,7 @@ def _residual_panel(ax: Axes, metrics: Sequence[str], residuals: Mapping[str, fl
     ax.set_title("residuals of H* against H", fontsize="medium")
 
 
-def _coupling_panel(ax: Axes, coupling: Series, status, perturbative: Series) -> list[Line2D]:
+def _coupling_panel(ax: Axes, coupling: Series, status: Any, perturbative: Series) -> list[Line2D]:
     """Coupling over epochs (log); infinite-coupling statuses on the top band.
 
     Returns proxy legend handles for the markers used.

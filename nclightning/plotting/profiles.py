@@ -51,7 +51,8 @@ def depth_profile(
     two layers or more to get a panel; the caption names those left out.
     """
     names = list(values_by_layer) if order is None else [k for k in order if k in values_by_layer]
-    keep, notes = [], []
+    keep: list[str] = []
+    notes: list[str] = []
     for m in metrics:
         n = sum(math.isfinite(values_by_layer[k].get(m, math.nan)) for k in names)
         (keep if n >= 2 else notes).append(m)
@@ -115,7 +116,7 @@ def class_variance_bars(
 def _variance_panel(ax: Axes, values: Sequence[float], annotate: bool) -> None:
     pos = [(k, v) for k, v in enumerate(values) if math.isfinite(v)]
     if pos:
-        ax.bar(*zip(*pos), width=0.8, color="C0", gid="class_var")
+        ax.bar(*zip(*pos), width=0.8, color="C0", gid="class_var")  # type: ignore[misc]
         mean = sum(v for _, v in pos) / len(pos)
         ax.axhline(mean, color="0.3", ls="--", lw=1, label="mean over classes")
         top = max(v for _, v in pos)

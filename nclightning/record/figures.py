@@ -45,6 +45,10 @@ __all__ = [
 Rows = Sequence[Mapping[str, float]]
 
 
+Names = Sequence[str] | None
+"""Metric or layer names to draw (``None``: all)."""
+
+
 def safe(name: str) -> str:
     """A file-name-safe form of ``name`` (``h0->h`` becomes ``h0_to_h``)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name.replace("->", "_to_")).strip("_") or "run"
@@ -56,15 +60,22 @@ def _chosen(logged: Sequence[str], metrics: Sequence[str] | None) -> list[str]:
     return [m for m in views.DEFAULT_METRICS if m in logged] or list(logged)
 
 
-def _zero_mark(rows: Rows, x) -> dict[str, float]:
+def _zero_mark(rows: Rows, x: Sequence[float] | None) -> dict[str, float]:
     hit = views.zero_error_epoch(rows, x)
     return {f"zero train error ({hit[1]} = 1)": hit[0]} if hit else {}
 
 
 def curve_figures(
-    rows: Rows, probe: str, x: Sequence[float] | None = None, *, metrics=None, layers=None,
-    lr: Mapping | None = None, label: str = "", notes: list[str] | None = None,
-) -> dict[str, Figure]:  # fmt: skip
+    rows: Rows,
+    probe: str,
+    x: Sequence[float] | None = None,
+    *,
+    metrics: Names = None,
+    layers: Names = None,
+    lr: Mapping[Any, Any] | None = None,
+    label: str = "",
+    notes: list[str] | None = None,
+) -> dict[str, Figure]:
     """``metrics_{probe}`` and ``depth_profile_{probe}``."""
     notes = [] if notes is None else notes
     name = f"{label} ({probe} probe)" if label else f"{probe} probe"
@@ -97,9 +108,14 @@ def curve_figures(
 
 
 def pair_figures(
-    rows: Rows, probe: str, x: Sequence[float] | None = None, *, metrics=None, label: str = "",
+    rows: Rows,
+    probe: str,
+    x: Sequence[float] | None = None,
+    *,
+    metrics: Names = None,
+    label: str = "",
     notes: list[str] | None = None,
-) -> dict[str, Figure]:  # fmt: skip
+) -> dict[str, Figure]:
     """``pm_{h0}_to_{h}_{probe}`` for every pair fitted on ``probe``."""
     notes = [] if notes is None else notes
     out = {}
@@ -132,9 +148,16 @@ def pair_figures(
 
 
 def split_figures(
-    rows: Rows, probe: str, other: str, x: Sequence[float] | None = None, *, metrics=None,
-    layers=None, label: str = "", notes: list[str] | None = None,
-) -> dict[str, Figure]:  # fmt: skip
+    rows: Rows,
+    probe: str,
+    other: str,
+    x: Sequence[float] | None = None,
+    *,
+    metrics: Names = None,
+    layers: Sequence[str] | None = None,
+    label: str = "",
+    notes: list[str] | None = None,
+) -> dict[str, Figure]:
     """``splits_{probe}_vs_{other}_{layer}``: both probes per metric, one figure per layer."""
     notes = [] if notes is None else notes
     mine = views.layer_history(rows, probe, x, layers)
@@ -162,9 +185,13 @@ def split_figures(
 
 
 def class_figures(
-    snapshot: Mapping[str, Any], probe: str, *, layers=None, label: str = "",
+    snapshot: Mapping[str, Any],
+    probe: str,
+    *,
+    layers: Names = None,
+    label: str = "",
     notes: list[str] | None = None,
-) -> dict[str, Figure]:  # fmt: skip
+) -> dict[str, Figure]:
     """Cosine-vs-ETF and CDNV heatmaps per layer, variance bars, from a snapshot's moments.
 
     ``snapshot`` needs ``"layers"``: ``{alias: moments}`` as a snapshot file holds them
@@ -207,15 +234,23 @@ def class_figures(
 
 
 def probe_figures(
-    rows: Rows, probe: str, x: Sequence[float] | None = None, *, snapshot=None, lr=None,
-    metrics=None, layers=None, label: str = "", notes: list[str] | None = None,
-) -> dict[str, Figure]:  # fmt: skip
+    rows: Rows,
+    probe: str,
+    x: Sequence[float] | None = None,
+    *,
+    snapshot: Mapping[str, Any] | None = None,
+    lr: Mapping[Any, Any] | None = None,
+    metrics: Sequence[str] | None = None,
+    layers: Names = None,
+    label: str = "",
+    notes: list[str] | None = None,
+) -> dict[str, Figure]:
     """Every figure of one probe: curves, depth profile, pairs, class figures (given a
     ``snapshot``), and, for a held-out probe of a run that also probed ``train``, the split
     comparison against it. The callback's call: ``probe_figures(rows, probe, snapshot=...)``.
     """
     notes = [] if notes is None else notes
-    kw = {"metrics": metrics, "label": label, "notes": notes}
+    kw: dict[str, Any] = {"metrics": metrics, "label": label, "notes": notes}
     out = curve_figures(rows, probe, x, layers=layers, lr=lr, **kw)
     out |= pair_figures(rows, probe, x, **kw)
     if probe != "train" and "train" in views.probes(rows):
@@ -226,9 +261,13 @@ def probe_figures(
 
 
 def overlay_figures(
-    runs: Mapping[str, Sequence[tuple[Rows, Sequence[float] | None]]], probe: str, layer: str,
-    metrics: Sequence[str], *, notes: list[str] | None = None,
-) -> dict[str, Figure]:  # fmt: skip
+    runs: Mapping[str, Sequence[tuple[Rows, Sequence[float] | None]]],
+    probe: str,
+    layer: str,
+    metrics: Sequence[str],
+    *,
+    notes: list[str] | None = None,
+) -> dict[str, Figure]:
     """``overlay_{metric}_{probe}`` and its ``_since_zero_error`` twin for several runs.
 
     ``runs[label]`` lists ``(rows, x)`` of each run of that label (several: a group of seeds,
@@ -240,7 +279,8 @@ def overlay_figures(
     out: dict[str, Figure] = {}
     never = set()
     for metric in metrics:
-        plain, aligned = {}, {}
+        plain: dict[str, Any] = {}
+        aligned: dict[str, Any] = {}
         for label, members in runs.items():
             plain[label], shifted = [], []
             for rows, x in members:

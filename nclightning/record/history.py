@@ -3,20 +3,24 @@
 Owns the two rules every reader of a run uses (:mod:`nclightning.record.runs` applies them to
 a run directory; docs/science.md §9):
 
-* **Stitching** (:func:`stitch`). The rows of a run are read in order (its versions first to
-  last, each file top to bottom). (1) A row whose ``step`` is lower than an earlier row's
-  starts a resumed part at that step ``s``: whatever the earlier parts logged at a step above
-  ``s`` belongs to the abandoned timeline and is dropped. (2) A value logged again for the
-  same key at the same moment (a probe's ``epochs_trained``; for other rows Lightning's
-  ``epoch`` and ``step``) replaces the earlier one. A resumed run thus reads as the
-  uninterrupted one, whether it continued in the same file or in a new version.
+* **Stitching** (:func:`stitch`). A run is the parts of its resume chain, first to last (one
+  part for a run that never resumed). Where a part resumes (its resume step ``s``, from the run
+  record: :mod:`nclightning.record.runs`), whatever the earlier parts logged at a step above
+  ``s`` belongs to the abandoned timeline and is dropped, and counted. Inside one part rows are
+  kept in the order they were logged whatever their steps: Lightning logs a probe row at the
+  global step and the epoch-end rows after it one step lower, and that is no resume (a CSV log
+  resumed in place is cut back to the checkpoint by the logger itself,
+  :func:`nclightning.loggers.csv_logger.rows_to_keep`). A value logged again for the same key
+  at the same moment (a probe's ``epochs_trained``; for other rows Lightning's ``epoch`` and
+  ``step``) replaces the earlier one. A resumed run thus reads as the uninterrupted one.
 * **One x-axis: completed training epochs** (:func:`completed_epochs`). Probe rows sit at
   their ``epochs_trained``. A Lightning row carrying ``epoch`` (its 0-based running epoch)
   logged at that epoch's last step (an epoch-level metric) sits at ``epoch + 1``; one logged
   earlier in the epoch (a step-level metric), and a row with a ``step`` only (the learning
   rate of ``LearningRateMonitor``), sits where its step falls in the run's own step <-> epoch
-  correspondence: linear between the ``(step, completed epochs)`` pairs that the probe rows,
-  the epoch ends and the start of training (step 0 = 0 epochs) give, and beyond the last
+  correspondence: linear between the ``(step, completed epochs)`` pairs that the probe rows
+  (at the global step), the epoch ends (logged by Lightning one step below the global step at
+  which the epoch ends) and the start of training (step 0 = 0 epochs) give, and beyond the last
   pair along the last steps-per-epoch. Lightning's ``epoch`` and ``epochs_trained`` keep
   their own meanings in the rows; the x-axis is kept beside them, never written into them.
 """
@@ -27,11 +31,12 @@ import bisect
 import csv
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from nclightning.record import keys
 
-__all__ = ["INDEX_KEYS", "Row", "completed_epochs", "read_metrics_csv", "stitch"]
+__all__ = ["INDEX_KEYS", "Dropped", "Row", "completed_epochs", "read_metrics_csv", "stitch"]
 
 Row = dict[str, float]
 INDEX_KEYS = frozenset({keys.STEP, "epoch", keys.EPOCHS_TRAINED, keys.DEPTH})
@@ -65,24 +70,44 @@ def _moment(row: Mapping[str, float]) -> tuple:
     return ("lightning", row.get("epoch"), row.get(keys.STEP))
 
 
-def stitch(parts: Iterable[Sequence[Mapping[str, float]]]) -> list[Row]:
+@dataclass(frozen=True)
+class Dropped:
+    """Rows of part ``part`` (and before) logged after step ``after_step``, where part
+    ``resumed_by`` resumed: the abandoned timeline that :func:`stitch` left out."""
+
+    rows: int
+    after_step: float
+    resumed_by: int
+
+
+def stitch(
+    parts: Iterable[Sequence[Mapping[str, float]]],
+    starts: Sequence[float | None] | None = None,
+    dropped: list[Dropped] | None = None,
+) -> list[Row]:
     """One history from the row lists of a resume chain, by the module's stitching rule.
 
-    ``parts`` are the rows of each version in chain order (one part for a single file).
-    Returns new rows in logging order; a row whose every measured value was replaced or
-    dropped is left out. Rows without a ``step`` never start a resumed part.
+    ``parts`` are the rows of each version in chain order (one part for a single file);
+    ``starts[i]`` is the step at which part ``i`` resumed, as the run record says (the
+    checkpoint's step); None, or no ``starts``, takes the part's first logged step. The first
+    part's start is never used. Returns new rows in logging order; a row whose every measured
+    value was replaced or dropped is left out. Each cut that dropped rows is appended to
+    ``dropped``.
     """
     cells: list[tuple[int, str, float]] = []  # (row index, key, value), in logging order
     index: list[Mapping[str, float]] = []
-    latest_step = -math.inf
-    for part in parts:
+    for n, part in enumerate(parts):
+        part = list(part)
+        if n > 0 and cells:
+            start = starts[n] if starts is not None and n < len(starts) else None
+            if start is None:
+                start = min((r[keys.STEP] for r in part if keys.STEP in r), default=math.inf)
+            abandoned = {c[0] for c in cells if index[c[0]].get(keys.STEP, -math.inf) > start}
+            if abandoned:
+                cells = [c for c in cells if c[0] not in abandoned]
+                if dropped is not None:
+                    dropped.append(Dropped(len(abandoned), float(start), n))
         for row in part:
-            step = row.get(keys.STEP, math.nan)
-            if step < latest_step:  # a resumed part starts here: drop what came after `step`
-                cells = [c for c in cells if not index[c[0]].get(keys.STEP, -math.inf) > step]
-                latest_step = step
-            elif not math.isnan(step):
-                latest_step = step
             index.append(row)
             i = len(index) - 1
             cells += [(i, k, v) for k, v in row.items() if k not in INDEX_KEYS]
@@ -133,7 +158,8 @@ def _step_epoch_pairs(rows: Sequence[Mapping[str, float]]) -> list[tuple[float, 
         if keys.EPOCHS_TRAINED in row and keys.STEP in row:
             known[row[keys.STEP]] = max(known.get(row[keys.STEP], -1.0), row[keys.EPOCHS_TRAINED])
     for epoch, step in _epoch_end_steps(rows).items():
-        known[step] = max(known.get(step, -1.0), epoch + 1.0)
+        # Lightning logs an epoch's end one step below the global step it ends at
+        known[step + 1] = max(known.get(step + 1, -1.0), epoch + 1.0)
     pairs = sorted((s, c) for s, c in known.items() if math.isfinite(s) and math.isfinite(c))
     monotone: list[tuple[float, float]] = []
     for s, c in pairs:  # a stale pair must not make the map run backwards

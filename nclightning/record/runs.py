@@ -8,15 +8,21 @@ those of :mod:`nclightning.record.keys`; snapshots those of :mod:`nclightning.re
   union of the keys, a cell left empty where a row did not log the key), a saved config
   (``config.yaml``) and/or snapshot folders ``snapshots/{probe}/probe-NNNN.pt``.
   :func:`find_versions` finds every one under a folder.
-* **Resumed runs.** A resumed run continues either in the same folder (rows appended; the
-  ``step`` falls back to the checkpoint's) or in a new version of the same logger folder.
-  Version B continues version A (siblings) when B's saved config has a ``ckpt_path`` inside A,
-  or when a snapshot folder of B carries the owner token of one of A's
-  (:func:`~nclightning.record.snapshots.claim_directory`). :func:`find_runs` chains them.
+* **Resumed runs**, recognised from the run record, never from the order of steps in a file.
+  A run resumed in the same folder needs no stitching: the CSV logger cuts its file back to
+  the checkpoint's rows before appending (:mod:`nclightning.loggers.resume`). A run resumed in
+  a new version of the same logger folder continues the earlier one: version B continues
+  version A (siblings) when B holds A's resume note (``resumed_from.json``, written by
+  :class:`~nclightning.loggers.RunRecord`: the checkpoint, its step, A's folder), when B's
+  saved config has a ``ckpt_path`` inside A, or when a snapshot folder of B carries the owner
+  token of one of A's (:func:`~nclightning.record.snapshots.claim_directory`).
+  :func:`find_runs` chains them; B's resume step is the note's, else the checkpoint's own
+  record (when the file is still there), else B's first logged step.
 * **One history.** The rows of a chain are stitched into one and put on one x-axis of
   completed epochs by the rules of :mod:`nclightning.record.history` (docs/science.md §9);
   snapshot files follow the same rule, one file per ``(probe, epochs_trained)``, the later
-  version's winning.
+  version's winning. Rows of an abandoned timeline that were dropped are counted in
+  :attr:`Run.notes`, one line each, which ``nclightning report`` prints.
 * Which runs are seeds of one setting: :mod:`nclightning.record.groups`.
 """
 
@@ -31,7 +37,14 @@ from typing import Any
 
 from nclightning.errors import DataError
 from nclightning.record import keys, snapshots
-from nclightning.record.history import INDEX_KEYS, Row, completed_epochs, read_metrics_csv, stitch
+from nclightning.record.history import (
+    INDEX_KEYS,
+    Dropped,
+    Row,
+    completed_epochs,
+    read_metrics_csv,
+    stitch,
+)
 
 __all__ = [
     "INDEX_KEYS",
@@ -43,12 +56,17 @@ __all__ = [
     "find_versions",
     "load_run",
     "read_metrics_csv",
+    "read_resume_note",
+    "resume_step",
     "run_labels",
     "stitch",
 ]
 
 METRICS_FILE = "metrics.csv"
 CONFIG_FILE = "config.yaml"
+RESUME_NOTE = "resumed_from.json"
+"""Written into a version folder that resumed a run logged in another folder (RunRecord);
+the same name as :data:`nclightning.loggers.resume.RESUME_NOTE` (checked by a test)."""
 SNAPSHOT_FOLDER = "snapshots"
 _VERSION = re.compile(r"version_(\d+)")
 
@@ -174,11 +192,30 @@ def _ckpt_inside(ckpt: Any, folder: Path) -> bool:
     return any(parts[i : i + 2] == tail for i in range(len(parts) - 1))
 
 
-def _continues(later: Version, earlier: Version) -> bool:
-    if later.path.name.startswith(
-        MEASURE_PREFIX
-    ):  # a measurement of a checkpoint, a run of its own
+def read_resume_note(folder: Path) -> dict | None:
+    """The resume note of a version folder (:data:`RESUME_NOTE`), or None."""
+    import json
+
+    try:
+        note = json.loads((folder / RESUME_NOTE).read_text())
+    except (OSError, ValueError):
+        return None
+    return note if isinstance(note, dict) else None
+
+
+def _same_folder(a: Any, b: Path) -> bool:
+    try:
+        return isinstance(a, str) and Path(a).resolve() == b.resolve()
+    except OSError:
         return False
+
+
+def _continues(later: Version, earlier: Version) -> bool:
+    if later.path.name.startswith(MEASURE_PREFIX):  # a measurement: a run of its own
+        return False
+    note = read_resume_note(later.path)
+    if note is not None:
+        return _same_folder(note.get("from"), earlier.path)
     config = _read_config(later.config_file) or {}
     if _ckpt_inside(config.get("ckpt_path"), earlier.path):
         return True
@@ -220,7 +257,8 @@ class Run:
 
     ``rows[i]`` maps logged keys to floats (empty cells absent); ``x[i]`` is its completed
     epochs (module docstring). ``snapshots[probe]`` lists the snapshot files in
-    ``epochs_trained`` order after stitching; ``config`` is the first version's saved config.
+    ``epochs_trained`` order after stitching; ``config`` is the first version's saved config;
+    ``notes`` says what stitching dropped (one line per resume that cut rows).
     """
 
     label: str
@@ -229,6 +267,7 @@ class Run:
     x: list[float]
     snapshots: dict[str, list[Path]]
     config: dict | None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def path(self) -> Path:
@@ -295,6 +334,28 @@ def _stitch_snapshots(chain: Sequence[Version], rows: Sequence[Row]) -> dict[str
     return out
 
 
+def resume_step(version: Version) -> float | None:
+    """The step at which ``version`` resumed an earlier one, as the run record says.
+
+    The resume note's ``step``; else, when the saved config names a checkpoint file that is
+    still there, that checkpoint's :class:`~nclightning.loggers.RunRecord` step; else None.
+    """
+    note = read_resume_note(version.path)
+    if note is not None and isinstance(note.get("step"), (int, float)):
+        return float(note["step"])
+    ckpt = (_read_config(version.config_file) or {}).get("ckpt_path")
+    if isinstance(ckpt, str) and ckpt and Path(ckpt).is_file():
+        from nclightning.loggers.resume import read_run_record
+
+        try:
+            record = read_run_record(ckpt)
+        except Exception:  # an unreadable checkpoint says nothing
+            record = None
+        if record is not None and isinstance(record.get("step"), (int, float)):
+            return float(record["step"])
+    return None
+
+
 def load_run(chain: Sequence[Version], label: str | None = None) -> Run:
     """Read and stitch the versions of one run (chain order: first to last)."""
     parts = []
@@ -304,14 +365,24 @@ def load_run(chain: Sequence[Version], label: str | None = None) -> Run:
             if version.metrics_csv
             else _snapshot_rows(version)
         )
-    rows = stitch(parts)
+    starts = [None, *(resume_step(v) for v in chain[1:])]
+    dropped: list[Dropped] = []
+    rows = stitch(parts, starts, dropped)
+    label = label or chain[0].path.name
+    notes = [
+        f"{label}: {d.rows} row(s) logged after step {d.after_step:g} before "
+        f"{chain[d.resumed_by].path.name} resumed from its checkpoint were dropped "
+        "(the abandoned timeline)"
+        for d in dropped
+    ]
     return Run(
-        label=label or chain[0].path.name,
+        label=label,
         versions=tuple(chain),
         rows=rows,
         x=completed_epochs(rows),
         snapshots=_stitch_snapshots(chain, rows),
         config=_read_config(chain[0].config_file),
+        notes=notes,
     )
 
 

@@ -95,7 +95,7 @@ def layer_order(rows: Sequence[Row], probe: str) -> list[str]:
     for i, row in enumerate(rows):
         for key in row:
             parsed = keys.parse_key(key)
-            if parsed is not None and parsed.kind == "layer" and parsed.probe == probe:
+            if parsed and parsed.kind == "layer" and parsed.probe == probe and parsed.layer:
                 first.setdefault(parsed.layer, i)
 
     def rank(layer: str) -> tuple:
@@ -124,7 +124,7 @@ def layer_history(
             if not key.startswith(head):
                 continue
             parsed = keys.parse_key(key)
-            if parsed is not None and parsed.kind == "layer":
+            if parsed is not None and parsed.kind == "layer" and parsed.layer is not None:
                 out.setdefault(parsed.layer, {}).setdefault(parsed.quantity, []).append((xv, value))
     order = list(layers) if layers is not None else layer_order(rows, probe)
     return {layer: out[layer] for layer in order if layer in out}
@@ -144,7 +144,7 @@ def last_values(history: Mapping[str, Mapping[str, Series]]) -> dict[str, dict[s
     }
 
 
-def _staged(rows: Sequence[Row], x: Sequence[float] | None):
+def _staged(rows: Sequence[Row], x: Sequence[float] | None) -> Any:
     pairs = [
         (xv, r) for xv, r in zip(_xs(rows, x), rows) if math.isfinite(r.get(keys.DEPTH, math.nan))
     ]
@@ -247,7 +247,7 @@ def pair_names(rows: Sequence[Row], probe: str) -> list[str]:
     for row in rows:
         for key in row:
             parsed = keys.parse_key(key)
-            if parsed is not None and parsed.kind == "pair" and parsed.probe == probe:
+            if parsed and parsed.kind == "pair" and parsed.probe == probe and parsed.pair:
                 seen.setdefault(parsed.pair, None)
     return list(seen)
 
@@ -282,7 +282,9 @@ def _value_at(series: Series, epoch: float) -> float:
     return before[-1] if before else math.nan
 
 
-def _pair_series(rows, probe, pair, xs) -> dict[str, Series]:
+def _pair_series(
+    rows: Sequence[Row], probe: str, pair: str, xs: Sequence[float]
+) -> dict[str, Series]:
     head = f"pm-{probe}-{pair}/"
     out: dict[str, Series] = {}
     for xv, row in zip(xs, rows):

@@ -49,7 +49,7 @@ def main(devices: int, out: str) -> None:
         weight_decay=5e-4,
         scheduler="none",
     )
-    cb = NeuralCollapseCallback(log_figures_every_n_probes=0, batch_size=100)
+    cb = NeuralCollapseCallback(log_figures=False, batch_size=100)
     orders = Orders()
     best = ModelCheckpoint(dirpath=f"{out}/ckpt", monitor=MONITOR, mode="max", save_top_k=1)
     trainer = Trainer(

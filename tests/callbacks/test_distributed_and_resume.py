@@ -85,7 +85,7 @@ def _fit(tmp_path, max_epochs, ckpt_path=None, name="a", save_on_train_epoch_end
         milestones=[3],
     )
     logger = RecordingLogger()
-    cb = NeuralCollapseCallback(log_figures_every_n_probes=0)
+    cb = NeuralCollapseCallback(log_figures=False)
     ckpt = ModelCheckpoint(
         dirpath=tmp_path / name,
         save_top_k=-1,
@@ -154,7 +154,7 @@ def test_an_offline_wandb_run_read_back_with_wandbs_reader(tmp_path, monkeypatch
         scheduler="none",
     )
     logger = WandbLogger(project="nclightning-test", save_dir=str(tmp_path))
-    cb = NeuralCollapseCallback(coupling=1.0, log_figures_every_n_probes=1)
+    cb = NeuralCollapseCallback(coupling=1.0, log_figures=True)
     Trainer(
         max_epochs=2,
         accelerator="cpu",
@@ -184,7 +184,7 @@ def test_an_offline_wandb_run_read_back_with_wandbs_reader(tmp_path, monkeypatch
         "figures/metrics_train",  # the report's figures, under the report's names
         "figures/pm_h0_to_penultimate_train",
         "figures/class_cosine_train_penultimate",
-        "tables/cdnv_train_penultimate",
+        "tables/cdnv_matrix_train_penultimate",
     ):
         assert key in records, key
     images = sorted(run_dir.rglob("*.png"))

@@ -111,7 +111,7 @@ def test_training_with_the_callback_is_bit_identical(mode, options):
     options = dict(options)
     if mode == "plain_loader" and options.get("probe") == "val":
         options["probe"] = "val"  # the Trainer's own val loader (no DataModule)
-    cb = NeuralCollapseCallback(layers=LAYERS, log_figures_every_n_probes=0, **options)
+    cb = NeuralCollapseCallback(layers=LAYERS, log_figures=False, **options)
     watched = _train([cb], mode)
     assert len(cb.history) >= 2  # it did probe
     assert all(torch.equal(a, b) for a, b in zip(bare, watched))
@@ -146,7 +146,7 @@ class Recorder(Callback):
 def test_a_tapped_linear_before_an_inplace_relu_is_measured_on_its_own_output():
     dm, logger = _data(), RecordingLogger()
     recorder = Recorder(dm, "body.3")
-    cb = NeuralCollapseCallback(layers={"pre": "body.3"}, pairs=[], log_figures_every_n_probes=0)
+    cb = NeuralCollapseCallback(layers={"pre": "body.3"}, pairs=[], log_figures=False)
     seed_everything(0)
     Trainer(
         max_epochs=2,
@@ -202,9 +202,7 @@ def _token_run(**options):
     loader = DataLoader(TensorDataset(x, y), batch_size=16)
     logger = RecordingLogger()
     model = TokenNet()
-    cb = NeuralCollapseCallback(
-        probe=loader, name="tok", pairs=[], log_figures_every_n_probes=0, **options
-    )
+    cb = NeuralCollapseCallback(probe=loader, name="tok", pairs=[], log_figures=False, **options)
     Trainer(
         max_epochs=1,
         accelerator="cpu",
@@ -250,7 +248,7 @@ def test_predictions_come_from_the_classifier_and_no_classifier_means_no_nc4():
     for classifier, expect_nc4 in (("head", True), (None, False)):
         logger = RecordingLogger()
         cb = NeuralCollapseCallback(
-            layers={"h": "body.3"}, pairs=[], classifier=classifier, log_figures_every_n_probes=0
+            layers={"h": "body.3"}, pairs=[], classifier=classifier, log_figures=False
         )
         seed_everything(0)
         model = EmbeddingNet()

@@ -83,7 +83,7 @@ def _fit(cb, count=None, logger=None):
 def test_all_probes_the_stem_every_residual_block_and_the_pooled_features_in_one_pass(caplog):
     logger, count = RecordingLogger(), CountForwards()
     cb = NeuralCollapseCallback(
-        layers="all", probe=_loader(), name="train", batch_size=8, log_figures_every_n_probes=0
+        layers="all", probe=_loader(), name="train", batch_size=8, log_figures=False
     )
     with caplog.at_level(logging.INFO):
         _fit(cb, count, logger)
@@ -106,7 +106,7 @@ def test_include_and_exclude_filter_the_blocks():
         exclude=["*.0"],
         probe=_loader(),
         name="train",
-        log_figures_every_n_probes=0,
+        log_figures=False,
     )
     _fit(cb, logger=logger)
     probed = [k.split("/")[1] for k in logger.probes()[0] if k.endswith("/nc1")]

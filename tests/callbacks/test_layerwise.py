@@ -201,7 +201,7 @@ def test_rows_carry_the_probed_depth(kind):
         every_n_epochs=2,
         width_mismatch="skip",
         coupling=1.0,
-        log_figures_every_n_probes=0,
+        log_figures=False,
     )
     trainer = _trainer([LayerwiseTraining(2), cb], logger=logger)
     if pairs:

@@ -50,7 +50,7 @@ def _fit(cb, backbone="mlp", shape=(16,), epochs=1, **model_kw):
 
 
 def test_the_streamed_probe_logs_what_the_cached_probe_logs():
-    common = dict(coupling=1.0, log_figures_every_n_probes=0)
+    common = dict(coupling=1.0, log_figures=False)
     cached, *_ = _fit(NeuralCollapseCallback(**common))
     streamed_cb = NeuralCollapseCallback(cache_budget=0, **common)
     streamed, *_ = _fit(streamed_cb)
@@ -74,7 +74,7 @@ def test_a_probe_that_cannot_fit_in_memory_is_refused_with_the_ways_out():
         pairs=[],
         pool="flatten",
         cache_budget=0,
-        log_figures_every_n_probes=0,
+        log_figures=False,
     )
     with pytest.raises(ConfigurationError, match="does not fit in memory") as err:
         _fit(cb, backbone="resnet18", shape=(3, 32, 32), backbone_kwargs={"width": 64})
@@ -83,7 +83,7 @@ def test_a_probe_that_cannot_fit_in_memory_is_refused_with_the_ways_out():
 
 def test_max_dim_measures_a_fixed_projection_of_wide_layers():
     cb = NeuralCollapseCallback(
-        layers={"h": "backbone"}, pairs=[], max_dim=8, seed=5, log_figures_every_n_probes=0
+        layers={"h": "backbone"}, pairs=[], max_dim=8, seed=5, log_figures=False
     )
     probes, model, dm = _fit(cb)
     assert cb.plan.layers[0].dim == 8

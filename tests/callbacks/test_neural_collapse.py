@@ -105,7 +105,7 @@ class FeatureRecorder(Callback):
 def test_logged_metrics_equal_a_float64_reference_on_independently_extracted_features():
     dm, model, logger = _data(), _model(), RecordingLogger()
     recorder = FeatureRecorder(dm, "backbone.blocks.1")
-    cb = NeuralCollapseCallback(pairs=[], log_figures_every_n_probes=0)
+    cb = NeuralCollapseCallback(pairs=[], log_figures=False)
     _trainer([cb, recorder], epochs=2, logger=logger).fit(model, dm)
     probes = logger.probes()
     assert sorted(probes) == [0, 1, 2]  # baseline + every epoch
@@ -171,7 +171,7 @@ def test_user_module_with_named_layers_and_a_named_probe_loader():
         pairs=[],
         probe=loader,
         name="extra",
-        log_figures_every_n_probes=0,
+        log_figures=False,
     )
     _trainer([cb], epochs=1, logger=logger).fit(NamedNet(), _loader(seed=1))
     row = logger.probes()[1]
@@ -215,7 +215,7 @@ def test_nan_features_give_nan_metrics_and_one_warning_not_a_crash():
             pl_module.poison = trainer.current_epoch >= 1  # diverges in the second epoch
 
     cb = NeuralCollapseCallback(
-        layers={"h": "body.5"}, pairs=[], probe=_loader(), name="p", log_figures_every_n_probes=0
+        layers={"h": "body.5"}, pairs=[], probe=_loader(), name="p", log_figures=False
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -232,7 +232,7 @@ def test_class_missing_from_the_probe_is_named_and_the_rest_is_measured():
     logger = RecordingLogger()
     probe = _loader(classes=[0, 1, 3])  # class 2 absent
     cb = NeuralCollapseCallback(
-        layers={"h": "body.5"}, pairs=[], probe=probe, name="p", log_figures_every_n_probes=0
+        layers={"h": "body.5"}, pairs=[], probe=probe, name="p", log_figures=False
     )
     with pytest.warns(UserWarning, match=r"class\(es\) 2 have no sample"):
         _trainer([cb], epochs=1, logger=logger).fit(NamedNet(), _loader(seed=1))
@@ -242,7 +242,7 @@ def test_class_missing_from_the_probe_is_named_and_the_rest_is_measured():
 def test_probe_restores_modes_hooks_and_grad_even_on_error():
     model = NamedNet()
     cb = NeuralCollapseCallback(
-        layers={"h": "body.5"}, pairs=[], probe=_loader(), name="p", log_figures_every_n_probes=0
+        layers={"h": "body.5"}, pairs=[], probe=_loader(), name="p", log_figures=False
     )
     seen = {}
 
@@ -286,7 +286,7 @@ def test_snapshots_are_atomic_loadable_and_match_the_logged_values(tmp_path):
         pairs=[],
         snapshot_dir=str(tmp_path / "snap"),
         snapshot_features=50,
-        log_figures_every_n_probes=0,
+        log_figures=False,
     )
     _trainer([cb], epochs=2, logger=logger).fit(model, dm)
     assert _snapshot_files(tmp_path / "snap") == ["probe-0000.pt", "probe-0001.pt", "probe-0002.pt"]
@@ -325,11 +325,11 @@ def test_snapshots_default_to_the_runs_version_folder_and_refuse_another_runs(tm
     from lightning.pytorch.loggers import CSVLogger
 
     dm = _data()
-    cb = NeuralCollapseCallback(coupling=1.0, log_figures_every_n_probes=0)
+    cb = NeuralCollapseCallback(coupling=1.0, log_figures=False)
     _trainer([cb], epochs=1, logger=CSVLogger(tmp_path, name="run", version=0)).fit(_model(), dm)
     folder = tmp_path / "run" / "version_0" / "snapshots" / "train"
     assert [p.name for p in list_snapshots(folder)] == ["probe-0000.pt", "probe-0001.pt"]
-    other = NeuralCollapseCallback(snapshot_dir=str(folder), log_figures_every_n_probes=0)
+    other = NeuralCollapseCallback(snapshot_dir=str(folder), log_figures=False)
     with pytest.raises(ConfigurationError, match="belongs to another run"):
         _trainer([other], epochs=1).fit(_model(), _data())
     assert [p.name for p in list_snapshots(folder)] == ["probe-0000.pt", "probe-0001.pt"]
@@ -338,7 +338,7 @@ def test_snapshots_default_to_the_runs_version_folder_and_refuse_another_runs(tm
 def test_max_samples_draws_one_balanced_subset_for_the_whole_run(tmp_path):
     dm = _data(samples_per_class=50)
     cb = NeuralCollapseCallback(
-        pairs=[], max_samples=60, seed=3, snapshot_dir=str(tmp_path), log_figures_every_n_probes=0
+        pairs=[], max_samples=60, seed=3, snapshot_dir=str(tmp_path), log_figures=False
     )
     _trainer([cb], epochs=2).fit(_model(), dm)
     counts = [read_snapshot(p)["layers"]["penultimate"]["counts"] for p in list_snapshots(tmp_path)]
@@ -347,14 +347,14 @@ def test_max_samples_draws_one_balanced_subset_for_the_whole_run(tmp_path):
     subset = cb.state_dict()["subset"]
     targets = dm.probe_targets("train")
     assert len(subset) == 60 and torch.equal(targets[subset].bincount(), torch.full((K,), 15))
-    again = NeuralCollapseCallback(pairs=[], max_samples=60, seed=3, log_figures_every_n_probes=0)
+    again = NeuralCollapseCallback(pairs=[], max_samples=60, seed=3, log_figures=False)
     _trainer([again], epochs=1).fit(_model(), _data(samples_per_class=50))
     assert torch.equal(again.state_dict()["subset"], subset)  # same seed, same subset
 
 
 def test_every_n_epochs_and_last_epoch(tmp_path):
     logger = RecordingLogger()
-    cb = NeuralCollapseCallback(pairs=[], every_n_epochs=2, log_figures_every_n_probes=0)
+    cb = NeuralCollapseCallback(pairs=[], every_n_epochs=2, log_figures=False)
     _trainer([cb], epochs=5, logger=logger).fit(_model(), _data())
     assert sorted(logger.probes()) == [0, 2, 4, 5]
 
@@ -365,7 +365,7 @@ def test_fitted_coupling_searched_near_the_previous_one_is_the_full_range_fit(tm
     from nclightning.perturbation import fit_pair
 
     logger = RecordingLogger()
-    cb = NeuralCollapseCallback(snapshot_dir=str(tmp_path), log_figures_every_n_probes=0)
+    cb = NeuralCollapseCallback(snapshot_dir=str(tmp_path), log_figures=False)
     _trainer([cb], epochs=3, logger=logger).fit(_model(), _data())
     for epoch in (2, 3):
         result_row = logger.probes()[epoch]
@@ -398,7 +398,7 @@ def test_missing_class_is_reported_with_the_datamodules_class_name():
     probe = DataLoader(
         torch.utils.data.Subset(dm.probe_dataset("train"), keep.tolist()), batch_size=32
     )
-    cb = NeuralCollapseCallback(pairs=[], probe=probe, name="p", log_figures_every_n_probes=0)
+    cb = NeuralCollapseCallback(pairs=[], probe=probe, name="p", log_figures=False)
     with pytest.warns(UserWarning, match=r"1 \(bee\) have no sample"):
         _trainer([cb], epochs=1).fit(_model(), dm)
 
@@ -418,7 +418,7 @@ def test_width_mismatch_is_refused_by_default_and_zero_padded_on_request():
         name="p",
         width_mismatch="pad",
         coupling=1.0,
-        log_figures_every_n_probes=0,
+        log_figures=False,
     )
     _trainer([cb], epochs=1, logger=logger).fit(NamedNet(), _loader(seed=1))
     row = logger.probes()[1]
@@ -436,7 +436,7 @@ def test_without_a_probe_dataset_the_train_loader_is_probed_in_index_order():
     """No DataModule: the Trainer's own train loader's dataset, in order, with a warning."""
     train = _loader(seed=1)
     logger = RecordingLogger()
-    cb = NeuralCollapseCallback(layers={"h": "body.5"}, pairs=[], log_figures_every_n_probes=0)
+    cb = NeuralCollapseCallback(layers={"h": "body.5"}, pairs=[], log_figures=False)
     model = NamedNet()
     with pytest.warns(UserWarning, match="no probe_dataset"):
         _trainer([cb], epochs=1, logger=logger).fit(model, train)

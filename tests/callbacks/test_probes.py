@@ -47,7 +47,7 @@ def _model(seed=0, width=24):
 
 
 def _callbacks(**kw):
-    common = dict(coupling=1.0, log_figures_every_n_probes=0, **kw)
+    common = dict(coupling=1.0, log_figures=False, **kw)
     return [NeuralCollapseCallback(probe="val", **common), NeuralCollapseCallback(**common)]
 
 
@@ -126,7 +126,7 @@ def test_resuming_with_other_layers_or_another_probe_is_refused(tmp_path):
     with pytest.raises(ConfigurationError, match="layers"):
         _fit(tmp_path, 2, ckpt_path=last, callbacks=_callbacks(layers={"penultimate": "backbone"}))
     with pytest.raises(ConfigurationError, match="probe"):
-        cbs = [NeuralCollapseCallback(probe="test", coupling=1.0, log_figures_every_n_probes=0)]
+        cbs = [NeuralCollapseCallback(probe="test", coupling=1.0, log_figures=False)]
         _fit(tmp_path, 2, ckpt_path=last, callbacks=cbs)
 
 
@@ -139,7 +139,7 @@ def test_two_instances_with_the_same_probe_are_refused(tmp_path):
 
 
 def test_a_second_fit_with_the_same_instance_starts_clean():
-    cb = NeuralCollapseCallback(coupling=1.0, max_samples=40, log_figures_every_n_probes=0)
+    cb = NeuralCollapseCallback(coupling=1.0, max_samples=40, log_figures=False)
     for seed, width in ((0, 24), (1, 12)):
         seed_everything(seed)
         Trainer(

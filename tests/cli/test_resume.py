@@ -81,7 +81,7 @@ def _wandb_ids(folder: Path) -> list[str]:
 
 @pytest.mark.parametrize("crash_at", [4, 6, 9])  # mid-epoch, an epoch's last step, mid-epoch
 def test_crash_then_resume_equals_an_uninterrupted_run(
-    tmp_path, monkeypatch, uninterrupted, crash_at
+    tmp_path, monkeypatch, uninterrupted, crash_at, capsys
 ):
     with pytest.raises(RuntimeError, match="injected crash"):
         _fit(tmp_path, monkeypatch, crash_at=crash_at)
@@ -92,7 +92,16 @@ def test_crash_then_resume_equals_an_uninterrupted_run(
     rows_at_crash = len(_read(tmp_path / RUN / "metrics.csv")[1])
     assert rows_at_crash > record["loggers"][0]["rows"]  # rows after the checkpoint were on disk
 
+    capsys.readouterr()
     _fit(tmp_path, monkeypatch, ckpt=str(last))
+    said = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("nclightning:")]
+    # the end of the run says where everything is: its folder, the report, both W&B folders
+    assert f"nclightning: run in {RUN} (metrics.csv, config, checkpoints, snapshots)" in said
+    assert f"nclightning: figures:  nclightning report {RUN}" in said
+    (sync,) = [ln for ln in said if "wandb sync" in ln]
+    folders = sync.split("wandb sync", 1)[1].split()
+    assert sorted(folders) == sorted(str(p) for p in (Path("runs") / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2
     assert sorted(p.name for p in (tmp_path / "runs" / "digits_mlp").iterdir()) == ["version_0"]
     assert not (tmp_path / RUN / "config-2.yaml").exists()  # the same config, not a new run
     header, rows = _read(tmp_path / RUN / "metrics.csv")

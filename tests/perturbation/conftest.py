@@ -4,10 +4,19 @@ Nothing here uses ``nclightning.perturbation``: Eq. 2 is written out densely ove
 with features as columns (the paper's convention), derivatives come from autograd, and the
 dense minimiser is scipy's L-BFGS over the *joint* variables followed by Newton steps with
 the autograd Hessian (no elimination of ``H``, no sufficient statistics).
+
+The dense minimisations are expensive (seconds to a minute each) and their inputs are fixed,
+so ``ref.dense_minimize`` reads them from ``data/dense_refs.pt`` when an entry with the same
+inputs is stored there (inputs compared to 1e-12, relative), and computes them otherwise
+(with a warning). ``data/regenerate_dense_refs.sh`` recomputes the file: it runs these tests
+with ``NCL_WRITE_DENSE_REFS=1``, which stores every minimisation the session made.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -93,11 +102,66 @@ def random_features(seed, counts, d, between=2.0, within=1.0):
     return h0, labels
 
 
+DENSE_REFS = Path(__file__).resolve().parent / "data" / "dense_refs.pt"
+
+
+class StoredDense:
+    """:func:`dense_minimize` with its results read from (or written to) :data:`DENSE_REFS`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.entries = torch.load(path, weights_only=True) if path.exists() else []
+        self.used: list[dict] = []
+
+    @staticmethod
+    def _same(entry, h0, labels, K, lambda_W, lambda_H, beta, seeds, newton_steps):
+        scale = max(float(h0.abs().max()), 1e-300)
+        return (
+            entry["key"] == (K, lambda_W, lambda_H, tuple(seeds), newton_steps)
+            and entry["h0"].shape == h0.shape
+            and torch.equal(entry["labels"], labels.cpu())
+            and abs(entry["beta"] - beta) <= 1e-12 * max(1.0, abs(beta))
+            and float((entry["h0"] - h0.cpu()).abs().max()) <= 1e-12 * scale
+        )
+
+    def __call__(self, h0, labels, K, lambda_W, lambda_H, beta, seeds=(11, 12), newton_steps=8):
+        h0 = h0.detach().to(torch.float64)
+        args = (h0, labels, K, lambda_W, lambda_H, float(beta), seeds, newton_steps)
+        entry = next((e for e in self.entries if self._same(e, *args)), None)
+        if entry is None:
+            warnings.warn(
+                f"a dense reference is not stored in {self.path.name}: computed now (slow); "
+                "regenerate the file with tests/perturbation/data/regenerate_dense_refs.sh",
+                stacklevel=2,
+            )
+            f, W, H = dense_minimize(*args)
+            entry = {
+                "key": (K, lambda_W, lambda_H, tuple(seeds), newton_steps),
+                "h0": h0.cpu().clone(),
+                "labels": labels.cpu().clone(),
+                "beta": float(beta),
+                "f": f,
+                "W": W.detach().clone(),
+                "H": H.detach().clone(),
+            }
+        self.used.append(entry)
+        return entry["f"], entry["W"].clone(), entry["H"].clone()
+
+    def write(self) -> None:
+        """Store every minimisation this session used (NCL_WRITE_DENSE_REFS=1 only)."""
+        self.path.parent.mkdir(exist_ok=True)
+        unique = {id(e): e for e in self.used}
+        torch.save(list(unique.values()), self.path)
+
+
 @pytest.fixture(scope="session")
 def ref():
-    return SimpleNamespace(
+    stored = StoredDense(DENSE_REFS)
+    yield SimpleNamespace(
         eq2=eq2,
         onehot_columns=onehot_columns,
-        dense_minimize=dense_minimize,
+        dense_minimize=stored,
         random_features=random_features,
     )
+    if os.environ.get("NCL_WRITE_DENSE_REFS") == "1":
+        stored.write()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import runbuild as rb
@@ -50,9 +51,9 @@ def test_every_row_on_completed_epochs_with_its_own_columns_untouched():
 def test_step_rows_without_probes_use_the_epoch_ends_and_extrapolate():
     rows = [
         {"lr-Adam": 1e-3, "step": 0.0},
-        {"train/acc": 0.5, "epoch": 0.0, "step": 8.0},
+        {"train/acc": 0.5, "epoch": 0.0, "step": 7.0},  # Lightning: one below the global step
         {"lr-Adam": 1e-3, "step": 8.0},
-        {"train/acc": 0.7, "epoch": 1.0, "step": 16.0},
+        {"train/acc": 0.7, "epoch": 1.0, "step": 15.0},
         {"lr-Adam": 1e-4, "step": 20.0},  # after the last epoch end: last steps-per-epoch
         {"other": 1.0},  # no step at all: unknown
     ]
@@ -66,35 +67,63 @@ def test_step_rows_without_probes_use_the_epoch_ends_and_extrapolate():
 
 
 def test_a_single_uninterrupted_part_is_left_as_it_is():
+    """Lightning's order: a probe row at the global step, then the epoch-end rows one step
+    lower. A lower step inside one file is no resume: nothing is dropped (the report once
+    kept only the probe before training because of it)."""
     rows = floats(rb.training_rows(4, probes=("train", "val")))
-    assert same_rows(history.stitch([rows]), rows)
+    assert any(b["step"] < a["step"] for a, b in itertools.pairwise(rows))
+    dropped = []
+    assert same_rows(history.stitch([rows], dropped=dropped), rows) and dropped == []
 
 
-@settings(max_examples=40, deadline=None)
+def canonical(rows):
+    """Rows as a sorted list of sorted items (NaN made comparable): order-free comparison."""
+    return sorted(sorted((k, "nan" if math.isnan(v) else v) for k, v in r.items()) for r in rows)
+
+
+@settings(max_examples=40, deadline=None, database=None)
 @given(
     checkpoint=st.integers(1, 5),
     lost=st.integers(0, 3),
     mid_epoch=st.booleans(),
     same_file=st.booleans(),
     relog_probe=st.booleans(),
+    record_step=st.booleans(),
 )
 def test_a_resumed_run_reads_as_the_uninterrupted_one(
-    checkpoint, lost, mid_epoch, same_file, relog_probe
+    checkpoint, lost, mid_epoch, same_file, relog_probe, record_step
 ):
     """Checkpoint after epoch c, crash up to ``lost`` epochs later (the values logged after
-    the checkpoint differ: that timeline is abandoned), resume from c to the end."""
+    the checkpoint differ: that timeline is abandoned), resume from c to the end: in the same
+    file (the CSV logger cut it back to the checkpoint first) or in a new version whose
+    resume step the run record gives (``record_step``) or not (its first logged step)."""
+    from nclightning.loggers.csv_logger import ResumePoint, rows_to_keep
+
     total = 7
     crash = min(checkpoint + lost, total - 1)
     first = crashed_part(crash, checkpoint, mid_epoch)
     resumed = rb.training_rows(total, start=checkpoint)
-    if relog_probe:  # the probe of the checkpoint's epoch logged again (later value wins)
+    at_checkpoint = next(i for i, r in enumerate(first) if r.get(keys.EPOCHS_TRAINED) == checkpoint)
+    if relog_probe:  # the checkpoint was saved before that epoch's probe: probed again
         first = [
             perturbed([r], -1)[0] if r.get(keys.EPOCHS_TRAINED) == checkpoint else r for r in first
         ]
         resumed = [rb.probe_row(checkpoint), *resumed]
-    parts = [first + resumed] if same_file else [first, resumed]
-    stitched = history.stitch([floats(p) for p in parts])
-    assert same_rows(stitched, floats(rb.training_rows(total)))
+    else:  # the probe row was on disk when the checkpoint was saved
+        at_checkpoint += 1
+    step = rb.STEPS * checkpoint
+    dropped = []
+    if same_file:
+        on_disk = [{k: str(v) for k, v in r.items()} for r in first]
+        kept = [r for r in rows_to_keep(on_disk, ResumePoint(at_checkpoint, step))]
+        stitched = history.stitch([floats(kept) + floats(resumed)], dropped=dropped)
+        assert dropped == []
+    else:
+        starts = [None, step if record_step else None]
+        stitched = history.stitch([floats(first), floats(resumed)], starts, dropped)
+        abandoned = [r for r in first if r[keys.STEP] > step]
+        assert [d.rows for d in dropped] == ([len(abandoned)] if abandoned else [])
+    assert canonical(stitched) == canonical(floats(rb.training_rows(total)))
 
 
 def test_a_value_logged_again_at_the_same_moment_replaces_the_earlier_one():
