@@ -13,20 +13,21 @@ float32). Instead each class ``k`` has a *shift* ``c_k`` close to its mean and t
 sums the shifted deviations ``e = h - c_k`` (layout in :mod:`nclightning.metrics.state`).
 
 * The shift is either given (``shift=``, e.g. exact means from a first sweep: the merge is
-  then a plain sum) or set from the data: when a class first appears, the float64 mean of
-  its rows in that batch; on CPU also whenever a batch holds more samples of the class
-  than all earlier batches (at most ``log2 n_k`` times), the mean of all its samples so far,
-  the state moving to it exactly in float64. Shifts are rounded to float32 (float64 with
-  ``compute_dtype=float64``), so ``e = h - c_k`` is exact in float32 (Sterbenz) and
-  ``|mean(e)|`` stays of the order of the sampling error of a class mean, whatever the
-  batch sizes. On accelerators only the first batch sets the shift (a masked update: no
-  host synchronisation per batch).
+  then a plain sum) or set from the data when a class first appears: the float64 mean of
+  its rows in that batch, rounded to float32 (float64 with ``compute_dtype=float64``), so
+  ``e = h - c_k`` is exact in float32 (Sterbenz). A shift never moves afterwards (no
+  per-class re-centring, the same on CPU and accelerators; on accelerators the update is a
+  masked one, without host synchronisation): ``|mean(e)|`` is at most about one
+  within-class deviation (a shift from a single row), which costs a factor of about two in
+  the float32 rounding of the scatter, never a factor ``(m/s)^2``.
 * Deviations are formed and multiplied in the compute precision (float32 for
   float16/bfloat16/float32 features; float64 for float64 features or
-  ``compute_dtype=torch.float64``); every float32 sum (``t``, the scatter GEMM) has at most
-  :data:`~nclightning.metrics.accumulate.FLUSH_ROWS` terms before it joins the float64
-  state, so rounding does not grow with the batch size (see
-  :mod:`nclightning.metrics.accumulate`). Per-sample norms are summed in float64.
+  ``compute_dtype=torch.float64``); float32 products span at most
+  :data:`~nclightning.metrics.accumulate.CHUNK` rows and are summed in float32 over at most
+  :data:`~nclightning.metrics.accumulate.GROUP` rows before they join the float64 state
+  inside the same ``update`` (no pending sums between calls: the state is complete
+  whenever torchmetrics reads, syncs or saves it). ``t`` and the per-sample norms are
+  summed in float64.
 * Results (float64): ``mu_k = c_k + t_k / n_k``, scatter ``= q - sum_k t_k t_k^T / n_k``,
   ``class_ss_k = r_k - ||t_k||^2 / n_k``.
 
@@ -34,11 +35,11 @@ What holds: every statistic, hence every metric, carries only float32 rounding r
 the within-class spread, never to the mean. Measured against a float64 two-pass reference
 on the same float32 features (mean norm 10, within-class RMS deviation 1e-4, 1e-5 and 2e-6
 of it, d = 256, K = 10, N = 50,000): every scalar of :func:`metrics_from_moments` agrees to
-<= 1e-6 relative (worst 2.5e-7, NC1 at 1e-5) for one 50,000-row batch, batches of random
-sizes 1..200, 100 single-row batches then one large batch, and batches of 512
-(``tests/metrics/test_collapse_accuracy.py``; docs/science.md §10); the accelerator path
-(no re-centring) stays below 8e-7 on the same cases. Features that drift by much more than
-their spread within one pass lose that margin on accelerators: pass a ``shift``.
+<= 1e-6 relative (worst 6.9e-7: NC1 at 1e-5, 100 single-row batches then one large
+batch; 2.2e-7 for one 50,000-row batch or batches of 512) for one 50,000-row batch,
+batches of random sizes 1..200, 100 single-row batches then one large batch, and batches
+of 512 (``tests/metrics/test_collapse_accuracy.py``; docs/science.md §10). Features that
+drift by much more than their spread within one pass lose that margin: pass a ``shift``.
 
 Scatter modes: ``"full"`` (``d x d``), ``"per_class"`` (``K d x d``, also the pooled one),
 ``"none"`` (means, ``class_ss``, norm sums: no GEMM), and the span mode selected by
