@@ -6,7 +6,10 @@ Three configurations train ``--epochs`` epochs each: no callback; the default pr
 ``layers="all"`` (stem, 8 blocks, pooled features; exact NC4). Each probe covers the whole
 training set (un-augmented, fixed order). Printed: training samples/s without the callback,
 each probe's time against a bare eval forward over the same samples (probe/bare), and the
-epoch-time ratio with/without the callback.
+epoch-time ratio with/without the callback, then the projected wall time of the paper's
+protocol (``--project-epochs`` 350 epochs of ResNet-18/CIFAR-10 with the default probe and
+its pair fit on the 50,000 training samples every epoch, ``layers="all"`` every 10 epochs):
+``E t_train + E t_probe + E/10 t_all`` from the measured medians (goal on one H100: < 30 min).
 
     python benchmarks/gpu_epoch.py                        # GPU defaults: 50,000 samples
     python benchmarks/gpu_epoch.py --accelerator cpu --samples 512 --epochs 2 --workers 0
@@ -119,6 +122,7 @@ def main() -> None:
     parser.add_argument("--probe-batch-size", type=int, default=1024)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--project-epochs", type=int, default=350)
     args = parser.parse_args()
     if args.accelerator != "cpu":
         torch.backends.cudnn.benchmark = True
@@ -127,6 +131,7 @@ def main() -> None:
     bare = run(args, None)
     b = statistics.median(bare.epochs[1:] or bare.epochs)  # epoch 1 includes warm-up
     print(f"without callback: {b:.2f} s/epoch, {args.samples / b:.0f} training samples/s")
+    probes = {}
     for name, options in (("default probe + pair fit", {}), ('layers="all"', {"layers": "all"})):
         t = run(args, options)
         p = statistics.median(t.epochs[1:] or t.epochs)
@@ -136,6 +141,22 @@ def main() -> None:
             f"{name}: probe {probe:.2f} s vs bare forward {fwd:.2f} s: probe/bare = "
             f"{probe / fwd:.3f}; epoch with/without callback = {p / b:.3f}"
         )
+        probes[name] = probe
+    project(args, b, probes["default probe + pair fit"], probes['layers="all"'])
+
+
+def project(args, train_epoch: float, probe: float, probe_all: float) -> None:
+    """Print the projected protocol time, scaling the measured medians to 50,000 samples."""
+    scale = 50_000 / args.samples
+    E = args.project_epochs
+    train, every = E * train_epoch * scale, E * probe * scale
+    every_all = E // 10 * probe_all * scale
+    total = train + every + every_all
+    print(
+        f"projection ({E} epochs, 50,000 samples): train {train / 60:.1f} min + probe every "
+        f"epoch {every / 60:.1f} min ({probe * scale:.2f} s/probe) + layers='all' every 10 "
+        f"epochs {every_all / 60:.1f} min = {total / 60:.1f} min (goal < 30 min on one H100)"
+    )
 
 
 if __name__ == "__main__":

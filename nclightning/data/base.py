@@ -15,7 +15,7 @@ carved out of the training set).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -88,10 +88,55 @@ class ImageTransform:
         return x
 
 
+def crop_flip(x: Tensor, rows: Tensor, cols: Tensor, flip: Tensor, padding: int) -> Tensor:
+    """Crops of ``x[B, C, H, W]`` zero-padded by ``padding``, at offsets ``rows[B]``,
+    ``cols[B]`` in ``0..2 padding``, mirrored where ``flip[B]``: one gather, any device.
+
+    Sample ``b`` equals :class:`ImageTransform`'s ``pad(x_b)[..., i:i+H, j:j+W]`` (then
+    ``.flip(-1)``) with ``i, j = rows[b], cols[b]``.
+    """
+    B, C, H, W = x.shape
+    p = int(padding)
+    padded = F.pad(x, (p, p, p, p)) if p else x
+    ar_h = torch.arange(H, device=x.device)
+    ar_w = torch.arange(W, device=x.device)
+    r = rows.view(B, 1) + ar_h  # [B, H]
+    c = cols.view(B, 1) + torch.where(flip.view(B, 1), W - 1 - ar_w, ar_w)  # [B, W]
+    b = torch.arange(B, device=x.device).view(B, 1, 1, 1)
+    ch = torch.arange(C, device=x.device).view(1, C, 1, 1)
+    return padded[b, ch, r.view(B, 1, H, 1), c.view(B, 1, 1, W)]
+
+
+def augment_batch(
+    x: Tensor, padding: int, flip: bool, generator: torch.Generator | None = None
+) -> Tensor:
+    """The random crop and flip of :class:`ImageTransform` for a whole batch ``x[B, C, H, W]``
+    on its own device: offsets uniform in ``0..2 padding`` and a flip with probability 1/2,
+    independently per sample (the same distribution as the per-sample CPU path)."""
+    B, dev = x.shape[0], x.device
+    rows = torch.randint(0, 2 * padding + 1, (B,), device=dev, generator=generator)
+    cols = torch.randint(0, 2 * padding + 1, (B,), device=dev, generator=generator)
+    if flip:
+        flips = torch.rand(B, device=dev, generator=generator) < 0.5
+    else:
+        flips = torch.zeros(B, dtype=torch.bool, device=dev)
+    return crop_flip(x, rows, cols, flips, padding)
+
+
+class _Raw:
+    """Per-sample "transform" of the device-augmented training set: the stored sample as is
+    (uint8 images travel to the device at a quarter of the float32 size)."""
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return x
+
+
 class ArrayDataset(Dataset):
     """In-memory ``(sample, label)`` pairs from ``data[N, ...]`` and int64 ``targets[N]``."""
 
-    def __init__(self, data: Tensor, targets: Tensor, transform: ImageTransform | None = None):
+    def __init__(
+        self, data: Tensor, targets: Tensor, transform: ImageTransform | _Raw | None = None
+    ):
         if len(data) != len(targets):
             raise ValueError(f"{len(data)} samples but {len(targets)} targets")
         self.data = data
@@ -160,6 +205,11 @@ class ClassificationDataModule(LightningDataModule):
         persistent_workers: keep train/val/test workers alive between epochs
             (only when ``num_workers > 0``).
         drop_last: drop the last incomplete training batch.
+        device_augment: the training loader yields the stored (uint8) images and the
+            scaling, the ``augment`` crop and flip and the normalisation run on the batch on
+            the training device (``on_after_batch_transfer``: no CPU-side per-sample work,
+            no worker processes needed); same distribution as the CPU path
+            (:func:`augment_batch`). Evaluation and probe loaders are unchanged.
     """
 
     NAME: ClassVar[str] = "dataset"
@@ -184,6 +234,7 @@ class ClassificationDataModule(LightningDataModule):
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
         drop_last: bool = False,
+        device_augment: bool = False,
     ) -> None:
         super().__init__()
         _check_positive("batch_size", batch_size)
@@ -205,6 +256,7 @@ class ClassificationDataModule(LightningDataModule):
         self.pin_memory = pin_memory
         self.persistent_workers = bool(persistent_workers)
         self.drop_last = bool(drop_last)
+        self.device_augment = bool(device_augment)
         self.class_names: list[str] = list(self.CLASS_NAMES)
         self.num_classes: int = len(self.class_names)
         self.input_shape: tuple[int, ...] = tuple(self.INPUT_SHAPE)
@@ -289,7 +341,10 @@ class ClassificationDataModule(LightningDataModule):
         (:class:`EpochShuffleSampler`; Lightning calls its ``set_epoch``), so a run resumed
         from a checkpoint sees exactly the batches of an uninterrupted one.
         """
-        dataset = self._dataset("train", self.augment)
+        if self.device_augment:
+            dataset = ArrayDataset(*self._source("train"), _Raw())
+        else:
+            dataset = self._dataset("train", self.augment)
         pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
         return DataLoader(
             dataset,
@@ -300,6 +355,26 @@ class ClassificationDataModule(LightningDataModule):
             pin_memory=pin,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
         )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With ``device_augment``: scale, augment and normalise a raw training batch on its
+        device (:meth:`device_transform`); any other batch passes unchanged."""
+        trainer = getattr(self, "trainer", None)
+        if not self.device_augment or trainer is None or not trainer.training:
+            return batch
+        x, y = batch
+        return self.device_transform(x), y
+
+    def device_transform(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """A raw training batch ``x[B, ...]`` as :meth:`train_dataloader`'s CPU path makes it:
+        uint8 scaled to ``[0, 1]``, the ``augment`` crop and flip, then the normalisation."""
+        x = x.float().div(255.0) if x.dtype == torch.uint8 else x.float()
+        t = self._transform(self.augment)
+        if t is not None and t.augments and x.ndim == 4:
+            x = augment_batch(x, t.crop_padding, t.flip, generator)
+        if t is not None and t.mean is not None and t.std is not None:
+            x = (x - t.mean.to(x.device)) / t.std.to(x.device)
+        return x
 
     def val_dataloader(self) -> DataLoader:
         """Held-out set (the official test split for torchvision sets), in order."""

@@ -1,18 +1,21 @@
 """The per-batch work of :class:`~nclightning.metrics.ClassStatistics` (docs/science.md §10).
 
-Owns :class:`Accumulator`: choosing each class's shift, centring a batch on it, and adding
-the shifted sums to the views of the packed float64 state (layout in
-:mod:`nclightning.metrics.state`), with the float32 buffers that keep the per-batch cost
-near one bare ``d x B x d`` GEMM. No torchmetrics here: the metric calls :meth:`add` on
-update and :meth:`flush` before anything reads its state.
+Owns :class:`Accumulator`: setting the shift of each class the first time it is seen,
+centring a batch on the shifts, and adding the shifted sums to the packed float64 state
+(layout in :mod:`nclightning.metrics.state`). No torchmetrics here and no state of its own
+beyond reusable buffers: every batch lands in the float64 state before :meth:`add`
+returns, so the metric needs no flush before its state is read, synced or saved.
 
-Float32 buffers: centred rows go to a reused work buffer (a fresh ``[B, d]`` tensor per
-batch costs page faults comparable to the subtraction itself); the deviation sums ``t`` and
-the scatter products are accumulated in float32 *pending* buffers (at most two products,
-eight for the per-class scatter, and :data:`FLUSH_ROWS` rows per class), then added to the
-float64 state. Each product spans at most :data:`CHUNK` rows (a large batch is cut), so
-every float32 sum has at most ``FLUSH_ROWS`` terms whatever the batch size. The per-class
-scatter touches ``K d^2`` numbers per batch: feed it large batches (a cached sweep).
+Cost (docs/science.md §10): a batch is cut into groups of at most :data:`GROUP` rows; per
+group one gather and subtraction (the centring, into a reused buffer, since a fresh
+``[B, d]`` tensor per batch costs page faults comparable to the subtraction), two row
+norms, one ``index_add`` of the deviations in float64 (the shifted class sums ``t``: exact
+terms, summed in float64) and float32 ``d x B x d`` GEMMs of :data:`CHUNK` rows, summed in
+float32, then added to the float64 scatter.
+Everything but the GEMM is ``O(B d)``, so a pass costs about one bare GEMM of the same rows.
+Every float32 sum has at most :data:`GROUP` terms, whatever the batch size.
+Shifts never move once set, so there is no per-class re-centring and no per-class loop
+outside the per-class scatter mode (whose ``K`` products are what that mode asks for).
 """
 
 from __future__ import annotations
@@ -21,25 +24,24 @@ import torch
 from torch import Tensor
 
 from nclightning.metrics.ncc import exact_float32_matmul
-from nclightning.metrics.state import Layout, shift_increments
+from nclightning.metrics.state import Layout
 
-__all__ = ["CHUNK", "FLUSH_ROWS", "MAX_ADDS", "PER_CLASS_ROWS", "Accumulator"]
+__all__ = ["CHUNK", "GROUP", "PER_CLASS_ROWS", "Accumulator"]
 
 _F64 = torch.float64
+GROUP = 1024
+"""Most rows centred at a time, and whose float32 products are summed in float32 before
+they join the float64 state."""
 CHUNK = 512
-"""Rows centred and multiplied at a time."""
-FLUSH_ROWS = 1024
-"""Most rows (per class for the per-class scatter) a float32 pending buffer sums before it
-is added to the float64 state."""
-MAX_ADDS = {"per_class": 8}
-"""Most products a pending buffer sums between flushes (2 unless listed): the per-class
-scatter gets few rows per class and batch, and its flush costs ``K d^2``."""
+"""Rows per float32 product (the most terms of one GEMM's float32 sums)."""
 PER_CLASS_ROWS = 16_384
-"""Rows centred at a time in the per-class mode (one sort, one block per class)."""
+"""Rows sorted by class at a time in the per-class mode (one sort, one block per class)."""
+ADD_BLOCK = 1 << 17
+"""Numbers widened to float64 at a time when a float32 product joins the state (1 MiB)."""
 
 
 class Accumulator:
-    """Adds batches to the views of a packed state (see the module docstring).
+    """Adds batches to a packed state (see the module docstring).
 
     Args:
         layout: the state's :class:`~nclightning.metrics.state.Layout`.
@@ -47,8 +49,10 @@ class Accumulator:
         shift_dtype: precision shifts are stored in (float32 unless the compute precision
             is float64), so that they are exact in the precision they are used in.
         fixed_shift: the shifts were given and never move.
-        host_checks: whether shift updates may read device values on the host (re-centring,
-            see :meth:`update_shifts`); default ``None``: on CPU only, where it is free.
+        host_checks: whether the host may look at the batch's class counts to skip the
+            shift update when no class is new (default ``None``: on CPU only, where reading
+            a device value is free); without it the update is a masked one (no
+            synchronisation per batch, what runs on accelerators).
     """
 
     def __init__(
@@ -66,146 +70,137 @@ class Accumulator:
         self.drop()
 
     def drop(self) -> None:
-        """Forget buffers and casts (the state was replaced or moved; flush first)."""
+        """Forget buffers and casts (rebuilt on the next batch)."""
         self._casts: dict[tuple[str, torch.dtype], Tensor] = {}
+        self._casts_of: Tensor | None = None
         self._work: dict[str, Tensor] = {}
-        self._pending: dict[str, Tensor] = {}
-        self._rows = self._adds = 0
-        self._class_rows = [0] * self.layout.num_classes
 
     # -- buffers ------------------------------------------------------------------------------
-    def _cast(self, name: str, t: Tensor, dtype: torch.dtype) -> Tensor:
+    def _cast(self, packed: Tensor, name: str, t: Tensor, dtype: torch.dtype) -> Tensor:
+        """``t`` in ``dtype`` on ``packed``'s device, cached while ``packed`` is the state."""
+        if self._casts_of is not packed:
+            self._casts, self._casts_of = {}, packed
         key = (name, dtype)
         if key not in self._casts:
-            self._casts[key] = t.to(dtype)
+            self._casts[key] = t.to(device=packed.device, dtype=dtype)
         return self._casts[key]
 
-    def _buffer(
-        self, store: dict[str, Tensor], name: str, like: Tensor, shape: tuple[int, ...]
-    ) -> Tensor:
-        buf = store.get(name)
-        if buf is None or buf.dtype != like.dtype or buf.device != like.device:
-            buf = store[name] = torch.zeros(shape, dtype=like.dtype, device=like.device)
-        return buf
-
-    def flush(self, v: dict[str, Tensor]) -> None:
-        """Add the pending float32 sums to the float64 state ``v`` and clear them."""
-        if not self._rows:
-            return
-        for name, buf in self._pending.items():
-            v[name].add_(buf)
-            buf.zero_()
-        self._rows = self._adds = 0
-        self._class_rows = [0] * self.layout.num_classes
+    def _buffer(self, name: str, like: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """A reused uninitialised buffer of at least ``shape[0]`` rows (view of ``shape``)."""
+        buf = self._work.get(name)
+        if (
+            buf is None
+            or buf.dtype != like.dtype
+            or buf.device != like.device
+            or buf.shape[0] < shape[0]
+            or tuple(buf.shape[1:]) != tuple(shape[1:])
+        ):
+            buf = self._work[name] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return buf[: shape[0]]
 
     # -- shifts -------------------------------------------------------------------------------
-    def update_shifts(self, v: dict[str, Tensor], x: Tensor, y: Tensor, nb: Tensor) -> None:
-        """Set the shift of classes new in this batch; on CPU also re-centre outweighed ones.
+    def set_new_shifts(self, v: dict[str, Tensor], x: Tensor, y: Tensor, nb: Tensor) -> bool:
+        """Give each class seen for the first time the float64 mean of its rows in this batch,
+        rounded to :attr:`shift_dtype`; returns whether a shift may have changed.
 
-        The new shift of class ``k`` is the float64 mean of all its samples so far including
-        this batch, rounded to :attr:`shift_dtype`. On CPU this happens whenever the batch
-        holds more samples of ``k`` than all earlier ones (at most ``log2 n_k`` times), the
-        state moving exactly to the new shift (:func:`shift_increments`). On accelerators
-        (``host_checks`` false) only new classes get a shift, by a masked update without
-        host synchronisation.
+        With host checks only the new classes' rows are summed; without, a masked update of
+        every class (no host synchronisation).
         """
-        n, c, t = v["n"], v["c"], v["t"]
+        new = (v["n"] == 0) & (nb > 0)
         host = self.host_checks if self.host_checks is not None else x.device.type == "cpu"
-        grow = (nb > n) if host else (n == 0) & (nb > 0)
+        c = v["c"]
         if host:
-            if not bool(grow.any()):
-                return
-            self.flush(v)  # pending sums are taken around the current shifts
-            rows = grow.index_select(0, y)  # only the rows of the classes that move
-            x, y = x[rows], y[rows]
+            idx = new.nonzero().flatten()
+            if not idx.numel():
+                return False
+            rows = new.index_select(0, y)
+            pos = torch.full_like(nb, -1).index_copy_(0, idx, torch.arange(idx.numel()))
+            sums = torch.zeros(idx.numel(), c.shape[1], dtype=_F64, device=x.device)
+            sums.index_add_(0, pos.index_select(0, y[rows]), x[rows].to(_F64))
+            mean = sums / nb.index_select(0, idx).unsqueeze(1)
+            c.index_copy_(0, idx, mean.to(self.shift_dtype).to(_F64))
+            return True
         sums = torch.zeros(c.shape, dtype=_F64, device=x.device).index_add_(0, y, x.to(_F64))
-        total = (n + nb).clamp_min(1).unsqueeze(1)
-        mean = ((n.unsqueeze(1) * c + t + sums) / total).to(self.shift_dtype).to(_F64)
-        if not host:
-            c.copy_(torch.where(grow.unsqueeze(1), mean, c))
-        else:
-            idx = grow.nonzero().flatten()
-            inc = shift_increments(n[idx], t[idx], c[idx] - mean[idx], self.layout.mode, self.basis)
-            c.index_copy_(0, idx, mean[idx])
-            t.index_add_(0, idx, inc["t"])
-            v["r"].index_add_(0, idx, inc["r"])
-            key = self.scatter_key
-            if key == "qk":
-                v[key].index_add_(0, idx, inc[key])
-            elif key is not None:
-                v[key].add_(inc[key])
-        self._casts = {k: val for k, val in self._casts.items() if k[0] != "shift"}
+        mean = (sums / nb.clamp_min(1).unsqueeze(1)).to(self.shift_dtype).to(_F64)
+        c.copy_(torch.where(new.unsqueeze(1), mean, c))
+        return True
 
     # -- accumulation -------------------------------------------------------------------------
-    def add(self, v: dict[str, Tensor], x: Tensor, y: Tensor, ct: torch.dtype) -> None:
+    def add(self, packed: Tensor, x: Tensor, y: Tensor, ct: torch.dtype) -> None:
         """Add a batch ``x[B, d]`` (labels ``y[B]``) centred and multiplied in ``ct``."""
+        v = self.layout.views(packed)
         nb = torch.bincount(y, minlength=self.layout.num_classes)
-        if not self.fixed_shift:
-            self.update_shifts(v, x, y, nb)
+        if not self.fixed_shift and self.set_new_shifts(v, x, y, nb):
+            self._casts.pop(("shift", ct), None)
         v["n"].add_(nb)
-        shift = self._cast("shift", v["c"], ct)
-        per_class = self.scatter_key == "qk"
-        step = PER_CLASS_ROWS if per_class else CHUNK
+        shift = self._cast(packed, "shift", v["c"], ct)
         with exact_float32_matmul():
-            for xb, yb in zip(x.split(step), y.split(step)):
-                if per_class:
-                    self._add_per_class(v, xb.to(ct), yb, shift)
-                else:
-                    self._add_chunk(v, xb.to(ct), yb, shift)
-
-    def _must_flush(self, x: Tensor, over: bool) -> bool:
-        pending = next(iter(self._pending.values()), None)
-        adds = MAX_ADDS.get(self.layout.mode, 2)
-        mismatch = pending is not None and pending.dtype != x.dtype
-        return self._adds >= adds or over or mismatch
+            if self.scatter_key == "qk":
+                for xb, yb in zip(x.split(PER_CLASS_ROWS), y.split(PER_CLASS_ROWS)):
+                    self._add_per_class(v, xb, yb, shift, ct)
+            else:
+                for xb, yb in zip(x.split(GROUP), y.split(GROUP)):
+                    self._add_group(packed, v, xb, yb, shift, ct)
 
     def _centre(self, v: dict[str, Tensor], x: Tensor, y: Tensor, shift: Tensor) -> Tensor:
-        """``x - c_y`` in a reused buffer; adds the per-sample norms to ``r`` and ``a``."""
-        work = self._buffer(self._work, "dev", x, (max(x.shape[0], CHUNK), x.shape[1]))
-        if work.shape[0] < x.shape[0]:
-            work = self._work["dev"] = torch.empty_like(x)
-        dev = torch.sub(x, shift.index_select(0, y), out=work[: x.shape[0]])
+        """``x - c_y`` in a reused buffer; adds the per-sample norms to ``r`` and ``a`` and
+        the deviations (in float64) to ``t``."""
+        dev = self._buffer("dev", x, tuple(x.shape))
+        torch.index_select(shift, 0, y, out=dev)
+        torch.sub(x, dev, out=dev)
         v["r"].index_add_(0, y, torch.linalg.vector_norm(dev, dim=1).to(_F64).square())
         v["a"].index_add_(0, y, torch.linalg.vector_norm(x, dim=1).to(_F64))
+        v["t"].index_add_(0, y, dev.to(_F64))
         return dev  # centred, so accurate in float32
 
-    def _add_chunk(self, v: dict[str, Tensor], x: Tensor, y: Tensor, shift: Tensor) -> None:
-        """Modes "full", "span", "none": at most :data:`CHUNK` rows."""
-        B = x.shape[0]
-        if self._must_flush(x, self._rows + B > FLUSH_ROWS):
-            self.flush(v)
-        dev = self._centre(v, x, y, shift)
-        self._buffer(self._pending, "t", x, shift.shape).index_add_(0, y, dev)
-        key = self.scatter_key
-        if key == "q":  # the one d x B x d product
-            self._buffer(self._pending, key, x, v[key].shape).addmm_(dev.T, dev)
-        elif key == "qs":
-            assert self.basis is not None
-            e = dev @ self._cast("basis", self.basis.to(x.device), x.dtype)  # [B, r]
-            self._buffer(self._pending, key, x, v[key].shape).addmm_(e.T, e)
-        self._rows += B
-        self._adds += 1
+    def _product(self, name: str, target: Tensor, a: Tensor) -> None:
+        """``target += a^T a``: in place for float64 ``a``; else float32 products of
+        :data:`CHUNK` rows summed in a reused float32 buffer, then added to ``target``."""
+        if a.dtype == _F64:
+            target.addmm_(a.T, a)
+            return
+        d = a.shape[1]
+        buf = self._buffer(name, a, (d, d))
+        for i, piece in enumerate(a.split(CHUNK)):
+            if i:
+                buf.addmm_(piece.T, piece)
+            else:
+                torch.mm(piece.T, piece, out=buf)
+        self.add_exact(target, buf)
 
-    def _add_per_class(self, v: dict[str, Tensor], x: Tensor, y: Tensor, shift: Tensor) -> None:
-        """Mode "per_class": one block per class, multiplied in pieces of :data:`CHUNK` rows;
-        the first goes to the pending buffer, further pieces straight to float64."""
+    def add_exact(self, target: Tensor, src: Tensor) -> None:
+        """``target += src`` for float64 ``target``, float32 ``src`` ``[m, d]``: widened a
+        block of rows at a time into a small float64 buffer (a mixed-dtype ``add_`` runs
+        at half the speed; widening all of ``src`` at once costs memory)."""
+        step = max(1, ADD_BLOCK // max(1, src.shape[-1]))
+        wide = self._buffer("wide", target, (min(step, src.shape[0]), *src.shape[1:]))
+        for start in range(0, src.shape[0], step):
+            block = src[start : start + step]
+            target[start : start + step].add_(wide[: block.shape[0]].copy_(block))
+
+    def _add_group(
+        self, packed: Tensor, v: dict[str, Tensor], x: Tensor, y: Tensor, shift: Tensor,
+        ct: torch.dtype,
+    ) -> None:
+        """Modes "full", "span", "none": at most :data:`GROUP` rows."""
+        dev = self._centre(v, x.to(ct), y, shift)
+        if self.scatter_key == "q":  # the one d x B x d product
+            self._product("q", v["q"], dev)
+        elif self.scatter_key == "qs":
+            assert self.basis is not None
+            self._product("qs", v["qs"], dev @ self._cast(packed, "basis", self.basis, ct))
+
+    def _add_per_class(
+        self, v: dict[str, Tensor], x: Tensor, y: Tensor, shift: Tensor, ct: torch.dtype
+    ) -> None:
+        """Mode "per_class": rows sorted by class, one product per class and group of at
+        most :data:`GROUP` rows."""
         counts = torch.bincount(y, minlength=self.layout.num_classes).tolist()
-        over = any(r + min(c, CHUNK) > FLUSH_ROWS for r, c in zip(self._class_rows, counts))
-        if self._must_flush(x, over):
-            self.flush(v)
-        dev = self._centre(v, x, y, shift)
-        pending_t = self._buffer(self._pending, "t", x, shift.shape)
-        pending_q = self._buffer(self._pending, "qk", x, v["qk"].shape)
-        blocks = dev.index_select(0, torch.argsort(y, stable=True)).split(counts)
-        for k, block in enumerate(blocks):
-            if not block.shape[0]:
-                continue
-            first = block[:CHUNK]
-            pending_q[k].addmm_(first.T, first)
-            pending_t[k].add_(first.sum(0))
-            for piece in block[CHUNK:].split(CHUNK):
-                v["qk"][k].add_(piece.T @ piece)
-                v["t"][k].add_(piece.sum(0))
-            self._class_rows[k] += first.shape[0]
-        self._rows += x.shape[0]
-        self._adds += 1
+        order = torch.argsort(y, stable=True)
+        dev = self._centre(v, x.index_select(0, order).to(ct), y.index_select(0, order), shift)
+        qk = v["qk"]
+        start = 0
+        for k, count in enumerate(counts):
+            for piece in dev[start : start + count].split(GROUP):
+                self._product("qk", qk[k], piece)
+            start += count

@@ -23,8 +23,6 @@ Conventions (docs/science.md §9):
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -73,7 +71,8 @@ def nc1(m: ClassMoments, eig_rtol: float = EIG_RTOL) -> float:
     """``(1/K) Tr(Sigma_W Sigma_B^+)`` (Papyan et al. 2020; docs/science.md §1).
 
     Computed in the range of the centred means ``M^T [K, d]``: with the thin SVD
-    ``M^T = U S V^T``, ``Sigma_B = V (S^2/K) V^T`` so ``(1/K) Tr(Sigma_W Sigma_B^+) =
+    ``M^T = U S V^T`` (``v_i``, ``s_i`` from the smaller Gram matrix, :func:`_between_eig`),
+    ``Sigma_B = V (S^2/K) V^T`` so ``(1/K) Tr(Sigma_W Sigma_B^+) =
     sum_i (v_i^T Sigma_W v_i) / s_i^2`` over kept ``i``, each quadratic form from
     :meth:`ClassMoments.within_quadratic` (full scatter or its projection on the span).
     Cost ``O(K d^2 + K^2 d)``. NaN for ``K < 2`` or ``Sigma_B = 0``.
@@ -83,13 +82,36 @@ def nc1(m: ClassMoments, eig_rtol: float = EIG_RTOL) -> float:
         return _NAN
     if m.scatter is None and m.span_basis is not None:
         mt = _span_means(m, mt)
-    _, s, vh = torch.linalg.svd(mt, full_matrices=False)  # rows of vh: v_i
-    ev = s.square()
-    if not float(ev.max()) > 0:
+    ev, vh = _between_eig(mt, eig_rtol)
+    if vh is None:
         return _NAN
-    keep = ev > eig_rtol * ev.max()
-    quad = m.within_quadratic(vh[keep]) / m.total  # v_i^T Sigma_W v_i
-    return float((quad / ev[keep]).sum())
+    quad = m.within_quadratic(vh) / m.total  # v_i^T Sigma_W v_i
+    return float((quad / ev).sum())
+
+
+def _between_eig(mt: Tensor, eig_rtol: float) -> tuple[Tensor, Tensor | None]:
+    """Kept eigenpairs of ``M M^T = mt^T mt``: ``(s_i^2 [r], v_i as rows [r, d])``.
+
+    From the smaller of the two Gram matrices (``O(K^2 d)`` and a ``min(K, d)``-sized
+    symmetric eigensolver instead of an SVD of ``mt``, several times faster): for ``K <= d``
+    ``mt mt^T = U S^2 U^T`` and ``v_i = mt^T u_i / s_i``, with ``s_i^2`` taken as
+    ``||mt^T u_i||^2``. Eigenvalues below ``eig_rtol`` times the largest are dropped;
+    ``(ev, None)`` when every eigenvalue is 0.
+    """
+    K, d = mt.shape
+    if K <= d:
+        lam, u = torch.linalg.eigh(mt @ mt.T)
+    else:
+        lam, u = torch.linalg.eigh(mt.T @ mt)
+    top = float(lam.max())
+    if not top > 0:
+        return lam, None
+    u = u[:, lam > eig_rtol * top]
+    if K > d:
+        return lam[lam > eig_rtol * top], u.T.contiguous()
+    w = u.T @ mt  # [r, d], rows s_i v_i
+    ev = w.square().sum(1)
+    return ev, w / ev.sqrt().unsqueeze(1)
 
 
 def nc1_tilde(m: ClassMoments) -> float:
@@ -111,12 +133,7 @@ def cdnv(m: ClassMoments) -> float:
     NaN for ``K < 2`` or when two class means coincide (see
     :func:`~nclightning.metrics.measures.cdnv_pairs`).
     """
-    ratio = measures.cdnv_pairs(m)
-    K = ratio.shape[0]
-    if K < 2:
-        return _NAN
-    off = ~torch.eye(K, dtype=torch.bool, device=ratio.device)
-    return float(ratio[off].mean())
+    return measures.pair_scalars(m)["cdnv"]
 
 
 def _std(x: Tensor) -> float:
@@ -132,31 +149,22 @@ def nc2(m: ClassMoments) -> dict[str, float]:
     * ``nc2_maxangle = max_{k != l} |cos + 1/(K-1)|``.
 
     NaN where undefined: every value for ``K < 2`` or ``M = 0``; the two angle values when a
-    centred mean is 0 (its cosines are undefined).
+    centred mean is 0 (its cosines are undefined). The pairwise values come from the tiled
+    pass :func:`~nclightning.metrics.measures.pair_scalars` (no ``[K, K]`` matrix).
     """
+    return _nc2(m, measures.pair_scalars(m))
+
+
+def _nc2(m: ClassMoments, pairs: dict[str, float]) -> dict[str, float]:
     keys = ("nc2_etf", "nc2_equinorm", "nc2_equiangle", "nc2_maxangle")
     mt = m.centered_means
-    K = mt.shape[0]
-    if K < 2:
+    if mt.shape[0] < 2:
         return dict.fromkeys(keys, _NAN)
-    g = mt @ mt.T
-    eye = torch.eye(K, dtype=g.dtype, device=g.device)
-    gn = float(torch.linalg.matrix_norm(g))
-    if not gn > 0:
-        return dict.fromkeys(keys, _NAN)
-    etf = (eye - 1.0 / K) / math.sqrt(K - 1)
     norms = torch.linalg.vector_norm(mt, dim=1)
-    out = {
-        "nc2_etf": float(torch.linalg.matrix_norm(g / gn - etf)),
-        "nc2_equinorm": _std(norms) / float(norms.mean()),
-        "nc2_equiangle": _NAN,
-        "nc2_maxangle": _NAN,
-    }
-    if bool((norms > 0).all()):
-        cos = g / (norms.unsqueeze(0) * norms.unsqueeze(1))
-        off = ~eye.bool()
-        out["nc2_equiangle"] = _std(cos[off])
-        out["nc2_maxangle"] = float((cos[off] + 1.0 / (K - 1)).abs().max())
+    if not float(norms.max()) > 0:
+        return dict.fromkeys(keys, _NAN)
+    out = {k: pairs.get(k, _NAN) for k in keys}
+    out["nc2_equinorm"] = _std(norms) / float(norms.mean())
     return out
 
 
@@ -218,9 +226,10 @@ def metrics_from_moments(
     if "nc1" in keys:
         out["nc1"] = nc1(m, eig_rtol)
     out["nc1_tilde"] = nc1_tilde(m)
-    out["cdnv"] = cdnv(m)
-    out.update(nc2(m))
-    out["gnc2_log"] = measures.gnc2_log(m)
+    pairs = measures.pair_scalars(m)  # one tiled pass over the pairs of classes
+    out["cdnv"] = pairs["cdnv"]
+    out.update(_nc2(m, pairs))
+    out["gnc2_log"] = pairs["gnc2_log"]
     if weight is not None:
         out["nc3"] = nc3(m, weight)
         out["unc3"] = measures.unc3(m, weight)

@@ -22,6 +22,9 @@ from torch import Tensor
 from nclightning.metrics.moments import ClassMoments
 
 __all__ = [
+    "PAIR_KEYS",
+    "TILE",
+    "RunningMoments",
     "cdnv_pairs",
     "check_weight",
     "class_mean_norm",
@@ -29,7 +32,10 @@ __all__ = [
     "feature_norm",
     "gnc2_log",
     "nc5",
+    "pair_scalars",
     "pairwise_sq_distances",
+    "sq_distance_rows",
+    "tile_rows",
     "unc3",
 ]
 
@@ -42,24 +48,146 @@ rows' mean) are recomputed from explicit differences (the Gram shortcut loses
 ``log10(1 / fraction)`` digits there)."""
 
 
-def pairwise_sq_distances(x: Tensor) -> Tensor:
-    """Squared Euclidean distances ``[n, n]`` between the rows of ``x[n, d]`` (float64).
+TILE = 1 << 19
+"""Numbers per ``[rows, K]`` tile of a pairwise quantity (4 MiB in float64): no ``[K, K]``
+matrix is formed for the scalars, so K = 32768 classes need ``O(K d)`` memory."""
 
-    The rows are centred on their mean, distances come from the Gram matrix (one GEMM), and
-    every pair closer than :data:`CLOSE_RTOL` of its squared norms is recomputed from the
-    explicit difference, in chunks: relative error ``<= d eps / CLOSE_RTOL`` (``6e-12`` at
-    d = 512) everywhere, memory ``O(n^2 + n d)``.
+
+def tile_rows(n: int, tile: int = TILE) -> list[slice]:
+    """Row blocks of an ``[n, n]`` pairwise matrix with at most ``tile`` numbers each."""
+    step = max(1, tile // max(1, n))
+    return [slice(a, min(a + step, n)) for a in range(0, n, step)]
+
+
+def sq_distance_rows(c: Tensor, rows: slice, gram: Tensor | None = None) -> Tensor:
+    """Squared distances ``[len(rows), n]`` from the rows ``c[rows]`` to every row of ``c``.
+
+    ``c[n, d]`` must be centred on its mean (see :func:`pairwise_sq_distances`); ``gram``:
+    ``c[rows] @ c.T`` when the caller has it. Pairs closer than :data:`CLOSE_RTOL` of their
+    squared norms are recomputed from the explicit difference, in chunks.
     """
-    c = x - x.mean(0)
     sq = c.square().sum(1)
-    norms = sq.unsqueeze(0) + sq.unsqueeze(1)
-    d2 = (norms - 2 * (c @ c.T)).clamp_min(0.0)
+    g = c[rows] @ c.T if gram is None else gram
+    norms = sq[rows].unsqueeze(1) + sq.unsqueeze(0)
+    d2 = (norms - 2 * g).clamp_min(0.0)
     i, j = (d2 < CLOSE_RTOL * norms).nonzero(as_tuple=True)
     step = max(1, 2**22 // max(1, c.shape[1]))
     for start in range(0, i.numel(), step):
         a, b = i[start : start + step], j[start : start + step]
-        d2[a, b] = (c[a] - c[b]).square().sum(1)
+        d2[a, b] = (c[a + rows.start] - c[b]).square().sum(1)
     return d2
+
+
+def pairwise_sq_distances(x: Tensor) -> Tensor:
+    """Squared Euclidean distances ``[n, n]`` between the rows of ``x[n, d]`` (float64).
+
+    The rows are centred on their mean, distances come from the Gram matrix (one GEMM per
+    tile of rows), and every pair closer than :data:`CLOSE_RTOL` of its squared norms is
+    recomputed from the explicit difference, in chunks: relative error
+    ``<= d eps / CLOSE_RTOL`` (``6e-12`` at d = 512) everywhere, memory ``O(n^2 + n d)``.
+    """
+    c = x - x.mean(0)
+    return torch.cat([sq_distance_rows(c, rows) for rows in tile_rows(c.shape[0])])
+
+
+class RunningMoments:
+    """Count, mean and sum of squared deviations of values added in blocks (Chan et al.'s
+    exact pairwise merge: each block two-pass, blocks merged without cancellation)."""
+
+    def __init__(self) -> None:
+        self.n, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def add(self, values: Tensor) -> None:
+        nb = values.numel()
+        if not nb:
+            return
+        mb = float(values.mean())
+        m2b = float((values - mb).square().sum())
+        n = self.n + nb
+        delta = mb - self.mean
+        self.m2 += m2b + delta * delta * self.n * nb / n
+        self.mean += delta * nb / n
+        self.n = n
+
+    def var(self) -> float:
+        """Unbiased variance (``ddof=1``); 0 for a single value."""
+        return self.m2 / (self.n - 1) if self.n > 1 else 0.0
+
+
+def pair_scalars(m: ClassMoments, tile: int = TILE) -> dict[str, float]:
+    """The pairwise scalars in one tiled pass over the pairs of present classes.
+
+    ``cdnv`` (mean over ``k != l`` of :func:`cdnv_pairs`'s ratio), ``nc2_etf``,
+    ``nc2_equiangle``, ``nc2_maxangle`` (docs/science.md §1; see
+    :func:`~nclightning.metrics.formulas.nc2` for the definitions and NaN rules) and
+    ``gnc2_log`` (:func:`gnc2_log`), each equal to its ``[K, K]`` formula, from tiles of
+    ``tile`` numbers: memory ``O(K d + tile)``, one ``[rows, d] x [d, K]`` GEMM per tile
+    and quantity (``O(K^2 d)`` in all). Keys absent when undefined on every pair are NaN.
+    """
+    out = dict.fromkeys(PAIR_KEYS, _NAN)
+    mt = m.centered_means
+    K = mt.shape[0]
+    if K < 2:
+        return out
+    v = (m.class_ss / m.counts)[m.present]
+    gn = float(torch.linalg.matrix_norm(mt.T @ mt if K > mt.shape[1] else mt @ mt.T))
+    norms = torch.linalg.vector_norm(mt, dim=1)
+    units = bool((norms > 0).all())
+    cdnv_sum, cdnv_ok = 0.0, True
+    etf_sq, max_angle = 0.0, 0.0
+    angles, logs, logs_ok = RunningMoments(), RunningMoments(), units
+    for rows in tile_rows(K, tile):
+        g = mt[rows] @ mt.T
+        diag = torch.zeros_like(g, dtype=torch.bool)
+        diag[torch.arange(g.shape[0]), torch.arange(rows.start, rows.stop)] = True
+        d2 = sq_distance_rows(mt, rows, g)[~diag]
+        cdnv_ok = cdnv_ok and bool((d2 > 0).all())
+        if cdnv_ok:
+            ratio = (v[rows].unsqueeze(1) + v.unsqueeze(0))[~diag] / (2 * d2)
+            cdnv_sum += float(ratio.sum())
+        if gn > 0:
+            etf = (diag.to(g.dtype) - 1.0 / K) / (K - 1) ** 0.5
+            etf_sq += float((g / gn - etf).square().sum())
+        if units:
+            cos = g / (norms[rows].unsqueeze(1) * norms.unsqueeze(0))
+            off = cos[~diag]
+            angles.add(off)
+            max_angle = max(max_angle, float((off + 1.0 / (K - 1)).abs().max()))
+            if logs_ok:
+                dist = _unit_distances(mt, norms, rows, cos)
+                logs_ok = bool((dist > 0).all())
+                if logs_ok:
+                    logs.add(-torch.log(dist))
+    if cdnv_ok:
+        out["cdnv"] = cdnv_sum / (K * (K - 1))
+    if gn > 0:
+        out["nc2_etf"] = etf_sq**0.5
+        if units:
+            out["nc2_equiangle"] = angles.var() ** 0.5
+            out["nc2_maxangle"] = max_angle
+    if logs_ok:
+        out["gnc2_log"] = logs.var()
+    return out
+
+
+def _unit_distances(mt: Tensor, norms: Tensor, rows: slice, cos: Tensor) -> Tensor:
+    """``||u_k - u_l||`` for ``k`` in ``rows``, ``l > k``, ``u = mt / norms``, from the
+    cosines ``cos[rows, K]`` (``2 - 2 cos``), close pairs recomputed from the difference."""
+    K = mt.shape[0]
+    cols = torch.arange(K, device=mt.device)
+    upper = cols.unsqueeze(0) > cols[rows].unsqueeze(1)
+    d2 = (2.0 - 2.0 * cos).clamp_min(0.0)
+    i, j = ((d2 < 2.0 * CLOSE_RTOL) & upper).nonzero(as_tuple=True)
+    step = max(1, 2**22 // max(1, mt.shape[1]))
+    for start in range(0, i.numel(), step):
+        a, b = i[start : start + step], j[start : start + step]
+        ua = mt[a + rows.start] / norms[a + rows.start].unsqueeze(1)
+        d2[a, b] = (ua - mt[b] / norms[b].unsqueeze(1)).square().sum(1)
+    return d2[upper].sqrt()
+
+
+PAIR_KEYS = ("cdnv", "nc2_etf", "nc2_equiangle", "nc2_maxangle", "gnc2_log")
+"""The scalars of :func:`pair_scalars`."""
 
 
 def cdnv_pairs(m: ClassMoments) -> Tensor:
@@ -103,16 +231,7 @@ def gnc2_log(m: ClassMoments) -> float:
     0 when all pairwise distances are equal (with ``K = 2``, one pair: 0). NaN for ``K < 2``,
     a centred mean equal to 0, or two coinciding directions (an infinite log).
     """
-    mt = m.centered_means
-    K = mt.shape[0]
-    u = _unit(mt) if K >= 2 else None
-    if u is None:
-        return _NAN
-    iu = torch.triu_indices(K, K, 1, device=u.device)
-    dist = pairwise_sq_distances(u)[iu[0], iu[1]].sqrt()
-    if not bool((dist > 0).all()):
-        return _NAN
-    return _var(-torch.log(dist))
+    return pair_scalars(m)["gnc2_log"]
 
 
 def unc3(m: ClassMoments, weight: Tensor) -> float:

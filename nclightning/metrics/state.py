@@ -159,14 +159,20 @@ def state_moments(
 
 class Float64States:
     """Mixin for a ``torchmetrics.Metric``: the states named in ``_F64_STATES`` stay float64
-    under module-wide dtype casts (``.half()``, ``set_dtype``); they still follow devices."""
+    under dtype casts (``.to(torch.half)``, ``set_dtype``); they still follow devices.
+
+    Uses only torchmetrics' documented ``exclude_state`` argument of ``Metric._apply`` (the
+    hook behind ``.to``/``.cuda``): the excluded states are moved to the device that the
+    cast sends a float64 probe tensor to, never to another dtype. ``reset()`` puts defaults
+    on the current state's device, so the defaults need not move.
+    """
 
     _F64_STATES: tuple[str, ...] = ()
 
     def _apply(self, fn: Callable[[Tensor], Tensor], exclude_state: Sequence[str] = ()) -> Any:
         this = super()._apply(fn, exclude_state=(*exclude_state, *self._F64_STATES))  # type: ignore[misc]
-        dev = this.device
         for key in self._F64_STATES:
-            this._defaults[key] = this._defaults[key].to(dev)
-            setattr(this, key, getattr(this, key).to(dev))
+            value = getattr(this, key)
+            device = fn(torch.zeros((), dtype=torch.float64, device=value.device)).device
+            setattr(this, key, value.to(device=device, dtype=torch.float64))
         return this

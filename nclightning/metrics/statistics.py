@@ -13,20 +13,21 @@ float32). Instead each class ``k`` has a *shift* ``c_k`` close to its mean and t
 sums the shifted deviations ``e = h - c_k`` (layout in :mod:`nclightning.metrics.state`).
 
 * The shift is either given (``shift=``, e.g. exact means from a first sweep: the merge is
-  then a plain sum) or set from the data: when a class first appears, the float64 mean of
-  its rows in that batch; on CPU also whenever a batch holds more samples of the class
-  than all earlier batches (at most ``log2 n_k`` times), the mean of all its samples so far,
-  the state moving to it exactly in float64. Shifts are rounded to float32 (float64 with
-  ``compute_dtype=float64``), so ``e = h - c_k`` is exact in float32 (Sterbenz) and
-  ``|mean(e)|`` stays of the order of the sampling error of a class mean, whatever the
-  batch sizes. On accelerators only the first batch sets the shift (a masked update: no
-  host synchronisation per batch).
+  then a plain sum) or set from the data when a class first appears: the float64 mean of
+  its rows in that batch, rounded to float32 (float64 with ``compute_dtype=float64``), so
+  ``e = h - c_k`` is exact in float32 (Sterbenz). A shift never moves afterwards (no
+  per-class re-centring, the same on CPU and accelerators; on accelerators the update is a
+  masked one, without host synchronisation): ``|mean(e)|`` is at most about one
+  within-class deviation (a shift from a single row), which costs a factor of about two in
+  the float32 rounding of the scatter, never a factor ``(m/s)^2``.
 * Deviations are formed and multiplied in the compute precision (float32 for
   float16/bfloat16/float32 features; float64 for float64 features or
-  ``compute_dtype=torch.float64``); every float32 sum (``t``, the scatter GEMM) has at most
-  :data:`~nclightning.metrics.accumulate.FLUSH_ROWS` terms before it joins the float64
-  state, so rounding does not grow with the batch size (see
-  :mod:`nclightning.metrics.accumulate`). Per-sample norms are summed in float64.
+  ``compute_dtype=torch.float64``); float32 products span at most
+  :data:`~nclightning.metrics.accumulate.CHUNK` rows and are summed in float32 over at most
+  :data:`~nclightning.metrics.accumulate.GROUP` rows before they join the float64 state
+  inside the same ``update`` (no pending sums between calls: the state is complete
+  whenever torchmetrics reads, syncs or saves it). ``t`` and the per-sample norms are
+  summed in float64.
 * Results (float64): ``mu_k = c_k + t_k / n_k``, scatter ``= q - sum_k t_k t_k^T / n_k``,
   ``class_ss_k = r_k - ||t_k||^2 / n_k``.
 
@@ -34,11 +35,11 @@ What holds: every statistic, hence every metric, carries only float32 rounding r
 the within-class spread, never to the mean. Measured against a float64 two-pass reference
 on the same float32 features (mean norm 10, within-class RMS deviation 1e-4, 1e-5 and 2e-6
 of it, d = 256, K = 10, N = 50,000): every scalar of :func:`metrics_from_moments` agrees to
-<= 1e-6 relative (worst 2.5e-7, NC1 at 1e-5) for one 50,000-row batch, batches of random
-sizes 1..200, 100 single-row batches then one large batch, and batches of 512
-(``tests/metrics/test_collapse_accuracy.py``; docs/science.md §10); the accelerator path
-(no re-centring) stays below 8e-7 on the same cases. Features that drift by much more than
-their spread within one pass lose that margin on accelerators: pass a ``shift``.
+<= 1e-6 relative (worst 6.9e-7: NC1 at 1e-5, 100 single-row batches then one large
+batch; 2.2e-7 for one 50,000-row batch or batches of 512) for one 50,000-row batch,
+batches of random sizes 1..200, 100 single-row batches then one large batch, and batches
+of 512 (``tests/metrics/test_collapse_accuracy.py``; docs/science.md §10). Features that
+drift by much more than their spread within one pass lose that margin: pass a ``shift``.
 
 Scatter modes: ``"full"`` (``d x d``), ``"per_class"`` (``K d x d``, also the pooled one),
 ``"none"`` (means, ``class_ss``, norm sums: no GEMM), and the span mode selected by
@@ -180,6 +181,9 @@ class ClassStatistics(Float64States, Metric):
         per_class_scatter: bool = False,
         **kwargs: Any,
     ) -> None:
+        # compute() depends on set_classifier too: never serve a cached result
+        kwargs.setdefault("compute_with_cache", False)
+        self._sync_on_compute = bool(kwargs.get("sync_on_compute", True))
         super().__init__(**kwargs)
         if int(num_classes) < 1 or int(dim) < 1:
             raise ValueError(f"num_classes and dim must be >= 1, got {num_classes}, {dim}")
@@ -208,8 +212,6 @@ class ClassStatistics(Float64States, Metric):
         merge = functools.partial(merge_packed_states, layout=self._layout, basis=self._basis)
         self.add_state("packed", default, dist_reduce_fx=merge)
         self._accumulator = Accumulator(self._layout, self._basis, shift_dtype, self.fixed_shift)
-        self._views_of: Tensor | None = None
-        self._views_cache: dict[str, Tensor] = {}
         self._weight: Tensor | None = None
 
     # -- classifier ---------------------------------------------------------------------------
@@ -221,7 +223,6 @@ class ClassStatistics(Float64States, Metric):
                 f"got {tuple(weight.shape)}"
             )
         self._weight = None if weight is None else weight.detach().to(_F64).clone()
-        self._computed = None
 
     # -- accumulation -------------------------------------------------------------------------
     def _dtype_for(self, dtype: torch.dtype) -> torch.dtype:
@@ -256,57 +257,15 @@ class ClassStatistics(Float64States, Metric):
         x, y = self._check_batch(features, labels)
         if x.shape[0] == 0:
             return
-        self._accumulator.add(self._views(), x, y, self._dtype_for(x.dtype))
+        self._accumulator.add(self.packed, x, y, self._dtype_for(x.dtype))
 
     def forward(self, features: Tensor, labels: Tensor) -> None:
         """Same as :meth:`update`; returns ``None`` (no per-batch metrics)."""
         self.update(features, labels)
 
-    def _views(self) -> dict[str, Tensor]:
-        """Writable views of the packed state (rebuilt when ``self.packed`` is replaced)."""
-        if self._views_of is not self.packed:
-            self._accumulator.drop()
-            self._views_of, self._views_cache = self.packed, self._layout.views(self.packed)
-        return self._views_cache
-
-    # -- pending float32 sums: flushed before any read of the state ---------------------------
-    def _flush(self) -> None:
-        if hasattr(self, "_accumulator"):
-            self._accumulator.flush(self._views())
-
-    def sync(self, *args: Any, **kwargs: Any) -> None:
-        self._flush()
-        super().sync(*args, **kwargs)
-
-    @property
-    def metric_state(self) -> dict[str, Any]:
-        self._flush()
-        return super().metric_state
-
-    def merge_state(self, incoming_state: Any) -> None:
-        self._flush()
-        super().merge_state(incoming_state)
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
-        self._flush()
-        return super().state_dict(*args, **kwargs)
-
-    def reset(self) -> None:
-        super().reset()
-        self._accumulator.drop()
-
-    def _apply(self, fn: Any, exclude_state: Any = ()) -> Any:
-        self._flush()
-        this = super()._apply(fn, exclude_state)
-        if hasattr(this, "_accumulator"):
-            this._accumulator.drop()
-            this._views_of = None
-        return this
-
     # -- results ------------------------------------------------------------------------------
     def _moments(self) -> ClassMoments:
-        self._flush()
-        v = self._views()
+        v = self._layout.views(self.packed)
         missing = (v["n"] == 0).nonzero().flatten().tolist()
         if missing and not self.allow_missing_classes:
             raise ValueError(
@@ -318,8 +277,8 @@ class ClassStatistics(Float64States, Metric):
     def _synced(self) -> AbstractContextManager[None]:
         return self.sync_context(
             dist_sync_fn=self.dist_sync_fn,
-            should_sync=self._to_sync,
-            should_unsync=self._should_unsync,
+            process_group=self.process_group,
+            should_sync=self._sync_on_compute,
         )
 
     def moments(self) -> ClassMoments:
@@ -349,9 +308,3 @@ class ClassStatistics(Float64States, Metric):
         values = metrics_from_moments(m, self._weight, eig_rtol=self.eig_rtol)
         dev = self.packed.device
         return {k: torch.tensor(val, dtype=_F64, device=dev) for k, val in values.items()}
-
-    def __getstate__(self) -> dict[str, Any]:
-        self._flush()
-        state = super().__getstate__()
-        state["_cache"] = {}  # views and casts are rebuilt on the copy's own state
-        return state

@@ -1,0 +1,203 @@
+"""Statistics and probe cost at the sizes people study, against same-process baselines.
+
+The statistics half of ``benchmarks/scale.py`` (which runs these cases with its own; also
+``python benchmarks/scale_statistics.py [--quick] [--case NAME ...]`` alone).
+
+One torch thread, timed by the thread's CPU time (a shared machine's descheduling does not
+count). Each case prints one line: what it measures, its ratio and the target.
+
+* ``case_statistics``: ``ClassStatistics`` pass + ``compute()`` at N = 50,000, d = 2048,
+  K = 1000 (batches of 512 and one 50,000-row batch) over a bare float32 ``x.T @ x`` of the
+  same batches (target <= 1.5); ``case_statistics_memory``: the peak memory growth of the
+  pass over its state (target <= 2; batches generated on the fly, so only the metric's own
+  memory counts; it runs first).
+* ``case_vocabulary``: K = 32768 classes at d = 768 (two samples each): nc1, nc1_tilde,
+  cdnv, nc2 and the per-class variances in one pass; the process's peak growth
+  (target <= 2 GB).
+* ``case_probe_mlp``: a ``NeuralCollapseCallback`` probe of the 6 x 1024 MLP over a bare
+  eval forward of the same samples (target <= 1.3; see ``benchmarks/callback.py``).
+
+``--quick`` shrinks every size (a smoke run: the ratios are then not the targets' sizes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+
+from nclightning.metrics import ClassStatistics
+
+QUICK = False
+
+
+def _cpu() -> float:
+    return time.thread_time()
+
+
+def _batches(n: int, d: int, K: int, batch: int, seed: int = 0) -> Iterator[tuple]:
+    """Float32 batches near collapse (mean norm 10, within-class std 1e-4 of it)."""
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.randn(K, d, generator=g)
+    mu = 10 * mu / mu.norm(dim=1, keepdim=True)
+    for start in range(0, n, batch):
+        b = min(batch, n - start)
+        y = torch.randint(0, K, (b,), generator=g)
+        yield (mu[y] + (1e-3 / d**0.5) * torch.randn(b, d, generator=g)).contiguous(), y
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def case_statistics() -> None:
+    N, d, K = (4096, 512, 100) if QUICK else (50_000, 2048, 1000)
+    for batch in (512, N):
+        data = list(_batches(N, d, K, batch))
+        bare, ours = [], []
+        for _ in range(1 if QUICK else 2):  # interleaved repeats
+            t = _cpu()
+            for x, _ in data:
+                x.T @ x
+            bare.append(_cpu() - t)
+            t = _cpu()
+            stats = ClassStatistics(K, d)
+            for x, y in data:
+                stats.update(x, y)
+            stats.compute()
+            ours.append(_cpu() - t)
+        ratio = min(ours) / min(bare)
+        print(
+            f"statistics N={N} d={d} K={K} batch={batch}: pass+compute {min(ours):.2f} s, "
+            f"bare GEMM {min(bare):.2f} s: ratio {ratio:.2f} (target <= 1.5)"
+        )
+        del data
+
+
+def case_statistics_memory() -> None:
+    """Peak memory of a pass (run it first, or alone: ``--case case_statistics_memory``,
+    so that no earlier case's freed memory is reused): batches of 512 made on the fly."""
+    N, d, K = (4096, 512, 100) if QUICK else (50_000, 2048, 1000)
+    state_mb = (K * (2 * d + 3) + d * d) * 8 / 2**20
+    batches = _batches(N, d, K, 512, seed=1)
+    first = next(batches)
+    before = _rss_mb()
+    stats = ClassStatistics(K, d)
+    peak = 0.0
+    for x, y in itertools.chain([first], batches):
+        stats.update(x, y)
+        peak = max(peak, _rss_mb() - before)
+    stats.compute()
+    peak = max(peak, _rss_mb() - before)
+    print(
+        f"statistics memory: peak growth {peak:.0f} MiB for {state_mb:.0f} MiB of state: "
+        f"{peak / state_mb:.2f}x (target <= 2; sampled after each batch and compute)"
+    )
+
+
+_VOCAB = """
+import json, resource, sys, torch
+torch.set_num_threads(1)
+from nclightning.metrics import ClassStatistics, metrics_from_moments
+K, d = int(sys.argv[1]), int(sys.argv[2])
+g = torch.Generator().manual_seed(0)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+stats = ClassStatistics(K, d)
+for start in range(0, K, 4096):
+    y = torch.arange(start, min(K, start + 4096)).repeat(2)
+    a = y.unsqueeze(1) * 0.37 + torch.arange(d)
+    x = torch.randn(y.shape[0], d, generator=g) + 3 * torch.sin(a)
+    stats.update(x, y)
+m = stats.moments()
+values = metrics_from_moments(m)
+var = m.class_ss / m.counts
+grow = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+print(json.dumps({"grow_mb": grow, "finite": [k for k, v in values.items() if v == v]}))
+"""
+
+
+def case_vocabulary() -> None:
+    K, d = (4096, 64) if QUICK else (32768, 768)
+    t = time.perf_counter()
+    out = subprocess.run(
+        [sys.executable, "-c", _VOCAB, str(K), str(d)], capture_output=True, text=True, check=True
+    )
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    print(
+        f"vocabulary K={K} d={d}: peak growth {got['grow_mb']:.0f} MiB (target <= 2048), "
+        f"{time.perf_counter() - t:.0f} s wall; finite: {', '.join(got['finite'])}"
+    )
+
+
+def case_probe_mlp() -> None:
+    import statistics
+
+    from callback import Timer, _data  # benchmarks/callback.py
+    from lightning.pytorch import Trainer
+
+    from nclightning import NeuralCollapseCallback
+    from nclightning.models import CollapseClassifier
+
+    samples, epochs = (1024, 3) if QUICK else (8192, 5)
+    torch.manual_seed(0)
+    mlp = CollapseClassifier(
+        num_classes=10,
+        input_shape=(3, 32, 32),
+        backbone="mlp",
+        backbone_kwargs={"depth": 6, "width": 1024, "batch_norm": True},
+    )
+    nc = NeuralCollapseCallback(log_figures=False, batch_size=256)
+    timer = Timer(nc)
+    Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_train_batches=1,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[nc, timer],
+    ).fit(mlp, _data(samples))
+    probe = statistics.median(timer.probe[1:])  # [0] is the baseline (it also traces)
+    bare = statistics.median(timer.bare)
+    print(
+        f"MLP probe (6 x 1024, N={samples}): probe {probe:.3f} s, bare eval forward "
+        f"{bare:.3f} s: ratio {probe / bare:.2f} (target <= 1.3)"
+    )
+
+
+CASES: list[Callable[[], None]] = [
+    case_statistics_memory,
+    case_statistics,
+    case_vocabulary,
+    case_probe_mlp,
+]
+
+
+def main() -> None:
+    global QUICK
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
+    parser.add_argument("--case", nargs="*", help="case names (default: all)")
+    args = parser.parse_args()
+    QUICK = args.quick
+    torch.set_num_threads(1)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    print(f"torch {torch.__version__}, 1 thread, CPU time; load {os.getloadavg()}")
+    for case in CASES:
+        if not args.case or case.__name__ in args.case:
+            case()
+
+
+if __name__ == "__main__":
+    main()
