@@ -47,7 +47,8 @@ BASELINE_LABELS = {
 def _pair_metrics(groups: Sequence[Mapping], metrics) -> tuple[list[str], list[str]]:
     """Metrics to draw (caller's order, else the model's) and those without any value."""
     metrics = list(groups[1]) if metrics is None else list(metrics)
-    keep, left_out = [], []
+    keep: list[str] = []
+    left_out: list[str] = []
     for m in metrics:
         values = [d.get(m, math.nan) for d in groups]
         (keep if any(math.isfinite(v) for v in values) else left_out).append(m)
