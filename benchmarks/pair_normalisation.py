@@ -18,8 +18,10 @@ and ``H`` (penultimate features) of the training set with plain forward hooks, a
 every normalisation of ``fit_pair``. Printed per network and normalisation: the coupling, the
 regime flag and the residual ``log10(predicted / measured)`` of every metric not fitted; the
 figure shows the residuals. The score of a normalisation is the mean ``|residual|`` over the
-metrics every normalisation predicts (norm_ratio excluded: one normalisation fits it). A
-baseline row predicts every metric of ``H`` by ``H0``'s (no model at all).
+metrics every normalisation predicts (the norm ratio is a measured scale, never compared,
+docs/science.md §7.6). The baseline rows are the fit's model-free baselines
+(``PairFit.baselines``): ``h0`` predicts every metric of ``H`` by ``H0``'s, ``ratio`` scales
+``H0``'s by the measured ``nc1_tilde`` ratio, ``etf`` predicts ``cdnv`` alone.
 """
 
 from __future__ import annotations
@@ -36,13 +38,13 @@ from lightning.pytorch import Trainer, seed_everything
 
 from nclightning.callbacks import LayerwiseTraining
 from nclightning.data import DigitsDataModule, SyntheticDataModule
-from nclightning.metrics import ClassMoments, metrics_from_moments
+from nclightning.metrics import ClassMoments
 from nclightning.models import CollapseClassifier
 from nclightning.perturbation import NORMALIZATIONS, fit_pair
 
 LAMBDA = 5e-4
 COMMON = ("nc1", "nc2_etf", "nc2_equinorm", "nc3", "cdnv")
-BASELINE = "H* = H0"  # no model: H's metrics predicted by H0's
+BASELINE_ROWS = tuple(f"baseline {b}" for b in ("h0", "ratio", "etf"))
 
 
 def _trainer(epochs: int, callbacks=()) -> Trainer:
@@ -140,21 +142,20 @@ def compare(name: str, h0, h, weight) -> dict[str, object]:
         t = time.perf_counter()
         fit = fit_pair(h0, h, lambda_W=LAMBDA, lambda_H=LAMBDA, weight=weight, normalization=norm)
         rows[norm] = (fit, time.perf_counter() - t)
-    a, b = metrics_from_moments(h0, weight=weight), metrics_from_moments(h, weight=weight)
-    rows[BASELINE] = (
-        SimpleNamespace(
-            status="baseline",
-            coupling=math.inf,
-            perturbative=True,
-            scale=1.0,
-            residuals={
-                **{k: math.log10(a[k] / b[k]) for k in COMMON},
-                "norm_ratio": -math.log10(rows[NORMALIZATIONS[0]][0].measured["norm_ratio"]),
-            },
-            measured=rows[NORMALIZATIONS[0]][0].measured,
-        ),
-        0.0,
-    )
+    first = rows[NORMALIZATIONS[0]][0]
+    for row in BASELINE_ROWS:
+        residuals = first.baselines[row.removeprefix("baseline ")]
+        rows[row] = (
+            SimpleNamespace(
+                status="baseline",
+                coupling=math.inf,
+                perturbative=True,
+                scale=1.0,
+                residuals=residuals,
+                measured=first.measured,
+            ),
+            0.0,
+        )
     return rows
 
 
@@ -186,7 +187,7 @@ def main() -> None:
 
 
 def report(name: str, rows: dict) -> None:
-    keys = (*COMMON, "norm_ratio")
+    keys = COMMON
     head = (
         f"{'normalisation':>13} {'status':>8} {'coupling':>9} {'pert.':>5} {'s':>9} {'time s':>6}"
     )
@@ -199,11 +200,12 @@ def report(name: str, rows: dict) -> None:
         )
     fit = next(iter(rows.values()))[0]
     print(f"{'measured':>13}" + " " * 44 + "".join(f" {fit.measured[k]:>12.4g}" for k in keys))
+    print(f"{'':>13} measured RMS ||H|| / ||H0|| = {fit.measured['norm_ratio']:.4g} (a scale)")
 
 
 def summary(results: dict) -> None:
     print("\nmean |residual| over " + ", ".join(COMMON) + " (lower is better)")
-    for norm in (*NORMALIZATIONS, BASELINE):
+    for norm in (*NORMALIZATIONS, *BASELINE_ROWS[:2]):
         per_net = []
         for rows in results.values():
             res = rows[norm][0].residuals
@@ -214,16 +216,16 @@ def summary(results: dict) -> None:
 
 def markdown(results: dict) -> None:
     """The comparison as a markdown table (for docs/science.md §7)."""
-    keys = (*COMMON, "norm_ratio")
+    keys = COMMON
     print("\n| network | normalisation | coupling | perturbative | " + " | ".join(keys) + " |")
     print("|---|---|---|---|" + "---|" * len(keys))
     for name, rows in results.items():
         for norm, (fit, _) in rows.items():
             cells = " | ".join(
-                "fitted" if k not in fit.residuals else f"{fit.residuals[k]:+.2f}" for k in keys
+                "-" if k not in fit.residuals else f"{fit.residuals[k]:+.2f}" for k in keys
             )
-            coupling = "-" if norm == BASELINE else f"{fit.coupling:.3g}"
-            pert = "-" if norm == BASELINE else ("yes" if fit.perturbative else "no")
+            coupling = "-" if norm in BASELINE_ROWS else f"{fit.coupling:.3g}"
+            pert = "-" if norm in BASELINE_ROWS else ("yes" if fit.perturbative else "no")
             print(f"| {name} | {norm} | {coupling} | {pert} | {cells} |")
 
 
@@ -233,17 +235,18 @@ def figure(results: dict, out: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = (*COMMON, "norm_ratio")
+    keys = COMMON
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.8), sharey=True)
-    names = (*NORMALIZATIONS, BASELINE)
+    names = (*NORMALIZATIONS, *BASELINE_ROWS)
     width = 0.8 / len(names)
     for ax, (name, rows) in zip(axes, results.items()):
         for i, norm in enumerate(names):
             fit = rows[norm][0]
             vals = [fit.residuals.get(k, math.nan) for k in keys]
             xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(keys))]
-            label = norm if norm == BASELINE else f"{norm} (coupling {fit.coupling:.2g})"
-            ax.bar(xs, vals, width, label=label, hatch="//" if norm == BASELINE else None)
+            base = norm in BASELINE_ROWS
+            label = norm if base else f"{norm} (coupling {fit.coupling:.2g})"
+            ax.bar(xs, vals, width, label=label, hatch="//" if base else None)
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xticks(range(len(keys)), keys, rotation=30)
         ax.set_title(name)

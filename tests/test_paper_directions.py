@@ -2,8 +2,9 @@
 
 Each test trains the bundled offline config of one figure and asserts the *direction* of the
 paper's claim (docs/science.md §6.5): Fig. 2, layer-wise training (§6.2), and Fig. 3, the
-weight-decay study (§6.3). They train whole jobs, so they are marked ``slow`` (about two
-minutes together on 2 cores); CI runs them, ``pytest -m 'not slow'`` leaves them out.
+weight-decay study (§6.3) with three seeds (24 runs). They train whole jobs, so they are marked
+``slow`` (the 30-run study took 7.3 CPU-minutes, single-threaded); CI runs them,
+``pytest -m 'not slow'`` leaves them out.
 """
 
 from __future__ import annotations
@@ -62,28 +63,45 @@ def test_fig2_nc1_of_the_deepest_features_decreases_as_layers_are_added(tmp_path
     assert float(stage_end[6][accuracy_key("train")]) == 1.0
 
 
-def test_fig3_feature_weight_decay_moves_collapse_more_than_classifier_weight_decay(tmp_path):
-    """§6.3: |log nc1 change| summed over the x2/x0 variants, features vs classifier."""
-    assert (
-        main(
-            [
-                "study",
-                "wd",
-                "--config",
-                "wd_study_digits.yaml",
-                "--trainer.enable_progress_bar",
-                "false",
-            ]
-        )
-        == 0
-    )
-    root = tmp_path / "runs" / "wd_study_digits"
+SEEDS = (0, 1, 2)
+RUNS = [f"mse/{v}" for v in ("baseline", "classifier_x2", "classifier_x0")]
+RUNS += [f"mse/{v}" for v in ("features_x2", "features_x0")]
+RUNS += ["ce/baseline", "ce/classifier_x0", "ce/features_x0"]
+
+
+def _nc1_changes(root: Path, loss: str, version: str) -> dict[str, float]:
+    """``log(nc1 / nc1 of the baseline)`` of every variant's final penultimate nc1."""
     key = layer_key("train", "penultimate", "nc1")
-    for loss in ("mse", "ce"):
-        nc1 = {d.name.removeprefix(f"{loss}_"): _final(d, key) for d in root.glob(f"{loss}_*")}
-        base = nc1.pop("wd0.005_fc0.005")
-        move = {name: abs(math.log(v / base)) for name, v in nc1.items()}
-        features = move["wd0.01_fc0.005"] + move["wd0.0_fc0.005"]
-        classifier = move["wd0.005_fc0.01"] + move["wd0.005_fc0.0"]
-        assert features > classifier, (loss, nc1, base)
-        assert all(_final(d, accuracy_key("train")) == 1.0 for d in root.glob(f"{loss}_*"))
+    nc1 = {
+        d.name.removeprefix(f"{loss}_"): _final(d / version, key) for d in root.glob(f"{loss}_*")
+    }
+    base = nc1.pop("wd0.005_fc0.005")
+    return {name: math.log(v / base) for name, v in nc1.items()}
+
+
+def test_fig3_directions_that_hold_on_three_seeds(tmp_path):
+    """§6.3, for each of three seeds (only what held on all three, docs/science.md §6.3):
+
+    * MSE: the feature layers' decay moves the final nc1 more than the classifier's (summed
+      |log| change of the x2 and x0 variants), and more feature decay means more collapse
+      (x2 lowers nc1, x0 raises it);
+    * CE: removing the feature layers' decay raises nc1 more than removing the classifier's
+      (both raise it). The summed comparison of the MSE claim does not hold for CE on digits
+      (seed 1: 0.93 against 1.20), nor does "more feature decay, more collapse" (x2 raised nc1
+      on all three seeds), so neither is asserted;
+    * every run fits its training set.
+    """
+    args = ["study", "wd", "--config", "wd_study_digits.yaml", "--seeds", str(len(SEEDS))]
+    args += ["--only", *RUNS, "--trainer.enable_progress_bar", "false"]
+    assert main(args) == 0
+    root = tmp_path / "runs" / "wd_study_digits"
+    for version in (f"version_{i}" for i in range(len(SEEDS))):
+        mse = _nc1_changes(root, "mse", version)
+        features = abs(mse["wd0.01_fc0.005"]) + abs(mse["wd0.0_fc0.005"])
+        classifier = abs(mse["wd0.005_fc0.01"]) + abs(mse["wd0.005_fc0.0"])
+        assert features > classifier, (version, mse)
+        assert mse["wd0.01_fc0.005"] < 0 < mse["wd0.0_fc0.005"], (version, mse)
+        ce = _nc1_changes(root, "ce", version)
+        assert ce["wd0.0_fc0.005"] > ce["wd0.005_fc0.0"] > 0, (version, ce)
+        for d in root.iterdir():
+            assert _final(d / version, accuracy_key("train")) == 1.0, (d.name, version)

@@ -156,6 +156,7 @@ def pair_rows(probe: str, fits: Mapping[str, Any]) -> dict[str, float]:
         put("scale", fit.scale)
         put("status", keys.PAIR_STATUS[fit.status])
         put("perturbative", float(bool(fit.perturbative)))
+        put("linearisation_error", fit.linearisation_error)
         put("objective", fit.objective)
         put("grad_norm", fit.grad_norm)
         put("converged", float(bool(fit.converged)))
@@ -163,4 +164,10 @@ def pair_rows(probe: str, fits: Mapping[str, Any]) -> dict[str, float]:
             put(f"predicted/{metric}", value)
         for metric, value in fit.residuals.items():
             put(f"residual/{metric}", value)
+        for name, residuals in fit.baselines.items():
+            for metric, value in residuals.items():
+                put(keys.pair_baseline(name, metric), value)
+        for metric, value in fit.skill.items():
+            put(f"skill/{metric}", value)
+        put("measured/norm_ratio", fit.measured["norm_ratio"])
     return row

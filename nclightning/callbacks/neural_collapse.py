@@ -67,7 +67,8 @@ class NeuralCollapseCallback(Callback):
     Logged (every logger, ``trainer.callback_metrics``; keys of
     :mod:`nclightning.record.keys`, with ``epochs_trained`` and Lightning's global step):
     ``nc-{name}/{layer}/{metric}``, ``nc-{name}/accuracy`` and
-    ``pm-{name}-{h0}->{h}/{coupling, status, perturbative, predicted/..., residual/..., ...}``.
+    ``pm-{name}-{h0}->{h}/{coupling, status, perturbative, predicted/..., residual/...,
+    baseline/..., skill/..., ...}``.
 
     The settings fall into four validated groups (:mod:`nclightning.callbacks.settings`,
     ``callback.settings``); an invalid value is refused here, in one line.

@@ -208,6 +208,9 @@ def _fit_entry(fit: Any) -> dict[str, Any]:
         "predicted": dict(fit.predicted),
         "measured": dict(fit.measured),
         "residuals": dict(fit.residuals),
+        "baselines": {name: dict(r) for name, r in fit.baselines.items()},
+        "skill": dict(fit.skill),
+        "linearisation_error": float(fit.linearisation_error),
     }
 
 

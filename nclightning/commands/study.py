@@ -5,7 +5,12 @@ docs/science.md §6: starting from a config's weight decays (feature layers ``w`
 decay x2 and x0 — for each loss (MSE with a bias-free classifier, CE with a bias). Each run is
 an ordinary ``nclightning fit`` of the config with overrides, so its logs land where the
 config's loggers put them (the bundled study configs name each run after its loss and decays
-by interpolation). Afterwards ``nclightning report RUN_DIR ...`` overlays the runs.
+by interpolation). ``--seeds N`` trains every variant with the seeds ``S, S+1, ..., S+N-1``
+(``S``: the config's ``seed_everything``, 0 when unset): a direction claimed from the study
+needs them (docs/science.md §6.3). Seeds of one variant share its log folder
+(``version_0..N-1``) and differ only in ``seed_everything``, so ``nclightning report`` groups
+them into one band (mean and range, ``record.groups``). Afterwards
+``nclightning report RUN_DIR ...`` overlays the runs.
 """
 
 from __future__ import annotations
@@ -60,14 +65,15 @@ def variants(
     return out
 
 
-def _base_decays(config: str) -> tuple[float, float]:
-    """The config's (weight_decay, classifier_weight_decay), interpolations resolved."""
+def _base_settings(config: str) -> tuple[float, float, int]:
+    """The config's (weight_decay, classifier_weight_decay, seed), interpolations resolved."""
     from nclightning.cli import run_trainer_cli
 
     cli = run_trainer_cli(["--config", config, "--trainer.logger", "false"], run=False)
     hp = cli.model.hparams
     c = hp.weight_decay if hp.classifier_weight_decay is None else hp.classifier_weight_decay
-    return float(hp.weight_decay), float(c)
+    seed = cli.config.get("seed_everything")
+    return float(hp.weight_decay), float(c), int(seed) if isinstance(seed, int) else 0
 
 
 def main(argv: list[str]) -> int:
@@ -84,12 +90,20 @@ def main(argv: list[str]) -> int:
         help="multipliers of the classifier's / the feature layers' decay",
     )
     wd.add_argument("--only", nargs="+", metavar="LABEL", help="run only these variant labels")
+    wd.add_argument(
+        "--seeds", type=int, default=1, metavar="N",
+        help="train every variant with N seeds (the config's seed_everything and the next N-1)",
+    )  # fmt: skip
     wd.add_argument("--dry-run", action="store_true", help="print the runs, train nothing")
     args, extra = parser.parse_known_args(argv)  # extra: overrides passed on to every run
     from nclightning.cli import resolve_config_args, run_trainer_cli
 
+    if args.seeds < 1:
+        message = f"--seeds must be a positive integer, got {args.seeds}"
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2
     config = resolve_config_args(["--config", args.config])[1]
-    w, c = _base_decays(config)
+    w, c, seed0 = _base_settings(config)
     runs = variants(w, c, tuple(args.losses), tuple(args.factors))
     if args.only:
         unknown = sorted(set(args.only) - {v.label for v in runs})
@@ -102,9 +116,13 @@ def main(argv: list[str]) -> int:
             return 2
         runs = [v for v in runs if v.label in args.only]
     folders = []
-    for i, v in enumerate(runs, 1):
+    plan = [(v, seed0 + k) for v in runs for k in range(args.seeds)]
+    for i, (v, seed) in enumerate(plan, 1):
         cmd = ["fit", "--config", config, *v.overrides(), *extra]
-        print(f"{PROG}: [{i}/{len(runs)}] {v.label}: nclightning {' '.join(cmd)}", flush=True)
+        if args.seeds > 1:
+            cmd += ["--seed_everything", str(seed)]
+        label = f"{v.label} seed {seed}" if args.seeds > 1 else v.label
+        print(f"{PROG}: [{i}/{len(plan)}] {label}: nclightning {' '.join(cmd)}", flush=True)
         if not args.dry_run:
             log_dir = run_trainer_cli(cmd).trainer.log_dir
             if log_dir is not None:

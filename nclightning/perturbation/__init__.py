@@ -24,17 +24,21 @@ from nclightning.perturbation.fit import DEFAULT_COUPLING_RANGE, BetaFit, fit_be
 from nclightning.perturbation.operator import (
     block_singular_values,
     class_order,
+    eq5_relative_error,
     operator_blocks,
     perturbation_operator,
     theorem_spectrum,
 )
 from nclightning.perturbation.pair import (
+    BASELINES,
     DEFAULT_NORMALIZATION,
+    LINEARISATION_TOLERANCE,
     PERTURBATIVE_FACTOR,
     RESIDUAL_KEYS,
     STATUSES,
     PairFit,
     fit_pair,
+    linearisation_error,
 )
 from nclightning.perturbation.solver import (
     DEFAULT_TOL,
@@ -46,9 +50,11 @@ from nclightning.perturbation.solver import (
 from nclightning.perturbation.ufm import ufm_minimizer
 
 __all__ = [
+    "BASELINES",
     "DEFAULT_COUPLING_RANGE",
     "DEFAULT_NORMALIZATION",
     "DEFAULT_TOL",
+    "LINEARISATION_TOLERANCE",
     "NORMALIZATIONS",
     "PERTURBATIVE_FACTOR",
     "RESIDUAL_KEYS",
@@ -62,8 +68,10 @@ __all__ = [
     "central_path_flow",
     "central_path_loss",
     "class_order",
+    "eq5_relative_error",
     "fit_beta",
     "fit_pair",
+    "linearisation_error",
     "objective",
     "operator_blocks",
     "optimal_classifier",

@@ -37,6 +37,7 @@ from nclightning.perturbation.solver import solve
 __all__ = [
     "block_singular_values",
     "class_order",
+    "eq5_relative_error",
     "operator_blocks",
     "perturbation_operator",
     "theorem_spectrum",
@@ -115,6 +116,20 @@ def perturbation_operator(
     s = (beta + lambda_H) * eye + blockdiag - z  # N x Schur complement, symmetric PD
     F = beta * torch.cholesky_inverse(torch.linalg.cholesky(0.5 * (s + s.T)))
     return 0.5 * (F + F.T)
+
+
+def eq5_relative_error(exact: Tensor, eq5: Tensor) -> float:
+    """``||F - F_eq5||_2 / ||I - F||_2``: the relative error of Eq. 5's first-order term.
+
+    ``F`` itself is ``I`` to zeroth order, so its relative error says nothing about the
+    expansion; the part Theorems 4.1-4.2 describe is ``I - F``. With ``X = beta (I - F_eq5)``
+    and ``F = (I + X / beta)^-1``, an eigenvalue ``x >= 0`` of ``X`` gives ``I - F`` the value
+    ``e / (1 + e)`` and the error ``e^2 / (1 + e)``, ``e = x / beta``; both grow with ``e``, so
+    the ratio is ``||X||_2 / beta`` (docs/science.md §5.6).
+    """
+    eye = torch.eye(exact.shape[0], dtype=exact.dtype, device=exact.device)
+    num = torch.linalg.matrix_norm(exact - eq5, 2)
+    return float(num / torch.linalg.matrix_norm(eye - exact, 2))
 
 
 def operator_blocks(F: Tensor, counts: Tensor | Sequence[int], d: int) -> list[list[Tensor]]:

@@ -19,11 +19,22 @@ Statuses (``PairFit.status``, :data:`STATUSES`; their logged codes are
 * ``"fixed"``: no fit: ``H*`` at a given ``coupling`` (``fit_pair(..., coupling=c)``), every
   metric a residual, ``nc1_tilde`` included.
 
-``perturbative``: ``beta >= PERTURBATIVE_FACTOR * max(1, lambda_H)`` (``beta`` of the
-normalised problem), the regime ``beta >> max(1, lambda_H)`` of Theorems 4.1-4.2 and Eq. 5
-(docs/science.md §5), where the first-order expansion of ``F`` errs by ``O(beta^-2)``, about 1 %
-at the threshold. Outside it the fit is still a minimiser of Eq. 2, but the paper's
-perturbation results say nothing about it.
+Every compared metric is also predicted by three baselines that need no model
+(:data:`BASELINES`, docs/science.md §7.6): ``"h0"`` (``H``'s metric is ``H0``'s), ``"ratio"``
+(``H0``'s metric moved toward the UFM optimum 0 by the measured ``r = nc1_tilde(H) /
+nc1_tilde(H0)``: times ``r`` for the variance ratios ``nc1_tilde``, ``nc1``, ``cdnv``, times
+``sqrt(r)`` for the distances ``nc2_etf``, ``nc2_equinorm``, ``nc3``) and, for ``cdnv`` only,
+``"etf"`` (``(K-1)/(2K) nc1_tilde(H)``, the CDNV of equinorm simplex means with ``H``'s
+spread). ``skill[m] = |residual[m]| - min_b |baselines[b][m]|`` in decades: negative where the
+model predicts ``m`` better than every baseline.
+
+``linearisation_error``: the relative error of Eq. 5, ``||F - F_eq5|| / ||I - F||``, at the
+fitted ``beta``, in the closed form of the collapsed ``H0`` of Theorems 4.1-4.2:
+``sqrt(lambda_H / lambda_W) / beta`` (docs/science.md §5.6; not computed for the fitted
+``H0``, which would need the dense ``(dN)^2`` operator). ``perturbative``: that error is at
+most :data:`LINEARISATION_TOLERANCE` and ``beta >= PERTURBATIVE_FACTOR * max(1, lambda_H)``
+(``beta`` of the normalised problem). Outside it the fit is still a minimiser of Eq. 2, but
+the paper's perturbation results say nothing about it.
 """
 
 from __future__ import annotations
@@ -53,12 +64,16 @@ from nclightning.perturbation.fit import DEFAULT_COUPLING_RANGE, metric_of, sear
 from nclightning.perturbation.solver import DEFAULT_TOL, SolveResult, result_of, ridge_classifier
 
 __all__ = [
+    "BASELINES",
     "DEFAULT_NORMALIZATION",
+    "LINEARISATION_TOLERANCE",
     "PERTURBATIVE_FACTOR",
     "RESIDUAL_KEYS",
     "STATUSES",
     "PairFit",
+    "baseline_predictions",
     "fit_pair",
+    "linearisation_error",
 ]
 
 DEFAULT_NORMALIZATION = "total"
@@ -68,11 +83,17 @@ the same metrics to 3 digits and the norm ratio worse). ``"norm_ratio"`` predict
 metrics better on two of three networks, at 4-5 times the cost, and only by tying ``H0``'s
 scale to ``||H|| / ||H0||``, which moves with any gain on ``H`` alone."""
 PERTURBATIVE_FACTOR = 10.0
+LINEARISATION_TOLERANCE = 0.1
+"""Largest :func:`linearisation_error` of a fit flagged ``perturbative`` (docs/science.md §5.6)."""
 STATUSES = ("fitted", "not_more_collapsed", "identical", "fixed")
-RESIDUAL_KEYS = ("nc1_tilde", "nc1", "nc2_etf", "nc2_equinorm", "nc3", "cdnv", "norm_ratio")
-"""Metrics compared between ``H*`` and ``H``, less those fitted (``nc1_tilde`` when the
-status is ``"fitted"``, ``norm_ratio`` with the ``"norm_ratio"`` normalisation); ``nc3`` with
-``weight``."""
+RESIDUAL_KEYS = ("nc1_tilde", "nc1", "nc2_etf", "nc2_equinorm", "nc3", "cdnv")
+"""Metrics compared between ``H*`` and ``H``, less the fitted ``nc1_tilde`` (status
+``"fitted"``); ``nc3`` with ``weight``. All scale free: the norm ratio ``||H|| / ||H0||``
+moves with the scale of either layer and is a measured fact (``measured["norm_ratio"]``),
+never a residual."""
+BASELINES = ("h0", "ratio", "etf")
+"""Model-free predictions of ``H``'s metrics (module docstring); ``"etf"`` only for ``cdnv``."""
+_DISTANCES = ("nc2_etf", "nc2_equinorm", "nc3")
 
 _SCALE_FREE = SCALE_FREE_KEYS
 _INF = math.inf
@@ -88,10 +109,16 @@ class PairFit:
         beta: ``beta`` of the normalised problem; scale: ``s``, the model is solved for
             ``s * H0`` (in ``H0``'s units: rescaling ``H0`` by ``t`` divides it by ``t``).
         normalization: the rule that fixed ``s`` (:data:`NORMALIZATIONS`).
-        perturbative: ``beta >= PERTURBATIVE_FACTOR * max(1, lambda_H)``.
+        perturbative: ``linearisation_error <= LINEARISATION_TOLERANCE`` and
+            ``beta >= PERTURBATIVE_FACTOR * max(1, lambda_H)``.
+        linearisation_error: :func:`linearisation_error` at ``beta`` (0 for ``beta = inf``).
         predicted: scale-free metrics of ``H*`` and ``norm_ratio`` = RMS ``||H*|| / ||s H0||``.
-        measured: the same metrics of ``H`` and ``norm_ratio`` = RMS ``||H|| / ||H0||``.
+        measured: the same metrics of ``H`` and ``norm_ratio`` = RMS ``||H|| / ||H0||`` (a
+            measured fact that moves with either layer's scale, not compared).
         residuals: ``log10(predicted / measured)`` for :data:`RESIDUAL_KEYS` not fitted.
+        baselines: ``{name: {metric: log10(baseline / measured)}}`` for the same metrics
+            (:data:`BASELINES`; ``"etf"`` holds ``cdnv`` only).
+        skill: ``|residuals[m]| - min over baselines of |baselines[b][m]|`` (decades).
         objective, grad_norm, converged, message: of the normalised problem's minimiser and
             of the search; solve: the :class:`SolveResult` (``None`` for the limits).
     """
@@ -102,9 +129,12 @@ class PairFit:
     scale: float
     normalization: str
     perturbative: bool
+    linearisation_error: float
     predicted: dict[str, float]
     measured: dict[str, float]
     residuals: dict[str, float]
+    baselines: dict[str, dict[str, float]]
+    skill: dict[str, float]
     objective: float
     grad_norm: float
     converged: bool
@@ -139,8 +169,60 @@ def _residuals(
     return {k: residual(predicted[k], measured[k]) for k in keys}
 
 
-def _fitted(normalization: str) -> tuple[str, ...]:
-    return ("norm_ratio",) if normalization == "norm_ratio" else ()
+def linearisation_error(beta: float, lambda_W: float, lambda_H: float) -> float:
+    """Relative error ``||F - F_eq5|| / ||I - F||`` of Eq. 5 at the collapsed ``H0``.
+
+    ``sqrt(lambda_H / lambda_W) / beta`` (docs/science.md §5.6): the largest eigenvalue of
+    ``beta (I - F_eq5)`` at the UFM minimiser is ``sqrt(lambda_H / lambda_W)``; 0 for
+    ``beta = inf`` (``F = I`` exactly).
+    """
+    if beta == _INF:
+        return 0.0
+    return math.sqrt(lambda_H / lambda_W) / beta
+
+
+def _perturbative(beta: float, lambda_W: float, lambda_H: float) -> tuple[bool, float]:
+    err = linearisation_error(beta, lambda_W, lambda_H)
+    ok = err <= LINEARISATION_TOLERANCE and beta >= PERTURBATIVE_FACTOR * max(1.0, lambda_H)
+    return bool(ok), err
+
+
+def baseline_predictions(
+    reference: dict[str, float], target: float, num_classes: int
+) -> dict[str, dict[str, float]]:
+    """The model-free predictions of ``H``'s metrics (module docstring, :data:`BASELINES`).
+
+    ``reference``: ``H0``'s metrics; ``target``: ``nc1_tilde(H)``; ``num_classes``: ``K``.
+    """
+    ref0 = reference.get("nc1_tilde", math.nan)
+    r = target / ref0 if ref0 > 0 else math.nan
+    ratio = {}
+    for k in RESIDUAL_KEYS:
+        if k in reference:
+            factor = math.sqrt(r) if k in _DISTANCES else r
+            ratio[k] = reference[k] * factor
+    h0 = {k: reference[k] for k in RESIDUAL_KEYS if k in reference}
+    etf = {"cdnv": (num_classes - 1) / (2 * num_classes) * target}
+    return {"h0": h0, "ratio": ratio, "etf": etf}
+
+
+def _compare(
+    predicted: dict[str, float],
+    measured: dict[str, float],
+    baseline: dict[str, dict[str, float]],
+    fitted: tuple[str, ...],
+) -> tuple[dict[str, float], dict[str, dict[str, float]], dict[str, float]]:
+    """``(residuals, baselines, skill)`` of ``H*`` and the baselines against ``H``."""
+    res = _residuals(predicted, measured, fitted)
+    base = {
+        name: {k: residual(v[k], measured[k]) for k in res if k in v}
+        for name, v in baseline.items()
+    }
+    skill = {}
+    for k, r in res.items():
+        best = [abs(b[k]) for b in base.values() if k in b and not math.isnan(b[k])]
+        skill[k] = abs(r) - min(best) if best and not math.isnan(r) else math.nan
+    return res, base, skill
 
 
 def _check_pair(h0: Any, h: Any) -> tuple[ClassMoments, ClassMoments]:
@@ -231,17 +313,15 @@ def fit_pair(
     target = measured["nc1_tilde"]
     if not math.isfinite(target):
         raise DataError(f"nc1_tilde of H is {target}: a dead layer or one class; cannot fit")
+    reference = _metrics(m0, weight, 1.0)
+    baseline = baseline_predictions(reference, target, int(m.present.sum()))
+    judge = _Judge(measured, baseline, float(lambda_W), float(lambda_H))
     if coupling is not None:
-        return _fixed_pair(
-            m0, measured, normalization, float(coupling), lambda_W, lambda_H, weight, tol
-        )
-    args: dict[str, Any] = dict(
-        lambda_W=lambda_W, lambda_H=lambda_H, weight=weight, measured=measured
-    )
+        return _fixed_pair(m0, judge, normalization, float(coupling), weight, tol)
     if same_up_to_scale(m0, m, measured["norm_ratio"]):
-        return _limit("identical", m0, normalization, **args)
-    if not target < metrics_from_moments(m0)["nc1_tilde"]:
-        return _limit("not_more_collapsed", m0, normalization, **args)
+        return _limit("identical", m0, normalization, judge, weight)
+    if not target < reference["nc1_tilde"]:
+        return _limit("not_more_collapsed", m0, normalization, judge, weight)
     opts: dict[str, Any] = dict(
         lambda_W=lambda_W, lambda_H=lambda_H, target=target, coupling_range=(lo, hi)
     )
@@ -260,7 +340,22 @@ def fit_pair(
     else:
         s = fixed_scale(m0, normalization, lambda_W, lambda_H)
         found, converged, note = _search_at_scale(base, s, near=near, **opts), True, None
-    return _pair_fit(found, normalization, weight, measured, converged, note)
+    return _pair_fit(found, normalization, weight, judge, converged, note)
+
+
+@dataclass(frozen=True)
+class _Judge:
+    """What a fit's ``H*`` is judged against: ``H``'s metrics and the baselines' predictions."""
+
+    measured: dict[str, float]
+    baseline: dict[str, dict[str, float]]
+    lambda_W: float
+    lambda_H: float
+
+    def compare(
+        self, predicted: dict[str, float], fitted: tuple[str, ...]
+    ) -> tuple[dict[str, float], dict[str, dict[str, float]], dict[str, float]]:
+        return _compare(predicted, self.measured, self.baseline, fitted)
 
 
 @dataclass
@@ -334,11 +429,9 @@ class _AtCoupling:
 
 def _fixed_pair(
     m0: ClassMoments,
-    measured: dict[str, float],
+    judge: _Judge,
     normalization: str,
     coupling: float,
-    lambda_W: float,
-    lambda_H: float,
     weight: Tensor | None,
     tol: float,
 ) -> PairFit:
@@ -346,6 +439,7 @@ def _fixed_pair(
     if not (math.isfinite(coupling) and coupling > 0):
         raise ConfigurationError(f"coupling must be a positive number, got {coupling!r}")
     base = Spectrum.of(m0)
+    lambda_W, lambda_H = judge.lambda_W, judge.lambda_H
 
     def at_scale(
         s: float, near: float | None = None, window: tuple[float, float] | None = None
@@ -359,18 +453,18 @@ def _fixed_pair(
     note = f"fixed coupling {coupling:g} (no fit)"
     if normalization == "norm_ratio":
         s0 = fixed_scale(m0, "between", lambda_W, lambda_H)
-        found, converged, msg = scale_search(at_scale, s0, measured["norm_ratio"])
+        found, converged, msg = scale_search(at_scale, s0, judge.measured["norm_ratio"])
         note = f"{note}; {msg}" if msg else note
     else:
         found, converged = at_scale(fixed_scale(m0, normalization, lambda_W, lambda_H)), True
-    return _pair_fit(found, normalization, weight, measured, converged, note, status="fixed")
+    return _pair_fit(found, normalization, weight, judge, converged, note, status="fixed")
 
 
 def _pair_fit(
     found: _AtScale | _AtCoupling,
     normalization: str,
     weight: Tensor | None,
-    measured: dict[str, float],
+    judge: _Judge,
     converged: bool,
     note: str | None,
     status: str = "fitted",
@@ -387,17 +481,23 @@ def _pair_fit(
         message += (
             f"; {found.solver.branches} evaluation(s) where two starts reached different minima"
         )
-    fitted = _fitted(normalization) + (("nc1_tilde",) if status == "fitted" else ())
+    residuals, baselines, skill = judge.compare(
+        predicted, ("nc1_tilde",) if status == "fitted" else ()
+    )
+    perturbative, error = _perturbative(p.beta, judge.lambda_W, lh)
     return PairFit(
         status=status,
         coupling=p.beta / lh,
         beta=p.beta,
         scale=found.s,
         normalization=normalization,
-        perturbative=p.beta >= PERTURBATIVE_FACTOR * max(1.0, lh),
+        perturbative=perturbative,
+        linearisation_error=error,
         predicted=predicted,
-        measured=measured,
-        residuals=_residuals(predicted, measured, fitted),
+        measured=judge.measured,
+        residuals=residuals,
+        baselines=baselines,
+        skill=skill,
         objective=res.objective,
         grad_norm=res.grad_norm,
         converged=converged and found.converged and res.converged,
@@ -407,26 +507,20 @@ def _pair_fit(
 
 
 def _limit(
-    status: str,
-    m0: ClassMoments,
-    normalization: str,
-    *,
-    lambda_W: float,
-    lambda_H: float,
-    weight: Tensor | None,
-    measured: dict[str, float],
+    status: str, m0: ClassMoments, normalization: str, judge: _Judge, weight: Tensor | None
 ) -> PairFit:
     """``beta = inf``: ``H* = s H0`` and ``W*`` the ridge classifier of ``s H0``."""
     rule = "between" if normalization == "norm_ratio" else normalization
-    s = fixed_scale(m0, rule, lambda_W, lambda_H)
-    W, f = ridge_classifier(m0, s, lambda_W, lambda_H)  # the metrics of s H0 are those of H0
+    s = fixed_scale(m0, rule, judge.lambda_W, judge.lambda_H)
+    W, f = ridge_classifier(m0, s, judge.lambda_W, judge.lambda_H)  # s H0 has H0's metrics
     predicted = _metrics(m0, W if weight is not None else None, 1.0)
     message = (
         "H equals H0 up to a positive factor: beta = inf reproduces it exactly"
         if status == "identical"
-        else f"H is not more collapsed than H0 (nc1_tilde {measured['nc1_tilde']:.6g} >= "
+        else f"H is not more collapsed than H0 (nc1_tilde {judge.measured['nc1_tilde']:.6g} >= "
         f"{predicted['nc1_tilde']:.6g}): no finite coupling reaches it; H* = H0"
     )
+    residuals, baselines, skill = judge.compare(predicted, ())
     return PairFit(
         status=status,
         coupling=_INF,
@@ -434,9 +528,12 @@ def _limit(
         scale=s,
         normalization=normalization,
         perturbative=True,
+        linearisation_error=0.0,
         predicted=predicted,
-        measured=measured,
-        residuals=_residuals(predicted, measured, _fitted(normalization)),
+        measured=judge.measured,
+        residuals=residuals,
+        baselines=baselines,
+        skill=skill,
         objective=f,
         grad_norm=0.0,
         converged=True,

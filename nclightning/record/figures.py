@@ -124,9 +124,8 @@ def pair_figures(
         if view is None:
             notes.append(f"{pair} on {probe}: no predicted metric logged, no pair figure")
             continue
-        order = [*METRIC_KEYS, "norm_ratio"]
-        shown = [m for m in order if m in view.predicted]
-        shown += [m for m in view.predicted if m not in shown]
+        compared = set(view.residuals) | set(view.fitted)
+        shown = [m for m in METRIC_KEYS if m in view.predicted and m in compared]
         if metrics:
             shown = [m for m in shown if m in metrics]
         h0, h = keys.split_pair(pair)
@@ -136,15 +135,23 @@ def pair_figures(
         try:
             out[f"pm_{safe(pair)}_{safe(probe)}"] = plotting.measured_vs_predicted(
                 view.measured_h0, view.measured_h, view.predicted, shown,
-                residuals=view.residuals, coupling=view.coupling, status=view.status,
-                perturbative=view.perturbative,
+                residuals=view.residuals, baselines=view.baselines, fitted=view.fitted,
+                coupling=view.coupling, status=view.status, perturbative=view.perturbative,
                 labels=(f"H0 = {h0} (measured)", f"H = {h} (measured)", "H* (model)"),
                 title=f"{head}{pair}, {probe} probe, {view.epoch:g} epochs: {status}, "
-                f"coupling {coupling:.4g}",
+                f"coupling {coupling:.4g}", notes=_pair_notes(view),
             )  # fmt: skip
         except ValueError as err:
             notes.append(f"{pair} on {probe}: no pair figure ({err})")
     return out
+
+
+def _pair_notes(view: views.PairView) -> list[str]:
+    """The caption's facts: the measured norm ratio (a scale, compared with nothing)."""
+    ratio = view.measured_h.get("norm_ratio", math.nan)
+    if not math.isfinite(ratio):
+        return []
+    return [f"measured RMS ||H|| / ||H0|| = {ratio:.4g} (moves with either layer's scale)"]
 
 
 def split_figures(

@@ -8,7 +8,11 @@ The same keys are CSV columns, W&B metrics, ``trainer.callback_metrics`` entries
 * ``nc-{probe}/accuracy``: the classifier's accuracy on the probe's samples;
 * ``pm-{probe}-{h0}->{h}/{quantity}``: the perturbation-model fit of the pair ``(h0, h)`` on
   that probe (docs/science.md §7): :data:`PAIR_QUANTITIES`, ``predicted/{metric}`` (the
-  metrics of the model's ``H*``) and ``residual/{metric}`` (``log10(predicted / measured)``);
+  metrics of the model's ``H*``), ``residual/{metric}`` (``log10(predicted / measured)``),
+  ``baseline/{name}/{metric}`` (``log10(baseline / measured)`` of a model-free baseline,
+  :data:`PAIR_BASELINES`), ``skill/{metric}`` (``|residual|`` minus the smallest
+  ``|baseline|``, decades) and ``measured/norm_ratio`` (RMS ``||H|| / ||H0||``). Every pair
+  key is free of the scale of either layer except :data:`PAIR_SCALE_KEYS`;
 * ``epochs_trained``: completed training epochs when the probe ran (0: before training).
   Lightning's own ``epoch`` column keeps its meaning (the 0-based index of the running epoch)
   and probe rows never write it.
@@ -34,7 +38,9 @@ __all__ = [
     "ACCURACY",
     "DEPTH",
     "EPOCHS_TRAINED",
+    "PAIR_BASELINES",
     "PAIR_QUANTITIES",
+    "PAIR_SCALE_KEYS",
     "PAIR_STATUS",
     "STEP",
     "Key",
@@ -42,6 +48,7 @@ __all__ = [
     "check_layer_alias",
     "check_probe_name",
     "layer_key",
+    "pair_baseline",
     "pair_key",
     "pair_name",
     "parse_key",
@@ -77,6 +84,7 @@ PAIR_QUANTITIES = (
     "scale",
     "status",
     "perturbative",
+    "linearisation_error",
     "objective",
     "grad_norm",
     "converged",
@@ -84,8 +92,20 @@ PAIR_QUANTITIES = (
 """Scalars of a pair fit besides ``predicted/{metric}`` and ``residual/{metric}``:
 ``coupling`` (beta / lambda_H after the scale normalisation, the scale-free number),
 ``beta`` (of the normalised problem), ``scale`` (the factor applied to H0),
-``status`` (:data:`PAIR_STATUS`), ``perturbative`` (1 when the coupling lies in the regime of
-the paper's perturbation results), the solver's ``objective``, ``grad_norm``, ``converged``."""
+``status`` (:data:`PAIR_STATUS`), ``perturbative`` (1 when Eq. 5 errs by at most 10 % and
+``beta >= 10 max(1, lambda_H)``, docs/science.md §5.6), ``linearisation_error`` (that relative
+error), the solver's ``objective``, ``grad_norm``, ``converged``."""
+
+PAIR_BASELINES = ("h0", "ratio", "etf")
+"""Model-free predictions a pair fit is judged against (docs/science.md §7.6): ``h0`` (``H0``'s
+metric), ``ratio`` (``H0``'s metric scaled by ``nc1_tilde(H) / nc1_tilde(H0)``, its square
+root for distances), ``etf`` (``cdnv`` only: ``(K-1)/(2K) nc1_tilde(H)``). The names are
+:data:`nclightning.perturbation.BASELINES`."""
+
+PAIR_SCALE_KEYS = ("scale", "measured/norm_ratio")
+"""The pair quantities that move when a layer is rescaled without changing the network's
+function: ``scale`` (in ``H0``'s units) and the measured norm ratio. Every other pair key is
+scale free (with the ``"total"`` and ``"between"`` normalisations, docs/science.md §7.4)."""
 
 _PROBE_NAME = re.compile(r"[A-Za-z0-9_]+")
 
@@ -136,6 +156,11 @@ def split_pair(pair: str) -> tuple[str, str]:
 def pair_key(probe: str, pair: str, quantity: str) -> str:
     """``pm-{probe}-{pair}/{quantity}`` (``quantity`` may be ``predicted/nc1`` etc.)."""
     return f"pm-{probe}-{pair}/{quantity}"
+
+
+def pair_baseline(name: str, metric: str) -> str:
+    """``baseline/{name}/{metric}``: the quantity of a baseline's residual (:func:`pair_key`)."""
+    return f"baseline/{name}/{metric}"
 
 
 def status_name(code: float) -> str:

@@ -17,7 +17,8 @@ Layout (format :data:`FORMAT`; tensors on the CPU, float64 unless said)::
      "feeds": alias | None,
      "pairs": {"h0->h": {"status": str, "normalization": str, "coupling": float,
                          "scale": float, "predicted": {m: float}, "measured": {m: float},
-                         "residuals": {m: float}}},
+                         "residuals": {m: float}, "baselines": {name: {m: float}},
+                         "skill": {m: float}, "linearisation_error": float}},
      "features": {alias: [n, d] float16} (optional), "labels": [n] (optional)}
 
 A snapshot directory belongs to one run: :func:`claim_directory` writes an owner file with the

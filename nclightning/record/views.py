@@ -256,10 +256,13 @@ def pair_names(rows: Sequence[Row], probe: str) -> list[str]:
 class PairView:
     """A pair fit (docs/science.md §7): its last fitted epoch and its history.
 
-    ``measured_h0``, ``measured_h``, ``predicted``, ``residuals`` map metric names to the
-    values at ``epoch`` (``norm_ratio``: 1 for H0 by definition, H's from predicted and
-    residual); ``coupling``, ``status`` (names of :data:`~nclightning.record.keys.PAIR_STATUS`)
-    and ``perturbative`` are series over completed epochs.
+    ``measured_h0``, ``measured_h``, ``predicted``, ``residuals``, ``skill`` map metric names
+    to the values at ``epoch`` (``norm_ratio``: 1 for H0 by definition, H's the logged
+    ``measured/norm_ratio``); ``baselines`` maps a baseline's name to its residuals there;
+    ``fitted`` names the metrics the fit reproduced by construction (``nc1_tilde`` when the
+    status at ``epoch`` is ``fitted``); ``coupling``, ``status`` (names of
+    :data:`~nclightning.record.keys.PAIR_STATUS`), ``perturbative`` and
+    ``linearisation_error`` are series over completed epochs.
     """
 
     pair: str
@@ -268,9 +271,13 @@ class PairView:
     measured_h: dict[str, float]
     predicted: dict[str, float]
     residuals: dict[str, float]
+    baselines: dict[str, dict[str, float]] = field(default_factory=dict)
+    skill: dict[str, float] = field(default_factory=dict)
+    fitted: tuple[str, ...] = ()
     coupling: Series = field(default_factory=list)
     status: list[tuple[float, str]] = field(default_factory=list)
     perturbative: Series = field(default_factory=list)
+    linearisation_error: Series = field(default_factory=list)
 
 
 def _value_at(series: Series, epoch: float) -> float:
@@ -311,16 +318,19 @@ def pair_view(
     history = layer_history(rows, probe, xs, [h0, h])
     at = {lay: {m: _value_at(s, epoch) for m, s in history.get(lay, {}).items()} for lay in (h0, h)}
     predicted = {m: _value_at(s, epoch) for m, s in predicted_series.items()}
-    residuals = {
-        k[len("residual/") :]: _value_at(s, epoch)
-        for k, s in q.items()
-        if k.startswith("residual/")
-    }
-    if "norm_ratio" in predicted:
+    residuals = _at_epoch(q, "residual/", epoch)
+    baselines: dict[str, dict[str, float]] = {}
+    for k, v in _at_epoch(q, "baseline/", epoch).items():
+        name, _, metric = k.partition("/")
+        baselines.setdefault(name, {})[metric] = v
+    if "measured/norm_ratio" in q:
         at[h0]["norm_ratio"] = 1.0
-        res = residuals.get("norm_ratio", math.nan)
-        at[h]["norm_ratio"] = predicted["norm_ratio"] / 10.0**res
+        at[h]["norm_ratio"] = _value_at(q["measured/norm_ratio"], epoch)
+    elif "norm_ratio" in predicted and "norm_ratio" in residuals:  # records before the baselines
+        at[h0]["norm_ratio"] = 1.0
+        at[h]["norm_ratio"] = predicted["norm_ratio"] / 10.0 ** residuals.pop("norm_ratio")
     status = [(xv, keys.status_name(v)) for xv, v in q.get("status", []) if math.isfinite(v)]
+    fitted = ("nc1_tilde",) if dict(status).get(epoch) == "fitted" else ()
     return PairView(
         pair=pair,
         epoch=epoch,
@@ -328,10 +338,25 @@ def pair_view(
         measured_h=at[h],
         predicted=predicted,
         residuals=residuals,
+        baselines=baselines,
+        skill=_at_epoch(q, "skill/", epoch),
+        fitted=fitted,
         coupling=q.get("coupling", []),
         status=status,
         perturbative=q.get("perturbative", []),
+        linearisation_error=q.get("linearisation_error", []),
     )
+
+
+def _at_epoch(q: Mapping[str, Series], prefix: str, epoch: float) -> dict[str, float]:
+    """``{rest: value}`` of the quantities ``{prefix}{rest}`` logged at ``epoch`` itself (a
+    comparison of another epoch's fit, e.g. of a metric fitted now, is not carried over)."""
+    out = {}
+    for k, series in q.items():
+        at = [v for xv, v in series if xv == epoch and math.isfinite(v)]
+        if k.startswith(prefix) and at:
+            out[k[len(prefix) :]] = at[-1]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

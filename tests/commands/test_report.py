@@ -109,7 +109,8 @@ def test_the_split_figure_holds_both_probes_and_the_transfer_nc4(run_dir, spy, t
 def test_the_pair_figure_gets_the_fit(run_dir, spy, tmp_path):
     assert report.main([str(run_dir), "--out", str(tmp_path), "--probe", "train"]) == 0
     (((h0, h, h_star, metrics), kw),) = spy["measured_vs_predicted"]
-    assert metrics == ["nc1", "nc1_tilde", "cdnv", "nc2_etf", "norm_ratio"]
+    assert metrics == ["nc1", "nc1_tilde", "cdnv", "nc2_etf"]  # the norm ratio is no residual
+    assert kw["fitted"] == ("nc1_tilde",) and "1.2" in kw["notes"][0]  # measured ||H||/||H0||
     assert h_star["nc1"] == 0.9 * h["nc1"] == 0.9 * rb.value("train", "penultimate", "nc1", 6)
     assert h0["nc1"] == rb.value("train", "h0", "nc1", 6) and h0["norm_ratio"] == 1.0
     assert kw["residuals"]["nc1"] == pytest.approx(math.log10(0.9), abs=1e-15)

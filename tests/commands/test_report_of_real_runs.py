@@ -81,3 +81,59 @@ def test_three_seeds_give_one_banded_overlay(runs, tmp_path, monkeypatch):
     assert main(["report", str(runs), "--out", str(out), "--metrics", "nc1"]) == 0
     assert (out / "overlay_nc1_train.png").is_file()
     assert any(f"of {len(SEEDS)} runs" in gid for gid in bands), bands
+
+
+def test_pair_figure_draws_the_runs_metrics_csv_value_for_value(runs):
+    """The pair figure of a real run, read back: every bar and the coupling line against the
+    cells of ``metrics.csv`` at the fit's last epoch; readable shape, no clipped tick labels."""
+    from nclightning.record import figures
+    from nclightning.record.history import read_metrics_csv
+
+    rows = read_metrics_csv(runs / "version_0" / "metrics.csv")
+    rows = [r for r in rows if "epochs_trained" in r]
+    x = [r["epochs_trained"] for r in rows]
+    fig = figures.pair_figures(rows, "train", x)["pm_h0_to_penultimate_train"]
+    head = "pm-train-h0->penultimate/"
+    last = [r for r in rows if any(k.startswith(head + "predicted/") for k in r)][-1]
+    values, residuals, coupling = panels(fig)
+    metrics = [t.get_text() for t in values.get_xticklabels()]
+    assert metrics == ["nc1", "nc1_tilde", "cdnv", "nc2_etf", "nc2_equinorm", "nc3"]
+
+    def cells(prefix):  # {metric: value} of the last fit
+        return {m: last[head + prefix + m] for m in metrics if head + prefix + m in last}
+
+    h = {m: last[layer_key("train", "penultimate", m)] for m in metrics}
+    baselines = {b: cells(f"baseline/{b}/") for b in ("h0", "ratio", "etf")}
+    drawn_values = [h, cells("predicted/")] + [
+        {m: h[m] * 10**r for m, r in baselines[b].items()} for b in ("h0", "ratio", "etf")
+    ]
+    drawn_residuals = [cells("residual/")] + [baselines[b] for b in ("h0", "ratio", "etf")]
+    assert "nc1_tilde" not in drawn_residuals[0]  # fitted: no residual, and no bar
+    for containers, want, read in (
+        (values.containers, drawn_values, lambda p: p.get_y() + p.get_height()),
+        (residuals.containers, drawn_residuals, lambda p: p.get_height()),
+    ):
+        assert len(containers) == len(want)
+        for container, expected in zip(containers, want):
+            got = {metrics[round(p.get_x() + p.get_width() / 2)]: read(p) for p in container}
+            assert got.keys() == expected.keys()
+            for m, v in expected.items():
+                assert got[m] == pytest.approx(v, rel=1e-9, abs=1e-12), m
+    (line,) = [ln for ln in coupling.get_lines() if ln.get_label() == "_coupling"]
+    series = [(r["epochs_trained"], r[head + "coupling"]) for r in rows if head + "coupling" in r]
+    finite = [(e, c) for e, c in series if math.isfinite(c)]
+    assert list(zip(line.get_xdata(), line.get_ydata())) == finite
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    flags = {r[head + "perturbative"] for r in rows if head + "perturbative" in r}
+    assert ("not perturbative" in legend) == (0.0 in flags)
+    assert not any("Thm" in t or "apply" in t for t in legend)
+    w, hgt = fig.get_size_inches()
+    assert 1.0 <= w / hgt <= 2.0 and min(w, hgt) >= 6
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    width = fig.bbox.width
+    for ax in (values, residuals, coupling):
+        for t in [*ax.get_yticklabels(), ax.yaxis.label]:
+            if t.get_text():
+                box = t.get_window_extent(renderer)
+                assert 0 <= box.x0 and box.x1 <= width, (ax.get_title(), t.get_text())

@@ -51,3 +51,22 @@ def test_unknown_variant_is_named(capsys, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert main(["study", "wd", "--config", "wd_study_digits", "--only", "ce/nope"]) == 2
     assert "ce/nope" in capsys.readouterr().err
+
+
+def test_seeds_train_every_variant_with_consecutive_seeds(capsys, monkeypatch, tmp_path):
+    """--seeds 3: each variant three times, seeds 0, 1, 2 (the config's seed_everything is 0)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    args = ["study", "wd", "--config", "wd_study_digits.yaml", "--dry-run", "--losses", "mse"]
+    assert main([*args, "--only", "mse/baseline", "mse/features_x0", "--seeds", "3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    planned = [(line.split(": ")[1], line.rsplit(" ", 1)[1]) for line in out]
+    labels = [(lab, s) for lab in ("mse/baseline", "mse/features_x0") for s in (0, 1, 2)]
+    assert planned == [(f"[{i}/6] {lab} seed {s}", str(s)) for i, (lab, s) in enumerate(labels, 1)]
+    assert all("--seed_everything" in line for line in out)
+
+
+def test_seeds_must_be_positive(capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert main(["study", "wd", "--config", "wd_study_digits", "--seeds", "0"]) == 2
+    assert "--seeds must be a positive integer" in capsys.readouterr().err

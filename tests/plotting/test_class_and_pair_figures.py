@@ -118,6 +118,7 @@ def pair_figure(**kw):
     h = {"nc1": 0.1, "nc1_tilde": 0.08, "nc2_etf": 0.0, "norm_ratio": 1.2}
     h_star = {"nc1": 0.01, "nc1_tilde": 0.08, "nc2_etf": 0.03, "norm_ratio": 1.1}
     residuals = {"nc1": -1.0, "nc2_etf": math.nan, "norm_ratio": math.log10(1.1 / 1.2)}
+    kw.setdefault("fitted", ("nc1_tilde",))
     return plotting.measured_vs_predicted(h0, h, h_star, residuals=residuals, **kw)
 
 
@@ -174,6 +175,39 @@ def test_pair_figure_without_values():
         plotting.measured_vs_predicted({}, {}, {"nc1": math.nan})
     fig = plotting.measured_vs_predicted({"nc1": 1.0}, {"nc1": 0.5}, {"nc1": 0.4, "x": math.nan})
     assert len(panels(fig)) == 1 and "x" in caption(fig)
+
+
+def test_baselines_beside_the_model_one_colour_per_source(tmp_path):
+    """Values: H, H*, then each baseline at H * 10**residual; residuals: the model's and the
+    baselines', in the colours of the value panel; nothing called fitted when nothing was."""
+    h = {"nc1": 0.1, "nc1_tilde": 0.08, "cdnv": 0.02}
+    h_star = {"nc1": 0.01, "nc1_tilde": 0.09, "cdnv": 0.03}
+    residuals = {"nc1": -1.0, "nc1_tilde": math.log10(0.09 / 0.08), "cdnv": math.log10(1.5)}
+    baselines = {
+        "h0": {"nc1": 0.5, "nc1_tilde": 0.7, "cdnv": 0.4},
+        "ratio": {"nc1": 0.2, "nc1_tilde": 0.0, "cdnv": -0.1},
+        "etf": {"cdnv": 0.05},
+    }
+    fig = plotting.measured_vs_predicted(
+        {}, h, h_star, ["nc1", "nc1_tilde", "cdnv"], residuals=residuals, baselines=baselines,
+    )  # fmt: skip
+    values, res = panels(fig)
+    tops = [bar_tops(c) for c in values.containers]
+    np.testing.assert_allclose(tops[0], [0.1, 0.08, 0.02], rtol=1e-12)
+    np.testing.assert_allclose(tops[1], [0.01, 0.09, 0.03], rtol=1e-12)
+    np.testing.assert_allclose(tops[2], [0.1 * 10**0.5, 0.08 * 10**0.7, 0.02 * 10**0.4])
+    np.testing.assert_allclose(tops[3], [0.1 * 10**0.2, 0.08, 0.02 * 10**-0.1])
+    np.testing.assert_allclose(tops[4], [0.02 * 10**0.05])
+    heights = [[p.get_height() for p in c] for c in res.containers]
+    np.testing.assert_allclose(heights[0], [-1.0, math.log10(0.09 / 0.08), math.log10(1.5)])
+    assert heights[1:] == [[0.5, 0.7, 0.4], [0.2, 0.0, -0.1], [0.05]]
+    colour = lambda c: c.patches[0].get_facecolor()  # noqa: E731
+    assert [colour(c) for c in res.containers] == [colour(c) for c in values.containers[1:]]
+    assert len({colour(c) for c in values.containers}) == 5
+    assert not [t for t in res.texts if t.get_gid() == "residual-fitted"]
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend[:2] == ["H (measured)", "H* (model)"] and len(legend) == 5
+    assert_png(plotting.save_figure(fig, tmp_path / "pm.png"))
 
 
 def test_a_pair_never_fitted_shows_only_its_statuses():

@@ -71,6 +71,26 @@ def test_pair_view_at_the_last_fitted_epoch(rows):
     assert views.pair_view(rows, "train", "h0->nowhere", x) is None
 
 
+def test_pair_view_takes_baselines_and_skill_of_its_epoch_only(rows):
+    """Baselines and skill at the view's epoch; a comparison logged at another epoch (here
+    nc1_tilde, compared only while nothing was fitted) is not carried over; the measured norm
+    ratio comes from its own key."""
+    x = history.completed_epochs(rows)
+    pk = lambda q: keys.pair_key("train", rb.PAIR, q)  # noqa: E731
+    extra = {
+        0.0: {pk("baseline/h0/nc1_tilde"): 0.3, pk("skill/nc1_tilde"): 0.1},
+        6.0: {pk("baseline/h0/nc1"): 0.25, pk("baseline/ratio/nc1"): -0.5,
+              pk("baseline/etf/cdnv"): 0.01, pk("skill/nc1"): -0.2,
+              pk("measured/norm_ratio"): 1.7},
+    }  # fmt: skip
+    rows = [{**r, **extra.get(e, {})} if keys.EPOCHS_TRAINED in r else r for r, e in zip(rows, x)]
+    view = views.pair_view(rows, "train", rb.PAIR, x)
+    assert view.epoch == 6.0 and view.fitted == ("nc1_tilde",)
+    assert view.baselines == {"h0": {"nc1": 0.25}, "ratio": {"nc1": -0.5}, "etf": {"cdnv": 0.01}}
+    assert view.skill == {"nc1": -0.2}
+    assert view.measured_h["norm_ratio"] == 1.7
+
+
 def test_layerwise_depth_values_and_stages():
     rows = rb.layerwise_rows(3, 2)
     assert views.depth_values(rows, "train") == {
