@@ -41,6 +41,10 @@ def test_entry_point_example_runs(module_name, name, tmp_path, monkeypatch):
     assert tests, f"{module_name}.{name} has no docstring example"
     assert "Example:" in tests[0].docstring
     monkeypatch.chdir(tmp_path)
+    if name == "WandbLogger":  # Lightning's logger adopts a W&B run an earlier test left open
+        import wandb
+
+        wandb.finish()
     saved = (torch.get_num_threads(), runtime._THREADS_AT_IMPORT, runtime._EXPORTED)
     runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
     try:

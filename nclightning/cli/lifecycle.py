@@ -121,8 +121,10 @@ def after_success(trainer: Any, measure: bool = False) -> None:
         for logger in trainer.loggers:
             if isinstance(logger, CSVLogger):
                 folder = Path(logger.log_dir)
-                what = "measurements" if measure else "run"
-                _say(f"{what} in {folder} (metrics.csv, config, checkpoints, snapshots)")
+                if measure:
+                    _say(f"measurements in {folder / 'metrics.csv'} (snapshots beside it)")
+                else:
+                    _say(f"run in {folder} (metrics.csv, config, checkpoints, snapshots)")
                 _say(f"figures:  nclightning report {folder}")
     finish_wandb_runs(trainer)
 

@@ -293,7 +293,9 @@ def fit_pair(
         >>> fit.status, fit.converged, round(fit.coupling)
         ('fitted', True, 161)
         >>> sorted(fit.residuals)
-        ['cdnv', 'nc1', 'nc2_equinorm', 'nc2_etf', 'norm_ratio']
+        ['cdnv', 'nc1', 'nc2_equinorm', 'nc2_etf']
+        >>> sorted(fit.baselines)
+        ['etf', 'h0', 'ratio']
     """
     if normalization not in NORMALIZATIONS:
         raise ConfigurationError(
