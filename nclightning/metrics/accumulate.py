@@ -179,7 +179,12 @@ class Accumulator:
             target[start : start + step].add_(wide[: block.shape[0]].copy_(block))
 
     def _add_group(
-        self, packed: Tensor, v: dict[str, Tensor], x: Tensor, y: Tensor, shift: Tensor,
+        self,
+        packed: Tensor,
+        v: dict[str, Tensor],
+        x: Tensor,
+        y: Tensor,
+        shift: Tensor,
         ct: torch.dtype,
     ) -> None:
         """Modes "full", "span", "none": at most :data:`GROUP` rows."""

@@ -95,7 +95,11 @@ def _vocab_pass(K: int, d: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
         [sys.executable, "-c", _VOCAB, str(K), str(d)],
-        capture_output=True, text=True, check=True, env=env, timeout=1800,
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+        timeout=1800,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
