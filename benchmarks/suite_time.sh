@@ -16,6 +16,8 @@ args=("$@")
 [ ${#args[@]} -eq 0 ] && args=(-m "not slow")
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 TIMEFORMAT='suite_time: wall %R s, cpu %U s user + %S s sys'
-time python -m pytest -q -p no:cacheprovider --durations=25 "${args[@]}"
+status=0
+time python -m pytest -q -p no:cacheprovider --durations=25 "${args[@]}" || status=$?
 echo "suite_time: load average before ${load_before}, after $(cut -d' ' -f1-3 /proc/loadavg)" \
     "on $(nproc) CPUs; pytest arguments: ${args[*]}"
+exit "$status"
