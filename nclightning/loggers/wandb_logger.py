@@ -206,14 +206,30 @@ class WandbLogger(_LightningWandbLogger):
                 )
         return _LightningWandbLogger.experiment.fget(self)  # type: ignore[attr-defined]
 
+    def _mode_now(self) -> str | None:
+        """The mode asked for now: ``mode=``, then ``offline=True``, then ``WANDB_MODE``.
+
+        wandb reads ``WANDB_MODE`` once, when its process-wide setup first runs, and keeps that
+        mode for every later run of the process (a notebook, a test session, a study); the
+        mode is therefore resolved here and passed to each ``wandb.init`` explicitly.
+        """
+        mode = self._wandb_init.get("mode")
+        if mode:
+            return str(mode)
+        if self._offline:
+            return "offline"
+        return os.environ.get("WANDB_MODE") or None
+
     def _online_wanted(self) -> bool:
-        mode = self._wandb_init.get("mode") or os.environ.get("WANDB_MODE", "")
-        return not self._offline and mode not in (*OFFLINE_MODES, "disabled")
+        return self._mode_now() not in (*OFFLINE_MODES, "disabled")
 
     def _start_run(self) -> Any:
         """``wandb.init`` within the bounds of the class docstring, else the fallback."""
         import wandb
 
+        mode = self._mode_now()
+        if mode is not None:
+            self._wandb_init["mode"] = mode
         if not self._online_wanted():
             return wandb.init(**self._wandb_init)
         start = time.monotonic()

@@ -125,3 +125,29 @@ def test_cli_run_with_a_key_and_no_network_finishes_offline(tmp_path, closed_por
     assert done.returncode == 0, done.stderr[-3000:]
     assert "W&B unavailable" in done.stderr and "wandb sync" in done.stderr
     assert list((tmp_path / "runs" / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.parametrize("asked", ["offline=True", "WANDB_MODE"])
+def test_the_mode_asked_for_now_wins_over_the_mode_wandb_was_set_up_with(
+    asked, monkeypatch, tmp_path
+):
+    """wandb keeps the WANDB_MODE it saw at its first setup for the whole process (a notebook,
+    a study, a test session): a logger asked for offline later still writes an offline run."""
+    import wandb
+
+    wandb.teardown()
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    wandb.setup()  # the process-wide settings now say: disabled
+    try:
+        if asked == "WANDB_MODE":
+            monkeypatch.setenv("WANDB_MODE", "offline")
+            logger = WandbLogger(project="t", save_dir=str(tmp_path))
+        else:
+            logger = WandbLogger(project="t", save_dir=str(tmp_path), offline=True)
+        run = logger.experiment
+        run.log({"x": 1.0})
+        assert is_offline(run)
+        run.finish()
+    finally:
+        wandb.teardown()
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1
