@@ -10,8 +10,10 @@ Cost (docs/science.md §10): a batch is cut into groups of at most :data:`GROUP`
 group one gather and subtraction (the centring, into a reused buffer, since a fresh
 ``[B, d]`` tensor per batch costs page faults comparable to the subtraction), two row
 norms, one ``index_add`` of the deviations in float64 (the shifted class sums ``t``: exact
-terms, summed in float64) and float32 ``d x B x d`` GEMMs of :data:`CHUNK` rows, summed in
-float32, then added to the float64 scatter.
+terms, summed in float64, :data:`WIDE_ROWS` rows widened at a time) and float32
+``d x B x d`` GEMMs of :data:`CHUNK` rows, summed in float32, then added to the float64
+scatter; for ``d >= 2 QBLOCK`` only the column blocks on and above the diagonal are
+multiplied (:data:`QBLOCK`), each added to both of its places (the state stays symmetric).
 Everything but the GEMM is ``O(B d)``, so a pass costs about one bare GEMM of the same rows.
 Every float32 sum has at most :data:`GROUP` terms, whatever the batch size.
 Shifts never move once set, so there is no per-class re-centring and no per-class loop
@@ -123,9 +125,8 @@ class Accumulator:
             sums = torch.zeros(idx.numel(), c.shape[1], dtype=_F64, device=x.device)
             which = rows.nonzero().flatten()
             for part in which.split(GROUP):  # no float64 copy of the whole batch
-                sums.index_add_(
-                    0, pos.index_select(0, y.index_select(0, part)), x.index_select(0, part).to(_F64)
-                )
+                at = pos.index_select(0, y.index_select(0, part))
+                sums.index_add_(0, at, x.index_select(0, part).to(_F64))
             mean = sums / nb.index_select(0, idx).unsqueeze(1)
             c.index_copy_(0, idx, mean.to(self.shift_dtype).to(_F64))
             return True
