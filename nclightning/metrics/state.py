@@ -156,7 +156,9 @@ def state_moments(
     if layout.mode == "full":  # no d x d temporaries beyond the result
         scatter = _half_sym_(torch.addmm(v["q"], off.T, t, alpha=-1.0))
     elif layout.mode == "per_class":
-        class_scatter = _half_sym(v["qk"] - off.unsqueeze(2) * t.unsqueeze(1))
+        class_scatter = torch.baddbmm(v["qk"], off.unsqueeze(2), t.unsqueeze(1), alpha=-1.0)
+        for block in class_scatter:  # in place: no further K d^2 temporaries
+            _half_sym_(block)
         scatter = class_scatter.sum(0)
     elif layout.mode == "span":
         assert basis is not None
