@@ -10,8 +10,10 @@ Cost (docs/science.md §10): a batch is cut into groups of at most :data:`GROUP`
 group one gather and subtraction (the centring, into a reused buffer, since a fresh
 ``[B, d]`` tensor per batch costs page faults comparable to the subtraction), two row
 norms, one ``index_add`` of the deviations in float64 (the shifted class sums ``t``: exact
-terms, summed in float64) and float32 ``d x B x d`` GEMMs of :data:`CHUNK` rows, summed in
-float32, then added to the float64 scatter.
+terms, summed in float64, :data:`WIDE_ROWS` rows widened at a time) and float32
+``d x B x d`` GEMMs of :data:`CHUNK` rows, summed in float32, then added to the float64
+scatter; for ``d >= 2 QBLOCK`` only the column blocks on and above the diagonal are
+multiplied (:data:`QBLOCK`), each added to both of its places (the state stays symmetric).
 Everything but the GEMM is ``O(B d)``, so a pass costs about one bare GEMM of the same rows.
 Every float32 sum has at most :data:`GROUP` terms, whatever the batch size.
 Shifts never move once set, so there is no per-class re-centring and no per-class loop
@@ -26,7 +28,7 @@ from torch import Tensor
 from nclightning.metrics.ncc import exact_float32_matmul
 from nclightning.metrics.state import Layout
 
-__all__ = ["CHUNK", "GROUP", "PER_CLASS_ROWS", "Accumulator"]
+__all__ = ["CHUNK", "GROUP", "PER_CLASS_ROWS", "QBLOCK", "Accumulator"]
 
 _F64 = torch.float64
 GROUP = 1024
@@ -36,6 +38,11 @@ CHUNK = 512
 """Rows per float32 product (the most terms of one GEMM's float32 sums)."""
 PER_CLASS_ROWS = 16_384
 """Rows sorted by class at a time in the per-class mode (one sort, one block per class)."""
+QBLOCK = 512
+"""Column block of the symmetric float32 products: only the blocks on and above the diagonal
+are multiplied (``nb (nb + 1) / 2`` of ``nb^2``), each mirrored into the state."""
+WIDE_ROWS = 128
+"""Rows widened to float64 at a time for the float64 class sums (no float64 copy of a group)."""
 ADD_BLOCK = 1 << 17
 """Numbers widened to float64 at a time when a float32 product joins the state (1 MiB)."""
 
@@ -116,7 +123,10 @@ class Accumulator:
             rows = new.index_select(0, y)
             pos = torch.full_like(nb, -1).index_copy_(0, idx, torch.arange(idx.numel()))
             sums = torch.zeros(idx.numel(), c.shape[1], dtype=_F64, device=x.device)
-            sums.index_add_(0, pos.index_select(0, y[rows]), x[rows].to(_F64))
+            which = rows.nonzero().flatten()
+            for part in which.split(GROUP):  # no float64 copy of the whole batch
+                at = pos.index_select(0, y.index_select(0, part))
+                sums.index_add_(0, at, x.index_select(0, part).to(_F64))
             mean = sums / nb.index_select(0, idx).unsqueeze(1)
             c.index_copy_(0, idx, mean.to(self.shift_dtype).to(_F64))
             return True
@@ -150,7 +160,10 @@ class Accumulator:
         torch.sub(x, dev, out=dev)
         v["r"].index_add_(0, y, torch.linalg.vector_norm(dev, dim=1).to(_F64).square())
         v["a"].index_add_(0, y, torch.linalg.vector_norm(x, dim=1).to(_F64))
-        v["t"].index_add_(0, y, dev.to(_F64))
+        for start in range(0, dev.shape[0], WIDE_ROWS):
+            part = dev[start : start + WIDE_ROWS]
+            wide = self._buffer("wide_t", v["t"], tuple(part.shape))
+            v["t"].index_add_(0, y[start : start + WIDE_ROWS], wide.copy_(part))
         return dev  # centred, so accurate in float32
 
     def _product(self, name: str, target: Tensor, a: Tensor) -> None:
@@ -160,13 +173,32 @@ class Accumulator:
             target.addmm_(a.T, a)
             return
         d = a.shape[1]
-        buf = self._buffer(name, a, (d, d))
-        for i, piece in enumerate(a.split(CHUNK)):
+        pieces = a.split(CHUNK)
+        if d < 2 * QBLOCK:
+            buf = self._buffer(name, a, (d, d))
+            self._gram(buf, pieces, slice(0, d), slice(0, d))
+            self.add_exact(target, buf)
+            return
+        # symmetric: the blocks on and above the diagonal, each mirrored below it
+        flat = self._buffer(name + "_block", a, (QBLOCK * QBLOCK,))
+        for i in range(0, d, QBLOCK):
+            rows = slice(i, min(d, i + QBLOCK))
+            for j in range(i, d, QBLOCK):
+                cols = slice(j, min(d, j + QBLOCK))
+                out = flat[: (rows.stop - i) * (cols.stop - j)].view(rows.stop - i, cols.stop - j)
+                self._gram(out, pieces, rows, cols)
+                self.add_exact(target[rows, cols], out)
+                if j != i:
+                    self.add_exact(target[cols, rows], out.T)
+
+    @staticmethod
+    def _gram(out: Tensor, pieces: tuple[Tensor, ...], rows: slice, cols: slice) -> None:
+        """``out = sum_p piece_p[:, rows]^T piece_p[:, cols]`` in ``out``'s precision."""
+        for i, piece in enumerate(pieces):
             if i:
-                buf.addmm_(piece.T, piece)
+                out.addmm_(piece[:, rows].T, piece[:, cols])
             else:
-                torch.mm(piece.T, piece, out=buf)
-        self.add_exact(target, buf)
+                torch.mm(piece[:, rows].T, piece[:, cols], out=out)
 
     def add_exact(self, target: Tensor, src: Tensor) -> None:
         """``target += src`` for float64 ``target``, float32 ``src`` ``[m, d]``: widened a

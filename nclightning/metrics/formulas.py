@@ -111,7 +111,7 @@ def _between_eig(mt: Tensor, eig_rtol: float) -> tuple[Tensor, Tensor | None]:
         return lam[lam > eig_rtol * top], u.T.contiguous()
     w = u.T @ mt  # [r, d], rows s_i v_i
     ev = w.square().sum(1)
-    return ev, w / ev.sqrt().unsqueeze(1)
+    return ev, w.div_(ev.sqrt().unsqueeze(1))
 
 
 def nc1_tilde(m: ClassMoments) -> float:

@@ -38,6 +38,9 @@ SPAN_RTOL = 1e-6
 :meth:`ClassMoments.within_quadratic` accepts (that component's scatter is unknown)."""
 
 
+_QUAD_ROWS = 128  # directions per block in ClassMoments.within_quadratic
+
+
 def _check_shape(name: str, t: Tensor | None, shape: tuple[int, ...]) -> None:
     if t is not None and tuple(t.shape) != shape:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
@@ -214,8 +217,10 @@ class ClassMoments:
         norm). Raises :class:`~nclightning.errors.ConfigurationError` when neither is held.
         """
         u = directions.to(device=self.means.device, dtype=torch.float64)
-        if self.scatter is not None:
-            return ((u @ self.scatter) * u).sum(1)
+        if self.scatter is not None:  # a block of directions at a time (bounded temporaries)
+            return torch.cat(
+                [((b @ self.scatter) * b).sum(1) for b in u.split(_QUAD_ROWS)] or [u.new_zeros(0)]
+            )
         if self.span_basis is None or self.span_scatter is None:
             return ((u @ self._full_scatter("within_quadratic (and nc1)")) * u).sum(1)
         a = u @ self.span_basis  # [r, r'] coordinates in the basis

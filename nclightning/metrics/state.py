@@ -128,6 +128,18 @@ def _half_sym(a: Tensor) -> Tensor:
     return 0.5 * (a + a.transpose(-1, -2))
 
 
+def _half_sym_(a: Tensor, block: int = 512) -> Tensor:
+    """``a <- (a + a^T) / 2`` in place for a square matrix, a block pair at a time."""
+    d = a.shape[0]
+    for i in range(0, d, block):
+        for j in range(i, d, block):
+            upper, lower = a[i : i + block, j : j + block], a[j : j + block, i : i + block]
+            mean = (upper + lower.T).mul_(0.5)
+            upper.copy_(mean)
+            lower.copy_(mean.T)
+    return a
+
+
 def state_moments(
     v: dict[str, Tensor], layout: Layout, basis: Tensor | None = None
 ) -> ClassMoments:
@@ -139,18 +151,21 @@ def state_moments(
     n, c, t = v["n"], v["c"], v["t"]
     present = n > 0
     off = t / n.clamp_min(1).unsqueeze(1)  # mu_k - c_k
-    means = torch.where(present.unsqueeze(1), c + off, 0.0)
-    class_ss = (v["r"] - (off * t).sum(1)).clamp_min(0.0)
+    class_ss = (v["r"] - (off.unsqueeze(1) @ t.unsqueeze(2)).flatten()).clamp_min(0.0)
     scatter = class_scatter = span_basis = span = None
-    if layout.mode == "full":
-        scatter = _half_sym(v["q"] - off.T @ t)
+    if layout.mode == "full":  # no d x d temporaries beyond the result
+        scatter = _half_sym_(torch.addmm(v["q"], off.T, t, alpha=-1.0))
     elif layout.mode == "per_class":
-        class_scatter = _half_sym(v["qk"] - off.unsqueeze(2) * t.unsqueeze(1))
+        class_scatter = torch.baddbmm(v["qk"], off.unsqueeze(2), t.unsqueeze(1), alpha=-1.0)
+        for block in class_scatter:  # in place: no further K d^2 temporaries
+            _half_sym_(block)
         scatter = class_scatter.sum(0)
     elif layout.mode == "span":
         assert basis is not None
         span_basis = basis.to(device=n.device, dtype=n.dtype)
         span = _half_sym(v["qs"] - (off @ span_basis).T @ (t @ span_basis))
+    # the means in off's memory (no further K x d temporary)
+    means = off.add_(c).masked_fill_(~present.unsqueeze(1), 0.0)
     norm_sums = v["a"].clone()
     return ClassMoments(
         n.clone(), means, scatter, class_ss, class_scatter, span_basis, span, norm_sums

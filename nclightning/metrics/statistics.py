@@ -210,9 +210,21 @@ class ClassStatistics(Float64States, Metric):
             c = shift.detach().cpu().to(shift_dtype).to(_F64)
             self._layout.views(default)["c"].copy_(c)
         merge = functools.partial(merge_packed_states, layout=self._layout, basis=self._basis)
-        self.add_state("packed", default, dist_reduce_fx=merge)
+        # torchmetrics keeps a copy of a state's default for reset(): registered with an
+        # empty default (no second state-sized tensor), the state is set here and rebuilt by
+        # reset() (zeros and the fixed shift, the only non-zero part)
+        self.add_state("packed", torch.zeros(0, dtype=_F64), dist_reduce_fx=merge)
+        self.packed = default
+        self._fixed_c = self._layout.views(default)["c"].clone() if shift is not None else None
         self._accumulator = Accumulator(self._layout, self._basis, shift_dtype, self.fixed_shift)
         self._weight: Tensor | None = None
+
+    def reset(self) -> None:
+        """Back to the empty state (keeping a given ``shift``)."""
+        super().reset()
+        self.packed = torch.zeros(self._layout.size, dtype=_F64, device=self.packed.device)
+        if self._fixed_c is not None:
+            self._layout.views(self.packed)["c"].copy_(self._fixed_c)
 
     # -- classifier ---------------------------------------------------------------------------
     def set_classifier(self, weight: Tensor | None) -> None:
