@@ -14,6 +14,7 @@ import math
 import re
 from pathlib import Path
 
+import pytest
 import torch
 from lightning.pytorch import LightningModule
 from torch import nn
@@ -71,6 +72,10 @@ def test_library_snippet_runs_and_every_residual_is_defined(tmp_path, monkeypatc
     assert math.isfinite(fit.measured["norm_ratio"])  # a measured fact, not a residual
     assert all(math.isfinite(v) for v in fit.residuals.values()), fit.residuals
     assert ns["res"].converged
+    by_cdnv = ns["by_cdnv"]  # the snippet's one fit to another metric
+    assert by_cdnv.status == "fitted" and by_cdnv.converged and by_cdnv.metric == "cdnv"
+    assert "cdnv" not in by_cdnv.residuals and math.isfinite(by_cdnv.residuals["nc1_tilde"])
+    assert by_cdnv.predicted["cdnv"] == pytest.approx(by_cdnv.measured["cdnv"], rel=1e-6)
     # the streamed statistics equal the in-memory metrics (the snippet's claim)
     h_metrics = ns["h_stats"].compute()
     assert torch.allclose(h_metrics["nc1"], ns["collapse_metrics"](ns["h"], ns["y"])["nc1"])

@@ -4,9 +4,9 @@ Pure tensor maths (float64), no Lightning import. Features are rows (``[N, d]``)
 writes them as columns.
 
 * :func:`solve` (§2): minimiser of Eq. 2 from class moments (or raw features).
-* :func:`fit_pair` (§7): the model fitted to a pair of layers, scale free: coupling, predicted
-  metrics of ``H*``, residuals against the measured ``H``; :func:`fit_beta` (§2-3), the raw-scale
-  search for any metric.
+* :func:`fit_pair` (§7): the model fitted to a pair of layers, scale free: the coupling whose
+  ``H*`` reproduces one metric of ``H`` (:data:`FIT_METRICS`, ``nc1_tilde`` by default) or a
+  fixed one, predicted metrics of ``H*``, residuals against the measured ``H``.
 * :func:`ufm_minimizer` (§4, Theorem 2.1).
 * :func:`central_path_loss`, :func:`central_path_flow` (§3, Eq. 4, Theorem 3.1).
 * :func:`perturbation_operator`, :func:`operator_blocks`, :func:`block_singular_values`,
@@ -20,7 +20,7 @@ from nclightning.perturbation.central_path import (
     central_path_loss,
     optimal_classifier,
 )
-from nclightning.perturbation.fit import DEFAULT_COUPLING_RANGE, BetaFit, fit_beta
+from nclightning.perturbation.fit import DEFAULT_COUPLING_RANGE
 from nclightning.perturbation.operator import (
     block_singular_values,
     class_order,
@@ -32,6 +32,7 @@ from nclightning.perturbation.operator import (
 from nclightning.perturbation.pair import (
     BASELINES,
     DEFAULT_NORMALIZATION,
+    FIT_METRICS,
     LINEARISATION_TOLERANCE,
     PERTURBATIVE_FACTOR,
     RESIDUAL_KEYS,
@@ -54,12 +55,12 @@ __all__ = [
     "DEFAULT_COUPLING_RANGE",
     "DEFAULT_NORMALIZATION",
     "DEFAULT_TOL",
+    "FIT_METRICS",
     "LINEARISATION_TOLERANCE",
     "NORMALIZATIONS",
     "PERTURBATIVE_FACTOR",
     "RESIDUAL_KEYS",
     "STATUSES",
-    "BetaFit",
     "ConvergenceWarning",
     "FlowTrajectory",
     "PairFit",
@@ -69,7 +70,6 @@ __all__ = [
     "central_path_loss",
     "class_order",
     "eq5_relative_error",
-    "fit_beta",
     "fit_pair",
     "linearisation_error",
     "objective",

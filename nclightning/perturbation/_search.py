@@ -1,7 +1,7 @@
 """The search for the ``beta`` whose minimiser of Eq. 2 reproduces a measured metric.
 
-Owns the root search shared by :func:`~nclightning.perturbation.fit_beta` and
-:func:`~nclightning.perturbation.fit_pair` (docs/science.md §7, §10). The documented root:
+Owns the root search of :func:`~nclightning.perturbation.fit_pair` (docs/science.md §7, §10),
+for any metric of ``H*`` it fits. The documented root:
 
 * **the largest** ``beta`` of the range (the smallest perturbation of ``H0``) at which the
   metric of the global minimiser crosses the target: the grid ``10^(k / points_per_decade)``

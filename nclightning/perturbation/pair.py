@@ -1,23 +1,27 @@
 """The perturbation model fitted to a pair of layers, scale free (docs/science.md §7).
 
-Owns :func:`fit_pair` and :class:`PairFit`: the one entry point of the callback, ``measure``
-and the report. ``H0`` (the earlier layer) is normalised (:mod:`._scale`), ``beta`` is fitted
-so that the minimiser ``H*`` of Eq. 2 reproduces ``nc1_tilde(H)`` of the later layer
-(:mod:`._search`: the largest coupling that does), and every other metric of ``H*`` is compared
-with ``H``'s: ``residual = log10(predicted / measured)`` (0 when equal). The coupling
-``beta / lambda_H`` is reported, not ``beta`` of the raw features (docs/science.md §7).
+Owns :func:`fit_pair` and :class:`PairFit`: the one fit of the model, the entry point of the
+callback, ``measure`` and the report. ``H0`` (the earlier layer) is normalised
+(:mod:`._scale`), ``beta`` is fitted so that the minimiser ``H*`` of Eq. 2 reproduces one
+scale-free metric of the later layer ``H`` (``metric``, one of :data:`FIT_METRICS`; by default
+``nc1_tilde``) (:mod:`._search`: the largest coupling that does), or given (``coupling=c``),
+and every other metric of ``H*`` is compared with ``H``'s: ``residual = log10(predicted /
+measured)`` (0 when equal). The coupling ``beta / lambda_H`` is reported, not ``beta`` of the
+raw features (docs/science.md §7).
 
 Statuses (``PairFit.status``, :data:`STATUSES`; their logged codes are
-``nclightning.record.keys.PAIR_STATUS``):
+``nclightning.record.keys.PAIR_STATUS``), ``m`` the fitted metric (``PairFit.metric``):
 
-* ``"fitted"``: a coupling reproduces ``nc1_tilde(H)``;
-* ``"not_more_collapsed"``: ``nc1_tilde(H) >= nc1_tilde(H0)``. No finite coupling can reach it
-  (``beta -> inf`` gives ``H* = H0``): coupling ``inf``, predicted = ``H0``'s metrics, residuals
-  against ``H``. A measurement, not a failure;
+* ``"fitted"``: a coupling reproduces ``m(H)``;
+* ``"not_more_collapsed"``: ``m(H) >= m(H0)`` (or ``m(H0)`` undefined). Every metric of
+  :data:`FIT_METRICS` is 0 at the UFM optimum (``beta -> 0``) and ``m(H0)`` at ``beta -> inf``
+  (``H* = H0``): a value at or above ``H0``'s is no collapse to fit, and the searched map is
+  not bounded by it, so it is not searched: coupling ``inf``, predicted = ``H0``'s metrics,
+  residuals against ``H``. A measurement, not a failure;
 * ``"identical"``: ``H`` equals ``H0`` up to a positive factor: coupling ``inf``, the residual of
   every feature metric 0 (``nc3`` compares the model's ridge classifier with ``weight``);
 * ``"fixed"``: no fit: ``H*`` at a given ``coupling`` (``fit_pair(..., coupling=c)``), every
-  metric a residual, ``nc1_tilde`` included.
+  metric a residual, ``m`` included.
 
 Every compared metric is also predicted by three baselines that need no model
 (:data:`BASELINES`, docs/science.md §7.6): ``"h0"`` (``H``'s metric is ``H0``'s), ``"ratio"``
@@ -25,8 +29,9 @@ Every compared metric is also predicted by three baselines that need no model
 nc1_tilde(H0)``: times ``r`` for the variance ratios ``nc1_tilde``, ``nc1``, ``cdnv``, times
 ``sqrt(r)`` for the distances ``nc2_etf``, ``nc2_equinorm``, ``nc3``) and, for ``cdnv`` only,
 ``"etf"`` (``(K-1)/(2K) nc1_tilde(H)``, the CDNV of equinorm simplex means with ``H``'s
-spread). ``skill[m] = |residual[m]| - min_b |baselines[b][m]|`` in decades: negative where the
-model predicts ``m`` better than every baseline.
+spread). ``"ratio"`` and ``"etf"`` use ``nc1_tilde(H)`` whatever metric is fitted.
+``skill[m] = |residual[m]| - min_b |baselines[b][m]|`` in decades: negative where the model
+predicts ``m`` better than every baseline.
 
 ``linearisation_error``: the relative error of Eq. 5, ``||F - F_eq5|| / ||I - F||``, at the
 fitted ``beta``, in the closed form of the collapsed ``H0`` of Theorems 4.1-4.2:
@@ -66,6 +71,7 @@ from nclightning.perturbation.solver import DEFAULT_TOL, SolveResult, result_of,
 __all__ = [
     "BASELINES",
     "DEFAULT_NORMALIZATION",
+    "FIT_METRICS",
     "LINEARISATION_TOLERANCE",
     "PERTURBATIVE_FACTOR",
     "RESIDUAL_KEYS",
@@ -87,10 +93,16 @@ LINEARISATION_TOLERANCE = 0.1
 """Largest :func:`linearisation_error` of a fit flagged ``perturbative`` (docs/science.md §5.6)."""
 STATUSES = ("fitted", "not_more_collapsed", "identical", "fixed")
 RESIDUAL_KEYS = ("nc1_tilde", "nc1", "nc2_etf", "nc2_equinorm", "nc3", "cdnv")
-"""Metrics compared between ``H*`` and ``H``, less the fitted ``nc1_tilde`` (status
+"""Metrics compared between ``H*`` and ``H``, less the fitted one (``PairFit.metric``, status
 ``"fitted"``); ``nc3`` with ``weight``. All scale free: the norm ratio ``||H|| / ||H0||``
 moves with the scale of either layer and is a measured fact (``measured["norm_ratio"]``),
 never a residual."""
+FIT_METRICS = ("nc1_tilde", "nc1", "cdnv", "nc2_etf", "nc2_equinorm")
+"""Metrics of ``H`` that ``fit_pair(..., metric=m)`` can fit ``H*`` to: the scale-free
+:data:`RESIDUAL_KEYS` of ``H`` alone, each ``m(H0)`` at ``beta -> inf`` and 0 at the UFM optimum
+(``beta -> 0``). ``nc3`` is not one: it measures ``H`` against a classifier, and the model's
+``W*`` is not that classifier. ``cdnv`` needs ``H0``'s per-class scatter, ``nc1`` ``H``'s
+within-class scatter."""
 BASELINES = ("h0", "ratio", "etf")
 """Model-free predictions of ``H``'s metrics (module docstring); ``"etf"`` only for ``cdnv``."""
 _DISTANCES = ("nc2_etf", "nc2_equinorm", "nc3")
@@ -104,7 +116,10 @@ class PairFit:
     """Outcome of :func:`fit_pair` (module docstring).
 
     Attributes:
-        status: ``"fitted"``, ``"not_more_collapsed"`` or ``"identical"``.
+        status: ``"fitted"``, ``"not_more_collapsed"``, ``"identical"`` or ``"fixed"``.
+        metric: the metric of ``H`` the coupling is fitted to (:data:`FIT_METRICS`, the
+            ``metric`` argument): left out of ``residuals`` when ``"fitted"``, compared with
+            ``H0``'s for ``"not_more_collapsed"``; with a fixed coupling nothing is fitted.
         coupling: ``beta / lambda_H`` of the normalised problem (``inf`` for the two limits).
         beta: ``beta`` of the normalised problem; scale: ``s``, the model is solved for
             ``s * H0`` (in ``H0``'s units: rescaling ``H0`` by ``t`` divides it by ``t``).
@@ -115,7 +130,8 @@ class PairFit:
         predicted: scale-free metrics of ``H*`` and ``norm_ratio`` = RMS ``||H*|| / ||s H0||``.
         measured: the same metrics of ``H`` and ``norm_ratio`` = RMS ``||H|| / ||H0||`` (a
             measured fact that moves with either layer's scale, not compared).
-        residuals: ``log10(predicted / measured)`` for :data:`RESIDUAL_KEYS` not fitted.
+        residuals: ``log10(predicted / measured)`` for :data:`RESIDUAL_KEYS` but ``metric``
+            (status ``"fitted"``; every one otherwise).
         baselines: ``{name: {metric: log10(baseline / measured)}}`` for the same metrics
             (:data:`BASELINES`; ``"etf"`` holds ``cdnv`` only).
         skill: ``|residuals[m]| - min over baselines of |baselines[b][m]|`` (decades).
@@ -124,6 +140,7 @@ class PairFit:
     """
 
     status: str
+    metric: str
     coupling: float
     beta: float
     scale: float
@@ -252,6 +269,7 @@ def fit_pair(
     coupling_range: tuple[float, float] = DEFAULT_COUPLING_RANGE,
     near: float | None = None,
     coupling: float | None = None,
+    metric: str = "nc1_tilde",
     points_per_decade: float = 1.0,
     rtol: float = 1e-8,
     tol: float = DEFAULT_TOL,
@@ -270,11 +288,16 @@ def fit_pair(
         near: a previous coupling, tried first inside the final bracket (same root to ``rtol``).
         coupling: no fit: ``H*`` at this ``beta / lambda_H`` (status ``"fixed"``; with
             ``"norm_ratio"`` the scale is still fitted to the measured norm ratio).
+        metric: the metric of ``H`` that ``H*`` must reproduce (:data:`FIT_METRICS`). The
+            largest coupling whose ``H*`` has ``metric(H)`` is reported; a value not below
+            ``H0``'s gives status ``"not_more_collapsed"``. ``"cdnv"`` needs ``h0`` with
+            ``class_scatter``, ``"nc1"`` ``h`` with its within-class scatter.
         rtol: relative accuracy of the coupling; tol: solver tolerance.
 
     Raises:
-        ConfigurationError: widths or class counts differ, unknown normalisation, bad lambdas.
-        DataError: ``H0`` has no scale (dead layer) or ``nc1_tilde(H)`` is not finite.
+        ConfigurationError: widths or class counts differ, unknown normalisation or metric,
+            a statistic the metric needs is missing, bad lambdas or coupling range.
+        DataError: ``H0`` or ``H`` has no scale (dead layer) or ``metric(H)`` is not finite.
 
     Example:
         ``H`` is a tighter copy of ``H0``; the fit finds the coupling whose ``H*`` matches its
@@ -296,15 +319,33 @@ def fit_pair(
         ['cdnv', 'nc1', 'nc2_equinorm', 'nc2_etf']
         >>> sorted(fit.baselines)
         ['etf', 'h0', 'ratio']
+
+        Any metric of :data:`FIT_METRICS` can be the one fitted; ``nc1_tilde`` becomes a residual:
+
+        >>> by_cdnv = fit_pair(
+        ...     m0, ClassMoments.from_features(h, y, 3), lambda_W=5e-3, lambda_H=5e-3, metric="cdnv"
+        ... )
+        >>> by_cdnv.metric, by_cdnv.status, sorted(by_cdnv.residuals)
+        ('cdnv', 'fitted', ['nc1', 'nc1_tilde', 'nc2_equinorm', 'nc2_etf'])
+        >>> abs(by_cdnv.predicted["cdnv"] / by_cdnv.measured["cdnv"] - 1) < 1e-6
+        True
     """
     if normalization not in NORMALIZATIONS:
         raise ConfigurationError(
             f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}"
         )
+    if metric not in FIT_METRICS:
+        raise ConfigurationError(f"metric must be one of {FIT_METRICS}, got {metric!r}")
     lo, hi = (float(c) for c in coupling_range)
     if not 0 < lo < hi:
         raise ConfigurationError(f"coupling_range must satisfy 0 < lo < hi, got {coupling_range}")
     m0, m = _check_pair(h0, h)
+    if metric == "cdnv" and m0.class_scatter is None:
+        raise ConfigurationError(
+            "metric='cdnv' needs H0's per-class scatter (the cdnv of H* is undefined from "
+            "pooled statistics): accumulate H0 with scatter='per_class' "
+            "(ClassMoments.from_features(..., per_class_scatter=True))"
+        )
     energy = between_energy(m)
     if not (math.isfinite(energy) and energy > 0):
         raise DataError(
@@ -312,22 +353,30 @@ def fit_pair(
             "coinciding class means; nc1_tilde of H is undefined and cannot be fitted"
         )
     measured = _metrics(m, weight, rms_norm(m) / rms_norm(m0))
-    target = measured["nc1_tilde"]
+    if metric not in measured:
+        raise ConfigurationError(
+            f"metric={metric!r} needs H's within-class scatter, which its moments lack: "
+            "accumulate H with a scatter (ClassStatistics(scatter='full'))"
+        )
+    target = measured[metric]
     if not math.isfinite(target):
-        raise DataError(f"nc1_tilde of H is {target}: a dead layer or one class; cannot fit")
+        raise DataError(
+            f"{metric} of H is {target}: a dead layer, one class or coinciding class means; "
+            "cannot fit"
+        )
     reference = _metrics(m0, weight, 1.0)
-    baseline = baseline_predictions(reference, target, int(m.present.sum()))
-    judge = _Judge(measured, baseline, float(lambda_W), float(lambda_H))
+    baseline = baseline_predictions(reference, measured["nc1_tilde"], int(m.present.sum()))
+    judge = _Judge(measured, baseline, float(lambda_W), float(lambda_H), metric)
     if coupling is not None:
         return _fixed_pair(m0, judge, normalization, float(coupling), weight, tol)
     if same_up_to_scale(m0, m, measured["norm_ratio"]):
         return _limit("identical", m0, normalization, judge, weight)
-    if not target < reference["nc1_tilde"]:
+    if not target < reference.get(metric, math.nan):
         return _limit("not_more_collapsed", m0, normalization, judge, weight)
     opts: dict[str, Any] = dict(
         lambda_W=lambda_W, lambda_H=lambda_H, target=target, coupling_range=(lo, hi)
     )
-    opts.update(ppd=points_per_decade, rtol=rtol, tol=tol)
+    opts.update(ppd=points_per_decade, rtol=rtol, tol=tol, metric=metric)
     base = Spectrum.of(m0)
     if normalization == "norm_ratio":
         s0 = fixed_scale(m0, "between", lambda_W, lambda_H)
@@ -353,6 +402,7 @@ class _Judge:
     baseline: dict[str, dict[str, float]]
     lambda_W: float
     lambda_H: float
+    metric: str = "nc1_tilde"  # the fitted metric (PairFit.metric)
 
     def compare(
         self, predicted: dict[str, float], fitted: tuple[str, ...]
@@ -393,10 +443,11 @@ def _search_at_scale(
     ppd: float,
     rtol: float,
     tol: float,
+    metric: str = "nc1_tilde",
 ) -> _AtScale:
-    """The search for the coupling reproducing ``nc1_tilde(H) = target`` for ``s H0``."""
+    """The search for the coupling reproducing ``metric(H) = target`` for ``s H0``."""
     spec = base.scaled(s)
-    solver = Solver(spec, lambda_W, lambda_H, metric_of("nc1_tilde"), tol)
+    solver = Solver(spec, lambda_W, lambda_H, metric_of(metric), tol)
     lo, hi = (lambda_H * c for c in coupling_range)
     search = RootSearch(target, lo, hi, ppd, rtol)
     search.find(solver, None if near is None else lambda_H * near)
@@ -477,18 +528,19 @@ def _pair_fit(
     assert p is not None  # set by find()
     res = result_of(p.model, p.result)
     predicted = _metrics(res.moments, res.W if weight is not None else None, found.ratio)
-    found_by = search_message(search, "nc1_tilde") if isinstance(search, RootSearch) else ""
+    found_by = search_message(search, judge.metric) if isinstance(search, RootSearch) else ""
     message = note or found_by
     if found.solver.branches:
         message += (
             f"; {found.solver.branches} evaluation(s) where two starts reached different minima"
         )
     residuals, baselines, skill = judge.compare(
-        predicted, ("nc1_tilde",) if status == "fitted" else ()
+        predicted, (judge.metric,) if status == "fitted" else ()
     )
     perturbative, error = _perturbative(p.beta, judge.lambda_W, lh)
     return PairFit(
         status=status,
+        metric=judge.metric,
         coupling=p.beta / lh,
         beta=p.beta,
         scale=found.s,
@@ -516,15 +568,17 @@ def _limit(
     s = fixed_scale(m0, rule, judge.lambda_W, judge.lambda_H)
     W, f = ridge_classifier(m0, s, judge.lambda_W, judge.lambda_H)  # s H0 has H0's metrics
     predicted = _metrics(m0, W if weight is not None else None, 1.0)
+    metric = judge.metric
     message = (
         "H equals H0 up to a positive factor: beta = inf reproduces it exactly"
         if status == "identical"
-        else f"H is not more collapsed than H0 (nc1_tilde {judge.measured['nc1_tilde']:.6g} >= "
-        f"{predicted['nc1_tilde']:.6g}): no finite coupling reaches it; H* = H0"
+        else f"H is not more collapsed than H0 ({metric} {judge.measured[metric]:.6g} >= "
+        f"{predicted.get(metric, math.nan):.6g}): no finite coupling reaches it; H* = H0"
     )
     residuals, baselines, skill = judge.compare(predicted, ())
     return PairFit(
         status=status,
+        metric=judge.metric,
         coupling=_INF,
         beta=_INF,
         scale=s,
