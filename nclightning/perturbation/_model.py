@@ -222,7 +222,8 @@ class Model:
     def _fixed_h_preconditioner(self, st: _State) -> Operator:
         """``q -> q (H H^T/N + lambda_W/K I)^-1``: diagonal + rank 3K, by Woodbury; where
         ``3K >= d`` the ``d x d`` matrix is formed and inverted instead (cheaper than the
-        ``3K x 3K`` Woodbury core, and one ``O(K d^2)`` product per application)."""
+        ``3K x 3K`` Woodbury core, and one ``O(K d^2)`` product per application; where ``3K < d``
+        the operator and its rounding are unchanged)."""
         K, N, a = self.K, self.N, (self.beta / self.c) ** 2
         diag = self.gamma + (a / N) * self.s  # [d]
         if 3 * K >= self.d:  # H H^T / N + gamma I formed densely: O(K d^2 + d^3)
@@ -246,8 +247,8 @@ class Model:
         ltd = lt / diag
         eye = torch.eye(3 * K, dtype=torch.float64, device=st.W.device)
         z = core @ torch.linalg.inv(eye + (ltd @ lt.T) @ core)  # C (I + L^T D^-1 L C)^-1
-        zl = 0.5 * (z + z.T) @ ltd
-        return lambda q: q / diag - (q @ ltd.T) @ zl
+        z = 0.5 * (z + z.T)
+        return lambda q: q / diag - ((q @ ltd.T) @ z) @ ltd
 
     # -- starting point and fast metric --------------------------------------------------------
     def initial(self) -> Tensor:
