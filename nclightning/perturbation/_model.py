@@ -23,7 +23,9 @@ Preconditioners (:mod:`._newton` picks one per iteration):
   pencil ``(E0, E1)`` once (valid when ``beta > 0`` and every ``E0 + s_j E1`` is positive
   definite): exact at small ``beta``, where the features nearly collapse;
 * *fixed-H*: the Hessian in ``W`` at fixed ``H = H*(W)``, ``V -> V (H H^T/N + lambda_W/K I)``,
-  diagonal plus rank ``3K`` in this basis (Woodbury): exact as ``beta -> inf``.
+  diagonal plus rank ``3K`` in this basis (Woodbury; where ``3K >= d`` the ``d x d`` matrix is
+  formed and factorised instead, ``O(K d^2 + d^3)`` once and ``O(K d^2)`` per application):
+  exact as ``beta -> inf``.
 """
 
 from __future__ import annotations
@@ -218,9 +220,24 @@ class Model:
         return None
 
     def _fixed_h_preconditioner(self, st: _State) -> Operator:
-        """``q -> q (H H^T/N + lambda_W/K I)^-1``: diagonal + rank 3K, by Woodbury."""
+        """``q -> q (H H^T/N + lambda_W/K I)^-1``: diagonal + rank 3K, by Woodbury; where
+        ``3K >= d`` the ``d x d`` matrix is formed and inverted instead (cheaper than the
+        ``3K x 3K`` Woodbury core, and one ``O(K d^2)`` product per application; where ``3K < d``
+        the operator and its rounding are unchanged)."""
         K, N, a = self.K, self.N, (self.beta / self.c) ** 2
         diag = self.gamma + (a / N) * self.s  # [d]
+        if 3 * K >= self.d:  # H H^T / N + gamma I formed densely: O(K d^2 + d^3)
+            b = st.m_inv @ st.W
+            mtm = st.m_inv @ st.t @ st.m_inv
+            p = (st.means.T * (self.n / N)) @ st.means + (a / N) * (
+                st.W.T @ (mtm @ st.W) - st.ws.T @ b - b.T @ st.ws
+            )
+            p = 0.5 * (p + p.T)
+            p.diagonal().add_(diag)
+            chol, info = torch.linalg.cholesky_ex(p)
+            if int(info) == 0:
+                inv = torch.cholesky_inverse(chol)
+                return lambda q: q @ inv
         lt = torch.cat([st.means, st.ws, st.W])  # L^T [3K, d]: H H^T / N = D + L C L^T
         core = torch.zeros(3 * K, 3 * K, dtype=torch.float64, device=st.W.device)
         core[:K, :K] = torch.diag(self.n) / N
