@@ -182,16 +182,16 @@ CASES: dict[str, Callable[[bool], Outcome]] = {
 QUICK = ("fit_pair_512_100",)
 
 
-def _statistics_cases() -> dict[str, Callable[[bool], None]]:
+def _statistics_cases() -> dict[str, Callable[[bool], bool]]:
     """The cases of ``scale_statistics.py`` (ClassStatistics, K=32768, MLP probe); each prints
-    its own line with its ratio and target."""
+    its own line with its ratio and target and returns whether it met the target."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import scale_statistics as stats
 
-    def wrap(case: Callable[[], None]) -> Callable[[bool], None]:
-        def run(quick: bool) -> None:
+    def wrap(case: Callable[[], bool]) -> Callable[[bool], bool]:
+        def run(quick: bool) -> bool:
             stats.QUICK = quick
-            case()
+            return case()
 
         return run
 
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     for name in names:
         if name in lines:  # prints its own line (ratio and target)
-            lines[name](args.quick)
+            failed += not lines[name](args.quick)
             continue
         out = CASES[name](args.quick)
         print(out.line(), flush=True)

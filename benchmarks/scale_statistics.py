@@ -57,8 +57,9 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def case_statistics() -> None:
+def case_statistics() -> bool:
     N, d, K = (4096, 512, 100) if QUICK else (50_000, 2048, 1000)
+    passed = True
     for batch in (512, N):
         data = list(_batches(N, d, K, batch))
         bare, ours = [], []
@@ -78,7 +79,9 @@ def case_statistics() -> None:
             f"statistics N={N} d={d} K={K} batch={batch}: pass+compute {min(ours):.2f} s, "
             f"bare GEMM {min(bare):.2f} s: ratio {ratio:.2f} (target <= 1.5)"
         )
+        passed &= ratio <= 1.5
         del data
+    return passed
 
 
 _MEMORY = """
@@ -108,7 +111,7 @@ print(json.dumps({"peak_mb": peak, "sampled_mb": sampled}))
 """
 
 
-def case_statistics_memory() -> None:
+def case_statistics_memory() -> bool:
     """Peak memory of a pass + compute, in a fresh process (no earlier case's freed memory is
     reused): the growth of the process's high-water mark (``ru_maxrss``, every transient
     counted) over the state's size, and the resident growth sampled after each batch and
@@ -128,6 +131,7 @@ def case_statistics_memory() -> None:
         f"(sampled resident {got['sampled_mb']:.0f} MiB) for {state_mb:.0f} MiB of state: "
         f"{got['peak_mb'] / state_mb:.2f}x (target <= 2; fresh process, high-water mark)"
     )
+    return bool(got["peak_mb"] <= 2 * state_mb)
 
 
 _VOCAB = """
@@ -151,7 +155,7 @@ print(json.dumps({"grow_mb": grow, "finite": [k for k, v in values.items() if v 
 """
 
 
-def case_vocabulary() -> None:
+def case_vocabulary() -> bool:
     K, d = (4096, 64) if QUICK else (32768, 768)
     t = time.perf_counter()
     out = subprocess.run(
@@ -162,9 +166,10 @@ def case_vocabulary() -> None:
         f"vocabulary K={K} d={d}: peak growth {got['grow_mb']:.0f} MiB (target <= 2048), "
         f"{time.perf_counter() - t:.0f} s wall; finite: {', '.join(got['finite'])}"
     )
+    return bool(got["grow_mb"] <= 2048)
 
 
-def case_probe_mlp() -> None:
+def case_probe_mlp() -> bool:
     import statistics
 
     from callback import Timer, _data  # benchmarks/callback.py
@@ -201,9 +206,10 @@ def case_probe_mlp() -> None:
         f"MLP probe (6 x 1024, N={samples}): probe {probe:.3f} s, bare eval forward "
         f"{bare:.3f} s: ratio {probe / bare:.2f} (target <= 1.3)"
     )
+    return probe / bare <= 1.3
 
 
-CASES: list[Callable[[], None]] = [
+CASES: list[Callable[[], bool]] = [
     case_statistics_memory,
     case_statistics,
     case_vocabulary,
