@@ -57,6 +57,25 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _status_mb(key: str) -> float:
+    """``VmRSS`` or ``VmHWM`` (the resident high-water mark) of this process, MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
+def _peak_from_here() -> float:
+    """Reset the resident high-water mark to the current resident size (Linux >= 4.0:
+    ``/proc/self/clear_refs``) and return that size: ``_status_mb("VmHWM") - returned`` is then
+    the peak growth from here, every transient counted. ``ru_maxrss`` cannot give it: its
+    mark is already above a pass's peak after ``import torch`` (about 500 MiB)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_mb("VmRSS")
+
+
 def case_statistics() -> bool:
     N, d, K = (4096, 512, 100) if QUICK else (50_000, 2048, 1000)
     passed = True
@@ -85,10 +104,10 @@ def case_statistics() -> bool:
 
 
 _MEMORY = """
-import itertools, json, resource, sys, torch
+import itertools, json, sys, torch
 torch.set_num_threads(1)
 sys.path.insert(0, sys.argv[1])
-from scale_statistics import _batches, _rss_mb
+from scale_statistics import _batches, _peak_from_here, _rss_mb, _status_mb
 from nclightning.metrics import ClassStatistics
 N, d, K = (int(a) for a in sys.argv[2:5])
 warm = ClassStatistics(3, 8)  # loads the kernels and libraries a pass uses
@@ -97,7 +116,7 @@ warm.compute()
 del warm
 batches = _batches(N, d, K, 512, seed=1)
 first = next(batches)
-base_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+base_peak = _peak_from_here()
 base = _rss_mb()
 stats = ClassStatistics(K, d)
 sampled = 0.0
@@ -106,16 +125,17 @@ for x, y in itertools.chain([first], batches):
     sampled = max(sampled, _rss_mb() - base)
 stats.compute()
 sampled = max(sampled, _rss_mb() - base)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_peak
+peak = _status_mb("VmHWM") - base_peak
 print(json.dumps({"peak_mb": peak, "sampled_mb": sampled}))
 """
 
 
 def case_statistics_memory() -> bool:
     """Peak memory of a pass + compute, in a fresh process (no earlier case's freed memory is
-    reused): the growth of the process's high-water mark (``ru_maxrss``, every transient
-    counted) over the state's size, and the resident growth sampled after each batch and
-    compute; batches of 512 made on the fly, after a tiny pass that loads the libraries."""
+    reused): the growth of the resident high-water mark (reset before the pass,
+    :func:`_peak_from_here`; every transient counted) over the state's size, and the
+    resident growth sampled after each batch and compute; batches of 512 made on the fly,
+    after a tiny pass that loads the libraries."""
     N, d, K = (4096, 512, 100) if QUICK else (50_000, 2048, 1000)
     state_mb = (K * (2 * d + 3) + d * d) * 8 / 2**20
     here = os.path.dirname(os.path.abspath(__file__))
@@ -135,12 +155,14 @@ def case_statistics_memory() -> bool:
 
 
 _VOCAB = """
-import json, resource, sys, torch
+import json, sys, torch
 torch.set_num_threads(1)
+sys.path.insert(0, sys.argv[3])
+from scale_statistics import _peak_from_here, _status_mb
 from nclightning.metrics import ClassStatistics, metrics_from_moments
 K, d = int(sys.argv[1]), int(sys.argv[2])
 g = torch.Generator().manual_seed(0)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = _peak_from_here()
 stats = ClassStatistics(K, d)
 for start in range(0, K, 4096):
     y = torch.arange(start, min(K, start + 4096)).repeat(2)
@@ -150,7 +172,7 @@ for start in range(0, K, 4096):
 m = stats.moments()
 values = metrics_from_moments(m)
 var = m.class_ss / m.counts
-grow = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+grow = _status_mb("VmHWM") - base
 print(json.dumps({"grow_mb": grow, "finite": [k for k, v in values.items() if v == v]}))
 """
 
@@ -159,7 +181,10 @@ def case_vocabulary() -> bool:
     K, d = (4096, 64) if QUICK else (32768, 768)
     t = time.perf_counter()
     out = subprocess.run(
-        [sys.executable, "-c", _VOCAB, str(K), str(d)], capture_output=True, text=True, check=True
+        [sys.executable, "-c", _VOCAB, str(K), str(d), os.path.dirname(os.path.abspath(__file__))],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     got = json.loads(out.stdout.strip().splitlines()[-1])
     print(
