@@ -145,22 +145,24 @@ class Model:
         mi, t = st.m_inv, st.t
 
         g_wmu = st.gram + b * st.w_mu
-        mtm = mi @ t @ mi
+        tm = t @ mi
         fixed = torch.cat([W, self.mu, st.ws])  # [3K, d]
         e01 = torch.cat([e0, e1])  # [2K, K]
-        K, s = self.K, self.s
+        K, s, n = self.K, self.s, self.n
+        bb = b * b / cn
 
         def hvp(V: Tensor) -> Tensor:
             vf = V @ fixed.T  # [V W^T | V mu^T | V S W^T], one product
             d_gram = vf[:, :K] + vf[:, :K].T
-            d_wmu = vf[:, K : 2 * K].T
-            d_t = vf[:, 2 * K :] + vf[:, 2 * K :].T
-            d_mi = -mi @ d_gram @ mi
-            d_rn = (b * d_wmu @ mi + a0 @ d_mi).T * self.n
-            d_p1 = -(d_gram + b * d_wmu) @ mi - g_wmu @ d_mi
-            tt = -mi @ (d_gram @ mtm)  # d_mi T M^-1; its transpose is M^-1 T d_mi
-            d_e0 = (d_rn @ p1 + rn @ d_p1) / cn - (b * b / cn) * (tt + tt.T + mi @ d_t @ mi)
-            d_all = torch.cat([d_e0, (b / cn) * d_rn, (b * b / cn) * d_mi], 1)  # [K, 3K]
+            z = d_gram @ mi
+            y = vf[:, K : 2 * K].T @ mi  # d(mu W^T) M^-1
+            d_mi = -mi @ z  # -M^-1 dGamma M^-1
+            d_rn = (a0 @ d_mi).add_(y, alpha=b).T * n
+            d_p1 = (g_wmu @ d_mi).add_(z).add_(y, alpha=b).neg_()
+            # d(M^-1 T M^-1) = d_mi T M^-1 + M^-1 dT M^-1 + M^-1 T d_mi, dT = X + X^T
+            u = (mi @ vf[:, 2 * K :] @ mi).addmm_(d_mi, tm)
+            d_e0 = (d_rn @ p1).addmm_(rn, d_p1).div_(cn).sub_(u + u.T, alpha=bb)
+            d_all = torch.cat([d_e0, (b / cn) * d_rn, bb * d_mi], 1)  # [K, 3K]
             ev = e01 @ V  # E0 V and E1 V; (E1 V) S = E1 (V S)
             return torch.addcmul(ev[:K], ev[K:], s).addmm_(d_all, fixed)
 

@@ -9,9 +9,12 @@ the inverse Hessian. One iteration:
    ``rho = z^T H z / (-z^T g)`` (1 for the exact Newton step); keep the ``M`` with ``rho``
    closest to 1 in ratio;
 2. *direction*: preconditioned conjugate gradients on ``H p = -g`` until the residual falls
-   below ``forcing * |g|`` (``forcing = min(0.5, sqrt(rel))``: superlinear, then quadratic
-   convergence) or a direction of non-positive curvature appears (then the CG iterate so far,
-   or the preconditioned gradient step at the first CG iteration);
+   below ``forcing * |g|`` (``forcing = min(0.5, max(sqrt(rel), sqrt(step_tol)))``:
+   superlinear convergence down to the accuracy the stop asks for, no further: a solve that
+   stops at a Newton step of ``step_tol |x|`` needs no direction more accurate than
+   ``sqrt(step_tol)``, the error it leaves being ``~ forcing |step| + |step|^2``) or a
+   direction of non-positive curvature appears (then the CG iterate so far, or the
+   preconditioned gradient step at the first CG iteration);
 3. *step*: strong-Wolfe line search from step length 1 (:mod:`._linesearch`); when it fails,
    one retry along the preconditioned gradient, then stop (float64 floor).
 
@@ -166,7 +169,7 @@ class _Run:
     def newton_direction(self) -> tuple[Tensor, Operator, bool, float]:
         """``(direction, preconditioner, negligible, forcing)`` at the current point."""
         tol, step_tol = self.opts["tol"], self.opts["step_tol"]
-        forcing = min(0.5, math.sqrt(self.ev.rel))
+        forcing = min(0.5, max(math.sqrt(self.ev.rel), math.sqrt(step_tol)))
         x = self.x
         check = (lambda p: _is_small(p, x, step_tol)) if self.ev.rel <= tol else None
         direction, precond, used, small = _direction(

@@ -219,3 +219,34 @@ def test_a_small_gradient_alone_does_not_fix_the_metrics(ref):
     assert loose.converged and loose.evaluation.rel <= 1e-10
     nc1_loose, nc1_tight = (result_of(model, r).metrics["nc1"] for r in (loose, tight))
     assert abs(nc1_loose / nc1_tight - 1) > 1e-6
+
+
+@pytest.mark.parametrize("beta", [1e-3, 0.3, 30.0])
+def test_hessian_vector_products_are_those_of_eq2_with_h_eliminated(ref, beta):
+    """The solver's Hessian-vector product (``_model.Model.hvp``, eigenbasis of ``Sw0``) against
+    autograd's, of Eq. 2 written densely with ``H`` replaced by its closed-form minimiser
+    ``H*(W) = (Y^T W + beta H0) (W^T W + (lambda_H + beta) I)^-1`` (docs/science.md §2), at
+    points away from the optimum, imbalanced classes."""
+    from nclightning.perturbation._model import Model
+    from nclightning.perturbation._spectral import Spectrum
+
+    K, d = 3, 5
+    h0, labels = ref.random_features(3, [3, 4, 6], d)
+    Y = ref.onehot_columns(labels, K)  # [K, N]
+
+    def g(W):
+        A = torch.linalg.inv(W.T @ W + (LH + beta) * torch.eye(d, dtype=torch.float64))
+        Hc = A @ (W.T @ Y + beta * h0.T)  # columns [d, N]
+        return ref.eq2(W, Hc, h0.T, Y, LW, LH, beta)
+
+    spec = Spectrum.of(ClassMoments.from_features(h0, labels, K))
+    model = Model(spec, LW, LH, beta)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        W = torch.randn(K, d, generator=gen, dtype=torch.float64)
+        V = torch.randn(K, d, generator=gen, dtype=torch.float64)
+        ev = model.evaluate(spec.to_eigen(W))
+        e0, _, e1 = model.multipliers(ev.ctx)
+        got = spec.to_original(model.hvp(ev.ctx, e0, e1)(spec.to_eigen(V)))
+        _, want = torch.autograd.functional.hvp(g, W, V)
+        assert torch.allclose(got, want, rtol=0, atol=1e-10 * float(want.abs().max())), beta
