@@ -113,7 +113,10 @@ class NeuralCollapseCallback(Callback):
         width_mismatch: a pair of unequal widths: ``"error"``, ``"pad"`` (zero-pad a narrower
             ``H0``) or ``"skip"`` (NaN for the pair).
         cache_budget: bytes for the on-device feature cache (``"auto"``: a quarter of the free
-            memory); beyond it the probe streams and runs a second pass for NC4.
+            memory); beyond it the probe streams and runs a second pass for NC4. What the
+            features leave of it keeps the probe's input batches on the device after the
+            first probe, where they never change (an in-memory dataset without augmentation:
+            ``sources.replayable``): later probes read no loader.
         log_figures: also log the report's figures to W&B (``figures/{name}``), once, when
             the fit or measurement ends (a few seconds of rendering; off by default: the line
             charts, per-class tables and the snapshot artifact are logged then regardless,

@@ -15,6 +15,9 @@ Two ways to the same numbers (docs/science.md §10), chosen once per run by :fun
 * **streamed** (when they do not fit): one pass of shifted one-pass statistics with the full
   scatter, then a second forward pass for the NC4 counts.
 
+Where the probe's batches never change (``sources.replayable``), :class:`Replay` keeps them on
+the device after the first probe, in what the feature cache leaves of ``cache_budget``.
+
 Every rank runs the same collectives in the same order (statistics are built from the widths
 known before the first batch), so a rank with an empty shard takes part too.
 """
@@ -36,7 +39,7 @@ from nclightning.callbacks.taps import LayerTaps
 from nclightning.errors import ConfigurationError
 from nclightning.metrics import ClassMoments, ClassStatistics, NCCMismatch
 
-__all__ = ["LayerPlan", "PassPlan", "PassResult", "plan", "run_pass"]
+__all__ = ["LayerPlan", "PassPlan", "PassResult", "Replay", "plan", "run_pass"]
 
 _F64 = torch.float64
 
@@ -305,6 +308,62 @@ def _second_sweep(
         if ncc_ref is not None:
             nc4_ref[lp.alias] = float(ncc_ref.compute())
     return moments, nc4, nc4_ref
+
+
+class Replay:
+    """The batches of a probe loader whose batches never change (``sources.replayable``): read
+    and moved to ``device`` at the first probe, kept there while they fit ``limit`` bytes, and
+    replayed at every later probe (no collate, no host-to-device copy). Over ``limit`` the
+    loader is read anew at every probe, as without it. Yields ``(inputs, labels)``."""
+
+    def __init__(self, loader: Any, device: torch.device, limit: int) -> None:
+        self.loader, self.device, self.limit = loader, device, limit
+        self.batches: list[tuple[Any, Tensor]] | None = None
+        self.too_large = False
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[Any, Tensor]]:
+        if self.batches is not None:  # copies: a model may change its input in place
+            for x, y in self.batches:
+                yield _clone(x), y
+            return
+        kept: list[tuple[Any, Tensor]] | None = None if self.too_large else []
+        size = 0
+        for batch in self.loader:
+            x, y = split_batch(batch)
+            x = _to(x, self.device)
+            y = y.to(device=self.device, dtype=torch.long)
+            if kept is not None:
+                size += _nbytes(x) + y.numel() * y.element_size()
+                if size <= self.limit:
+                    kept.append((x, y))
+                    x = _clone(x)
+                else:
+                    kept, self.too_large = None, True
+            yield x, y
+        self.batches = kept
+
+
+def _clone(x: Any) -> Any:
+    if isinstance(x, Tensor):
+        return x.clone()
+    if isinstance(x, Mapping):
+        return type(x)(**{k: _clone(v) for k, v in x.items()}) if isinstance(x, dict) else x
+    if isinstance(x, (list, tuple)):
+        return type(x)(_clone(v) for v in x)
+    return x
+
+
+def _nbytes(x: Any) -> int:
+    if isinstance(x, Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, Mapping):
+        return sum(_nbytes(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return sum(_nbytes(v) for v in x)
+    return 0
 
 
 SWEEP_ROWS = 4096

@@ -27,6 +27,7 @@ from nclightning.callbacks.sources import (
     eval_mode,
     inputs_of,
     isolated_rng,
+    replayable,
     resolve_source,
     shard,
     split_batch,
@@ -58,6 +59,7 @@ class Probe:
         self.pairs = self._pairs() if self.layers else []
         self.source: ProbeSource | None = None
         self.loader: DataLoader | None = None
+        self.inputs: Any = None  # the loader, or its Replay (sources.replayable)
         self.pass_plan: passes.PassPlan | None = None
         self.projections: dict[str, Tensor] = {}
         self.feeding: list[str] = []
@@ -171,18 +173,23 @@ class Probe:
         # widths can change between probes (layer-wise training grows the network)
         widths, itemsize = self._widths(self._example)
         plan = self.pass_plan
+        budget = self.features.cache_budget
+        budget = passes.default_budget(self.device) if budget == "auto" else int(budget)
         if plan is None or {lp.alias: lp.dim for lp in plan.layers} != widths:
             skip = self.pair_settings.width_mismatch == "skip"
             # a pair skipped for its widths is NaN: its H0 needs no full scatter
             h0 = [a for a, b in self.pairs if not (skip and widths.get(a) != widths.get(b))]
-            budget = self.features.cache_budget
-            budget = passes.default_budget(self.device) if budget == "auto" else int(budget)
             samples = len(self.loader.dataset)  # type: ignore[arg-type]  # a map-style Subset
             self.pass_plan = passes.plan(
                 widths, itemsize, samples, source.num_classes, h0, budget, self.device
             )
             if t.is_global_zero:
                 rank_zero_info(self.pass_plan.describe(self.name, len(subset), self._layouts))
+        if self.inputs is None:  # the inputs share the budget with the feature cache
+            plan = self._plan()
+            left = max(0, budget - plan.cache_bytes) if plan.cached else 0
+            replay = replayable(source) and left > 0
+            self.inputs = passes.Replay(self.loader, self.device, left) if replay else self.loader
 
     def _discover(self, x: Any) -> None:
         f = self.features
@@ -291,7 +298,7 @@ class Probe:
     def _pass(self, reference: Any) -> passes.PassResult:
         t = self.trainer
         keep = self.snapshot_features if t.is_global_zero else 0
-        loader = self._progress(self.loader)
+        loader = self._progress(self.inputs)
         with self._taps() as taps:
             return passes.run_pass(
                 taps,

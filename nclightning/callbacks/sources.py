@@ -178,6 +178,24 @@ class ProbeSource:
         )
 
 
+def replayable(source: ProbeSource) -> bool:
+    """Whether the probe's batches are the same at every probe, so that its inputs can be kept
+    on the device after the first probe (:class:`~nclightning.callbacks.passes.Replay`): an
+    in-memory dataset with a fixed transform (a ``TensorDataset``; a dataset whose
+    ``deterministic`` attribute is true, as nclightning's ``ArrayDataset`` without
+    augmentation), read through the default collate. A user's own dataset or collate may draw
+    random numbers: its loader is read anew at every probe."""
+    from torch.utils.data import TensorDataset
+    from torch.utils.data._utils.collate import default_collate
+
+    dataset = source.dataset
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    fixed = isinstance(dataset, TensorDataset) or getattr(dataset, "deterministic", False) is True
+    collate = None if source.template is None else source.template.collate_fn
+    return fixed and collate in (None, default_collate)
+
+
 def resolve_source(
     probe: Any, name: str, trainer: Any, pl_module: Any, num_classes: int
 ) -> ProbeSource:

@@ -146,6 +146,12 @@ class ArrayDataset(Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
+    @property
+    def deterministic(self) -> bool:
+        """Whether reading a sample draws no random number (no augmentation): a probe then
+        keeps its batches on the device after the first probe."""
+        return not getattr(self.transform, "augments", False)
+
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         x = self.data[index]
         x = self.transform(x) if self.transform is not None else x.float()
