@@ -106,10 +106,12 @@ def fit_pairs(
     feeding: Sequence[str],
     near: Mapping[str, float],
     notes: list[str] | None = None,
+    rows: Mapping[str, tuple[Tensor, Tensor]] | None = None,
 ) -> dict[str, Any]:
     """``pair name -> PairFit``; ``None`` (a NaN row) where the widths differ and the policy
     skips, where features are not finite, or where a layer cannot be fitted (a dead layer:
-    the reason goes to ``notes``)."""
+    the reason goes to ``notes``). ``rows``: ``H0``'s rows and labels by layer, for cdnv of
+    ``H*`` where ``H0``'s moments carry no per-class scatter (``fit_pair(h0_features=)``)."""
     from nclightning.perturbation import fit_pair
 
     fits: dict[str, Any] = {}
@@ -128,6 +130,8 @@ def fit_pairs(
             kwargs["coupling"] = float(settings.coupling)
         w = weight if h in feeding else None
         try:
+            if rows and h0 in rows and m0.dim == rows[h0][0].shape[1]:
+                kwargs["h0_features"] = rows[h0]
             fits[name] = fit_pair(m0, moments[h], weight=w, near=near.get(name), **kwargs)
         except DataError as err:
             if notes is not None:

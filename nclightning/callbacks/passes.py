@@ -8,9 +8,11 @@ Two ways to the same numbers (docs/science.md §10), chosen once per run by :fun
   layer's features ``[N_rank, d]`` and the classifier's predictions on the device and sums the
   class means (:class:`~nclightning.metrics.ClassStatistics` with ``scatter="none"``); after
   the means are synced across ranks, a sweep over the cache accumulates, around those exact
-  means, the full within-class scatter (per class for a pair's ``H0``, for cdnv of ``H*``) only
-  where the perturbation model needs it and elsewhere only its projection on the span of the
-  centred class means (all that NC1 needs: ``O(N d K)`` instead of ``O(N d^2)``), and counts
+  means, the full within-class scatter only where the perturbation model needs it (a pair's
+  ``H0``; for cdnv of ``H*`` one process keeps ``H0``'s rows for the fit, ``O(N d K)``, and
+  several keep the per-class scatter, ``K d^2``) and elsewhere only its projection on the
+  span of the centred class means (all that NC1 needs: ``O(N d K)`` instead of ``O(N d^2)``),
+  and counts
   the NCC mismatches against the same probe's means (exact NC4, Papyan's definition);
 * **streamed** (when they do not fit): one pass of shifted one-pass statistics with the full
   scatter, then a second forward pass for the NC4 counts.
@@ -51,6 +53,7 @@ class LayerPlan:
     alias: str
     dim: int
     scatter: str  # "per_class" | "full" | "span"
+    keep_rows: bool = False  # a pair's H0: its cached rows outlive the pass (cdnv of H*)
 
 
 @dataclass(frozen=True)
@@ -107,28 +110,32 @@ def plan(
     budget: int,
     device: torch.device,
     limit: int | None = None,
+    rows: Iterable[str] = (),
 ) -> PassPlan:
     """The :class:`PassPlan` for layers of ``widths`` over ``samples`` samples on one rank.
 
     The features are cached when they fit ``budget`` bytes. ``h0_layers`` need the full
-    scatter (per class, for cdnv of ``H*``, when ``K d^2`` float64 numbers fit ``limit``,
-    the memory the statistics may take: default :func:`default_budget`). A probe whose
-    statistics exceed ``limit`` is refused with the ways out.
+    scatter; for cdnv of ``H*`` also the per-class spread: from their cached rows where they
+    are among ``rows`` (one process: the rows are all the samples) and cached, kept past the
+    pass for the fit (``O(N d K)``); else per class, when ``K d^2`` float64 numbers fit
+    ``limit``, the memory the statistics may take (default :func:`default_budget`). A probe
+    whose statistics exceed ``limit`` is refused with the ways out.
     """
-    K, h0 = num_classes, set(h0_layers)
+    K, h0, by_rows = num_classes, set(h0_layers), set(rows)
     limit = default_budget(device) if limit is None else limit
     cache = samples * (sum(widths.values()) * itemsize + 8)
     cached = cache <= budget
     layers, stats = [], 0
     for alias, d in widths.items():
+        keep = alias in h0 and alias in by_rows and cached
         if alias in h0:
-            scatter = "per_class" if K * d * d * 8 <= limit // 2 else "full"
+            scatter = "per_class" if not keep and K * d * d * 8 <= limit // 2 else "full"
         else:
             scatter = "span" if cached else "full"
         stats += 8 * (
             K * (2 * d + 3) + {"per_class": (K + 1) * d * d, "full": d * d}.get(scatter, K * K)
         )
-        layers.append(LayerPlan(alias, d, scatter))
+        layers.append(LayerPlan(alias, d, scatter, keep))
     if stats > limit:
         widest = ", ".join(f"{a}: {d}" for a, d in sorted(widths.items(), key=lambda t: -t[1])[:5])
         raise ConfigurationError(
@@ -156,6 +163,7 @@ class PassResult:
     nc4_train_means: dict[str, float] = field(default_factory=dict)
     accuracy: float | None = None
     kept: dict[str, Tensor] | None = None
+    rows: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # LayerPlan.keep_rows
 
 
 @dataclass
@@ -193,9 +201,10 @@ def run_pass(
     moments = {alias: st.moments() for alias, st in first.items()}  # synced (every rank)
     refs = {a: m for a, m in (reference_means or {}).items() if a in moments}
     has_head = taps.classifier is not None
+    rows: dict[str, tuple[Tensor, Tensor]] = {}
     if pass_plan.cached:
         moments, nc4, nc4_ref = _second_sweep(
-            batches, pass_plan, moments, refs, K, device, has_head
+            batches, pass_plan, moments, refs, K, device, has_head, rows
         )
     else:
         nc4, nc4_ref = _nc4_pass(taps, loader, moments, refs, device, forward_context, has_head)
@@ -213,6 +222,7 @@ def run_pass(
         nc4_train_means=nc4_ref,
         accuracy=(correct / seen if seen > 0 else math.nan) if has_head else None,
         kept=kept,
+        rows=rows,
     )
 
 
@@ -271,8 +281,10 @@ def _second_sweep(
     K: int,
     device: torch.device,
     has_head: bool,
+    rows: dict[str, tuple[Tensor, Tensor]],
 ) -> tuple[Any, ...]:
-    """Scatter around the synced means, from the cache; exact NC4 counts."""
+    """Scatter around the synced means, from the cache; exact NC4 counts; the rows of layers
+    that keep them into ``rows``."""
     moments, nc4, nc4_ref = {}, {}, {}
     for lp in pass_plan.layers:
         m = means[lp.alias]
@@ -301,6 +313,8 @@ def _second_sweep(
                 ncc.update(h, pred)
             if ncc_ref is not None:
                 ncc_ref.update(h, pred)
+        if lp.keep_rows:
+            rows[lp.alias] = (torch.cat(batches.features[lp.alias]), torch.cat(batches.labels))
         batches.features[lp.alias].clear()  # free the cache as soon as a layer is done
         moments[lp.alias] = st.moments()
         if ncc is not None:

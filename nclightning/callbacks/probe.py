@@ -180,9 +180,12 @@ class Probe:
             # a pair skipped for its widths is NaN: its H0 needs no full scatter
             h0 = [a for a, b in self.pairs if not (skip and widths.get(a) != widths.get(b))]
             samples = len(self.loader.dataset)  # type: ignore[arg-type]  # a map-style Subset
+            # one process holds every row: H*'s per-class spread from H0's rows (equal widths)
+            rows = [a for a, b in self.pairs if widths.get(a) == widths.get(b)]
             self.pass_plan = passes.plan(
-                widths, itemsize, samples, source.num_classes, h0, budget, self.device
-            )
+                widths, itemsize, samples, source.num_classes, h0, budget, self.device,
+                rows=rows if t.world_size == 1 else (),
+            )  # fmt: skip
             if t.is_global_zero:
                 rank_zero_info(self.pass_plan.describe(self.name, len(subset), self._layouts))
         if self.inputs is None:  # the inputs share the budget with the feature cache
@@ -290,7 +293,8 @@ class Probe:
                     f"{moments[h0].dim} vs {moments[h].dim}); its fit is NaN while they do "
                     "(width_mismatch='skip')",
                 )
-        fits, pair_row = self._fit_pairs(moments, weight, couplings, warn)
+        fits, pair_row = self._fit_pairs(moments, weight, couplings, warn, result.rows)
+        result.rows.clear()
         row.update(pair_row)
         per_class = analysis.per_class(moments) if self.trainer.is_global_zero else {}
         return analysis.ProbeResult(row, moments, per_class, fits)
@@ -341,7 +345,12 @@ class Probe:
         return {a: st.moments().means[0] for a, st in stats.items()}
 
     def _fit_pairs(
-        self, moments: Any, weight: Tensor | None, couplings: Mapping[str, float], warn: Warn
+        self,
+        moments: Any,
+        weight: Tensor | None,
+        couplings: Mapping[str, float],
+        warn: Warn,
+        rows: Mapping[str, tuple[Tensor, Tensor]],
     ) -> tuple[dict[str, Any], dict[str, float]]:
         """Pair fits on rank 0, broadcast (rows, or the error) so every rank agrees."""
         if not self.pairs:
@@ -359,6 +368,7 @@ class Probe:
                     feeding=self.feeding,
                     near=couplings,
                     notes=notes,
+                    rows=rows,
                 )
                 for note in notes:
                     warn(f"pair-data:{note.split(':')[0]}", f"NeuralCollapseCallback: {note}")

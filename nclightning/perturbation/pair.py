@@ -273,6 +273,7 @@ def fit_pair(
     points_per_decade: float = 1.0,
     rtol: float = 1e-8,
     tol: float = DEFAULT_TOL,
+    h0_features: tuple[Tensor, Tensor] | None = None,
 ) -> PairFit:
     """Fit the perturbation model to the layers ``H0 -> H`` (module docstring).
 
@@ -293,6 +294,11 @@ def fit_pair(
             ``H0``'s gives status ``"not_more_collapsed"``. ``"cdnv"`` needs ``h0`` with
             ``class_scatter``, ``"nc1"`` ``h`` with its within-class scatter.
         rtol: relative accuracy of the coupling; tol: solver tolerance.
+        h0_features: ``(rows[N, d], labels[N])``, the samples whose moments ``h0`` holds:
+            where ``h0`` has no per-class scatter, the per-class spread of ``H*`` (its
+            ``cdnv``) comes from these rows, ``O(N d K)``, instead of a ``K d^2`` statistic
+            (``metric="cdnv"`` still needs the per-class scatter: it is evaluated at every
+            step of the search).
 
     Raises:
         ConfigurationError: widths or class counts differ, unknown normalisation or metric,
@@ -346,6 +352,7 @@ def fit_pair(
             "pooled statistics): accumulate H0 with scatter='per_class' "
             "(ClassMoments.from_features(..., per_class_scatter=True))"
         )
+    rows = _check_rows(m0, h0_features) if m0.class_scatter is None else None
     energy = between_energy(m)
     if not (math.isfinite(energy) and energy > 0):
         raise DataError(
@@ -368,7 +375,7 @@ def fit_pair(
     baseline = baseline_predictions(reference, measured["nc1_tilde"], int(m.present.sum()))
     judge = _Judge(measured, baseline, float(lambda_W), float(lambda_H), metric)
     if coupling is not None:
-        return _fixed_pair(m0, judge, normalization, float(coupling), weight, tol)
+        return _fixed_pair(m0, judge, normalization, float(coupling), weight, tol, rows)
     if same_up_to_scale(m0, m, measured["norm_ratio"]):
         return _limit("identical", m0, normalization, judge, weight)
     if not target < reference.get(metric, math.nan):
@@ -391,7 +398,28 @@ def fit_pair(
     else:
         s = fixed_scale(m0, normalization, lambda_W, lambda_H)
         found, converged, note = _search_at_scale(base, s, near=near, **opts), True, None
-    return _pair_fit(found, normalization, weight, judge, converged, note)
+    return _pair_fit(found, normalization, weight, judge, converged, note, rows=rows)
+
+
+def _check_rows(
+    m0: ClassMoments, rows: tuple[Tensor, Tensor] | None
+) -> tuple[Tensor, Tensor] | None:
+    """``h0_features`` checked against ``h0``'s moments (width, one label per row, counts)."""
+    if rows is None:
+        return None
+    x, y = rows
+    if x.ndim != 2 or x.shape[1] != m0.dim or y.shape != (x.shape[0],):
+        raise ConfigurationError(
+            f"h0_features must be (rows[N, {m0.dim}], labels[N]), got {tuple(x.shape)} and "
+            f"{tuple(y.shape)}"
+        )
+    counts = torch.bincount(y.long().cpu(), minlength=m0.num_classes)[: m0.num_classes]
+    if counts.sum() != x.shape[0] or not torch.equal(counts.double(), m0.counts.cpu().double()):
+        raise ConfigurationError(
+            "h0_features are not the samples of h0's moments (class counts differ): pass the "
+            "rows the moments were accumulated from"
+        )
+    return rows
 
 
 @dataclass(frozen=True)
@@ -488,6 +516,7 @@ def _fixed_pair(
     coupling: float,
     weight: Tensor | None,
     tol: float,
+    rows: tuple[Tensor, Tensor] | None = None,
 ) -> PairFit:
     """``H*`` of ``s H0`` at ``coupling``: status ``"fixed"``, every metric a residual."""
     if not (math.isfinite(coupling) and coupling > 0):
@@ -512,7 +541,7 @@ def _fixed_pair(
         note = f"{note}; {msg}" if msg else note
     else:
         found, converged = at_scale(fixed_scale(m0, normalization, lambda_W, lambda_H)), True
-    return _pair_fit(found, normalization, weight, judge, converged, note, status="fixed")
+    return _pair_fit(found, normalization, weight, judge, converged, note, "fixed", rows)
 
 
 def _pair_fit(
@@ -523,12 +552,14 @@ def _pair_fit(
     converged: bool,
     note: str | None,
     status: str = "fitted",
+    rows: tuple[Tensor, Tensor] | None = None,
 ) -> PairFit:
-    """The comparison of ``H*`` with ``H`` at the found coupling (moments of ``H*``)."""
+    """The comparison of ``H*`` with ``H`` at the found coupling (moments of ``H*``; its
+    ``class_ss`` from H0's ``rows`` where given)."""
     search, lh = found.search, found.lambda_H
     p = search.point
     assert p is not None  # set by find()
-    res = result_of(p.model, p.result)
+    res = result_of(p.model, p.result, *(rows or (None, None)), rows_only=rows is not None)
     predicted = _metrics(res.moments, res.W if weight is not None else None, found.ratio)
     found_by = search_message(search, judge.metric) if isinstance(search, RootSearch) else ""
     message = note or found_by

@@ -215,12 +215,20 @@ def solve(
 
 
 def result_of(
-    model: Model, res: NewtonResult, features: Tensor | None = None, labels: Tensor | None = None
+    model: Model,
+    res: NewtonResult,
+    features: Tensor | None = None,
+    labels: Tensor | None = None,
+    *,
+    rows_only: bool = False,
 ) -> SolveResult:
-    """The :class:`SolveResult` of an optimiser run, in the original basis."""
+    """The :class:`SolveResult` of an optimiser run, in the original basis; ``rows_only``: the
+    raw features serve only ``class_ss`` of ``H*`` (:func:`feature_moments`), no ``H``."""
     spec = model.spec
     W = spec.to_original(res.x)
-    moments, H = feature_moments(spec.moments, W, model.beta, model.c, features, labels, spec.scale)
+    moments, H = feature_moments(
+        spec.moments, W, model.beta, model.c, features, labels, spec.scale, rows_only=rows_only
+    )
     metrics = metrics_from_moments(moments, weight=W)
     if not bool(torch.isfinite(moments.class_ss).all()):
         metrics["cdnv"] = _NAN
@@ -258,6 +266,8 @@ def feature_moments(
     features: Tensor | None = None,
     labels: Tensor | None = None,
     scale: float = 1.0,
+    *,
+    rows_only: bool = False,
 ) -> tuple[ClassMoments, Tensor | None]:
     """Moments of ``H*(W)`` (docs/science.md §2) for ``H0 = scale * m``; given raw features, ``H*``.
 
@@ -265,6 +275,8 @@ def feature_moments(
     SVD of ``W`` (no cancellation in the directions ``A`` shrinks). ``class_ss*``: exact from
     ``H*`` with raw features; ``beta^2 <A^2, C_k>`` from per-class scatters ``C_k``
     (``m.class_scatter``); otherwise NaN (pooled statistics cannot give it). ``O(K d^2)``.
+    ``rows_only``: the raw features give ``class_ss*`` only, ``sum_i ||beta A (h0_i - mu_k)||^2``
+    a chunk of rows at a time (``O(N d r)``, no ``H*`` formed; :func:`rows_class_ss`).
     """
     assert m.scatter is not None, "feature_moments needs H0's full scatter"
     _, sv, vh = torch.linalg.svd(W, full_matrices=False)
@@ -280,7 +292,9 @@ def feature_moments(
     asa = (V * a) @ vtv @ (V * a).T + V @ av + av.T @ V.T + qsq / c**2
     scatter = b2 * 0.5 * (asa + asa.T)
     H = None
-    if features is not None and labels is not None:
+    if rows_only and features is not None and labels is not None:
+        class_ss = rows_class_ss(m, V, a, c, features, labels) * b2
+    elif features is not None and labels is not None:
         H = _apply_a(one_hot(labels, m.num_classes) @ W + (beta * scale) * features, V, a, c)
         dev = H - means[labels]
         class_ss = torch.zeros_like(m.counts).index_add_(0, labels, dev.square().sum(1))
@@ -292,6 +306,29 @@ def feature_moments(
         class_ss = torch.full_like(m.counts, _NAN)
     moments = ClassMoments(counts=m.counts.clone(), means=means, scatter=scatter, class_ss=class_ss)
     return moments, H
+
+
+ROWS = 4096
+"""Rows of ``H0`` per chunk in :func:`rows_class_ss`."""
+
+
+def rows_class_ss(
+    m: ClassMoments, V: Tensor, a: Tensor, c: float, features: Tensor, labels: Tensor
+) -> Tensor:
+    """``[K]``: ``sum_{i in k} ||A (h_i - mu_k)||^2`` from the rows ``features[N, d]`` of ``m``'s
+    samples, ``A = V diag(a) V^T + (I - V V^T) / c``: with ``p = V^T x`` and the orthogonal
+    part ``x - V p`` formed explicitly (no cancellation), ``||A x||^2 = sum_r a_r^2 p_r^2 +
+    ||x - V p||^2 / c^2``. Float64, ``ROWS`` rows at a time."""
+    out = torch.zeros_like(m.counts)
+    a2 = a.square()
+    for start in range(0, features.shape[0], ROWS):
+        y = labels[start : start + ROWS].to(device=out.device, dtype=torch.long)
+        x = features[start : start + ROWS].to(device=out.device, dtype=torch.float64)
+        x = x - m.means[y]
+        p = x @ V
+        perp = x.sub_(p @ V.T).square_().sum(1)
+        out.index_add_(0, y, (p.square_() * a2).sum(1).add_(perp, alpha=1.0 / (c * c)))
+    return out
 
 
 def ridge_classifier(

@@ -450,3 +450,30 @@ def test_without_a_probe_dataset_the_train_loader_is_probed_in_index_order():
     with torch.no_grad():  # the last probe ran on the final weights
         expected = float((model(x).argmax(1) == y).double().mean())
     assert logger.probes()[1][accuracy_key("train")] == pytest.approx(expected)
+
+
+def test_predicted_cdnv_from_h0_rows_equals_a_per_class_scatter_fit_of_extracted_features():
+    """One process, cached features: the pair's H0 keeps no per-class scatter (``K d^2``); the
+    cdnv of H* comes from H0's cached rows. Logged predictions equal a fit of independently
+    extracted features whose H0 moments carry the per-class scatter."""
+    from nclightning.perturbation import fit_pair
+
+    dm, model, logger = _data(), _model(), RecordingLogger()
+    recorder = FeatureRecorder(dm, "backbone.blocks.1")
+    cb = NeuralCollapseCallback(log_figures=False)
+    _trainer([cb, recorder], epochs=2, logger=logger).fit(model, dm)
+    plan = next(iter(cb._states.values())).probe.pass_plan
+    assert {lp.alias: (lp.scatter, lp.keep_rows) for lp in plan.layers} == {
+        "penultimate": ("span", False),
+        "h0": ("full", True),
+    }
+    for epoch, row in logger.probes().items():
+        rec = recorder.epochs[epoch]
+        y = torch.as_tensor(rec["y"])
+        h0 = ClassMoments.from_features(torch.as_tensor(rec["h0"]), y, K, per_class_scatter=True)
+        h = ClassMoments.from_features(torch.as_tensor(rec["penultimate"]), y, K)
+        ref = fit_pair(h0, h, lambda_W=5e-4, lambda_H=5e-4, weight=torch.as_tensor(rec["W"]))
+        assert math.isfinite(ref.predicted["cdnv"])
+        for key in ("cdnv", "nc1_tilde", "nc2_etf"):
+            got = row[pair_key("train", "h0->penultimate", f"predicted/{key}")]
+            assert got == pytest.approx(ref.predicted[key], rel=1e-6), (epoch, key)

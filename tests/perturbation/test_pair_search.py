@@ -269,3 +269,41 @@ def test_the_guard_decides_on_objectives_accurate_to_tol(monkeypatch):
     model = _search.Model(Spectrum.of(m0).scaled(fit.scale), 5e-4, 5e-4, fit.beta)
     cold = _search.minimize_model(model, None, tol=1e-10, max_iter=200)
     assert cold.evaluation.f == pytest.approx(fit.objective, rel=1e-12)
+
+
+@pytest.mark.parametrize("coupling", [None, 30.0])
+def test_cdnv_of_h_star_from_h0_rows_instead_of_a_per_class_scatter(ref, coupling):
+    """Without H0's per-class scatter, ``h0_features`` (the rows of H0's samples) give the
+    predicted cdnv: that of the per-class-scatter fit, and a float64 brute force over the rows
+    ``H* = (Y^T W + beta s H0) (W^T W + (lambda_H + beta) I)^-1`` (docs/science.md §2)."""
+    import numpy as np
+    from support import reference_metrics
+
+    h0, labels = ref.random_features(4, [12, 9, 15, 11], 7)
+    pooled = ClassMoments.from_features(h0, labels)
+    h = shrunk_layer(h0, labels, 0.3 * metrics_from_moments(pooled)["nc1_tilde"])
+    kw = dict(lambda_W=LW, lambda_H=LH, coupling=coupling)
+    per_class = fit_pair(ClassMoments.from_features(h0, labels, per_class_scatter=True), h, **kw)
+    rows = fit_pair(pooled, h, h0_features=(h0, labels), **kw)
+    assert rows.status == ("fixed" if coupling else "fitted") and rows.converged
+    assert math.isnan(fit_pair(pooled, h, **kw).predicted["cdnv"])  # no rows: undefined
+    assert rows.coupling == pytest.approx(per_class.coupling, rel=1e-8)
+    for key, value in per_class.predicted.items():  # the same fit (rounding of the scatter)
+        assert rows.predicted[key] == pytest.approx(value, rel=1e-7, abs=1e-12), key
+    W, K = rows.solve.W, 4
+    A = torch.linalg.inv(W.T @ W + (LH + rows.beta) * torch.eye(7, dtype=torch.float64))
+    y = torch.eye(K, dtype=torch.float64)[labels]
+    h_star = (y @ W + rows.beta * rows.scale * h0) @ A
+    brute = reference_metrics(h_star.numpy(), labels.numpy(), K)["cdnv"]
+    assert rows.predicted["cdnv"] == pytest.approx(brute, rel=1e-8)
+    assert np.isfinite(brute)
+
+
+def test_h0_features_must_be_the_samples_of_h0(ref):
+    h0, labels = ref.random_features(4, [12, 9, 15], 5)
+    m0, h = ClassMoments.from_features(h0, labels), shrunk_layer(h0, labels, 0.4)
+    relabelled = labels.clone()
+    relabelled[0] = (relabelled[0] + 1) % 3
+    for bad in ((h0[:-1], labels[:-1]), (h0[:, :4], labels), (h0, relabelled), (h0, labels[:-1])):
+        with pytest.raises(ConfigurationError, match="h0_features"):
+            fit_pair(m0, h, lambda_W=LW, lambda_H=LH, h0_features=bad)
