@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from nclightning.perturbation._linesearch import Evaluation
-from nclightning.perturbation._newton import Operator
+from nclightning.perturbation._newton import Factory, Operator
 from nclightning.perturbation._spectral import Spectrum
 
 __all__ = ["Model", "check_parameters"]
@@ -127,13 +127,15 @@ class Model:
         e0 = rn @ p1 / cn - (b * b / cn) * (st.m_inv @ st.t @ st.m_inv) + self.gamma * self.eye
         return e0, (b / cn) * rn, (b * b / cn) * st.m_inv
 
-    def hessian(self, W: Tensor, ev: Evaluation) -> tuple[Operator, list[Operator]]:
-        """``(hvp, preconditioners)`` at ``W`` for :func:`._newton.minimize`."""
+    def hessian(self, W: Tensor, ev: Evaluation) -> tuple[Operator, list[Factory]]:
+        """``(hvp, preconditioner factories)`` at ``W`` for :func:`._newton.minimize`: the
+        block one (``None`` where not positive definite), then the fixed-H one."""
         st: _State = ev.ctx
         e0, _, e1 = self.multipliers(st)
-        block = self._block_preconditioner(self._pencil(e0, e1))
-        fixed_h = self._fixed_h_preconditioner(st)
-        return self.hvp(st, e0, e1), ([block, fixed_h] if block is not None else [fixed_h])
+        return self.hvp(st, e0, e1), [
+            lambda: self._block_preconditioner(self._pencil(e0, e1)),
+            lambda: self._fixed_h_preconditioner(st),
+        ]
 
     def hvp(self, st: _State, e0: Tensor, e1: Tensor) -> Operator:
         """``V -> (Hessian of g at st.W) V``, ``O(K^2 d)`` per product (module docstring)."""

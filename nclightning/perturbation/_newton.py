@@ -5,9 +5,11 @@ it minimises any ``fun(x) -> Evaluation`` given ``hessian(x, ev) -> (hvp, precon
 exact Hessian-vector products and one or more symmetric positive definite approximations of
 the inverse Hessian. One iteration:
 
-1. *choose a preconditioner*: for each candidate ``M``, the step ``z = -M g`` and the ratio
-   ``rho = z^T H z / (-z^T g)`` (1 for the exact Newton step); keep the ``M`` with ``rho``
-   closest to 1 in ratio;
+1. *choose a preconditioner*: for each candidate ``M`` (built only when asked, in order), the
+   step ``z = -M g`` and the residual of the first CG step along it, relative to ``|g|``; keep
+   the ``M`` with the smallest, and the first one outright when its residual is below
+   :data:`GOOD_ENOUGH` (measured on the default job and at d=512, K=100: the later candidate
+   was never better then);
 2. *direction*: preconditioned conjugate gradients on ``H p = -g`` until the residual falls
    below ``forcing * |g|`` (``forcing = min(0.5, max(sqrt(rel), sqrt(step_tol)))``:
    superlinear convergence down to the accuracy the stop asks for, no further: a solve that
@@ -37,7 +39,13 @@ from nclightning.perturbation._linesearch import Evaluation, line_search
 __all__ = ["Evaluation", "NewtonResult", "minimize"]
 
 Operator = Callable[[Tensor], Tensor]
-Hessian = Callable[[Tensor, Evaluation], tuple[Operator, Sequence[Operator]]]
+Factory = Callable[[], Operator | None]
+"""Builds one preconditioner at the current point, or ``None`` where it is not available."""
+Hessian = Callable[[Tensor, Evaluation], tuple[Operator, Sequence[Factory]]]
+
+GOOD_ENOUGH = 0.3
+"""First-CG-step residual (relative) below which the first preconditioner is kept without
+building the others."""
 Escape = Callable[[Tensor, Evaluation], Tensor | None]
 
 
@@ -59,23 +67,34 @@ def _dot(a: Tensor, b: Tensor) -> float:
 
 
 def _choose(
-    hvp: Operator, preconds: Sequence[Operator], g: Tensor
+    hvp: Operator, factories: Sequence[Factory], g: Tensor
 ) -> tuple[Operator, int, tuple[Tensor, Tensor] | None]:
-    """The candidate whose gradient step has curvature ratio closest to 1, #products, and
-    ``(z, H z)`` of the chosen candidate's step ``z = M g`` (``None`` when not computed): the
-    first conjugate-gradient direction is ``-z``, so its product is not computed again."""
-    if len(preconds) == 1:
-        return preconds[0], 0, None
-    best, best_score, first = preconds[0], math.inf, None
-    for m in preconds:
+    """The candidate whose gradient step leaves the smallest first-CG-step residual (the first
+    one below :data:`GOOD_ENOUGH` outright), #products, and ``(z, H z)`` of the chosen step
+    ``z = M g`` (``None`` when not computed): the first conjugate-gradient direction is
+    ``-z``, so its product is not computed again."""
+    best: Operator | None = None
+    best_score, first, products, g_norm = math.inf, None, 0, float(g.norm())
+    left = list(factories)
+    while left:
+        m = left.pop(0)()
+        if m is None:
+            continue
+        if best is None and not left:
+            return m, products, None  # the only candidate: nothing to compare
         z = m(g)
         hz = hvp(z)
+        products += 1
         # residual of the first CG step along z: min_a |a H z - g| / |g|
         zz = _dot(hz, hz)
         score = float((g - (_dot(hz, g) / zz) * hz).norm()) if zz > 0 else math.inf
         if score < best_score:
             best, best_score, first = m, score, (z, hz)
-    return best, len(preconds), first
+        if best_score <= GOOD_ENOUGH * g_norm:
+            break
+    if best is None:
+        raise RuntimeError("no preconditioner is available at this point")
+    return best, products, first
 
 
 def _cg(
@@ -140,8 +159,8 @@ def _direction(
 ) -> tuple[Tensor, Operator, int, bool]:
     """Newton-CG direction at ``x``, the chosen preconditioner, #Hessian products, and whether
     the step was found negligible (``small``) before the CG solve was complete."""
-    hvp, preconds = hessian(x, ev)
-    precond, used, first = _choose(hvp, preconds, ev.grad)
+    hvp, factories = hessian(x, ev)
+    precond, used, first = _choose(hvp, factories, ev.grad)
     direction, k, negligible = _cg(hvp, precond, ev.grad, forcing, max_cg, small, first)
     if _dot(direction, ev.grad) >= 0:
         direction = -precond(ev.grad)
