@@ -92,6 +92,13 @@ class Accumulator:
             self._casts[key] = t.to(device=packed.device, dtype=dtype)
         return self._casts[key]
 
+    def _refresh(self, packed: Tensor, name: str, t: Tensor) -> None:
+        """Copy ``t`` into its cached casts, in place (no new ``[K, d]`` tensor per batch)."""
+        if self._casts_of is packed:
+            for (key, _), cast in self._casts.items():
+                if key == name:
+                    cast.copy_(t)
+
     def _buffer(self, name: str, like: Tensor, shape: tuple[int, ...]) -> Tensor:
         """A reused uninitialised buffer of at least ``shape[0]`` rows (view of ``shape``)."""
         buf = self._work.get(name)
@@ -120,15 +127,18 @@ class Accumulator:
             idx = new.nonzero().flatten()
             if not idx.numel():
                 return False
-            rows = new.index_select(0, y)
-            pos = torch.full_like(nb, -1).index_copy_(0, idx, torch.arange(idx.numel()))
-            sums = torch.zeros(idx.numel(), c.shape[1], dtype=_F64, device=x.device)
-            which = rows.nonzero().flatten()
-            for part in which.split(GROUP):  # no float64 copy of the whole batch
-                at = pos.index_select(0, y.index_select(0, part))
-                sums.index_add_(0, at, x.index_select(0, part).to(_F64))
-            mean = sums / nb.index_select(0, idx).unsqueeze(1)
-            c.index_copy_(0, idx, mean.to(self.shift_dtype).to(_F64))
+            # WIDE_ROWS new classes and rows at a time: no [new, d] or float64 [B, d] matrix
+            for part_idx in idx.split(WIDE_ROWS):
+                pos = torch.full_like(nb, -1).index_copy_(
+                    0, part_idx, torch.arange(part_idx.numel(), device=nb.device)
+                )
+                sums = torch.zeros(part_idx.numel(), c.shape[1], dtype=_F64, device=x.device)
+                which = (pos.index_select(0, y) >= 0).nonzero().flatten()
+                for part in which.split(WIDE_ROWS):
+                    at = pos.index_select(0, y.index_select(0, part))
+                    sums.index_add_(0, at, x.index_select(0, part).to(_F64))
+                mean = sums.div_(nb.index_select(0, part_idx).unsqueeze(1))  # in place
+                c.index_copy_(0, part_idx, mean.copy_(mean.to(self.shift_dtype)))
             return True
         sums = torch.zeros(c.shape, dtype=_F64, device=x.device).index_add_(0, y, x.to(_F64))
         mean = (sums / nb.clamp_min(1).unsqueeze(1)).to(self.shift_dtype).to(_F64)
@@ -141,7 +151,7 @@ class Accumulator:
         v = self.layout.views(packed)
         nb = torch.bincount(y, minlength=self.layout.num_classes)
         if not self.fixed_shift and self.set_new_shifts(v, x, y, nb):
-            self._casts.pop(("shift", ct), None)
+            self._refresh(packed, "shift", v["c"])
         v["n"].add_(nb)
         shift = self._cast(packed, "shift", v["c"], ct)
         with exact_float32_matmul():

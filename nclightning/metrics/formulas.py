@@ -23,6 +23,8 @@ Conventions (docs/science.md §9):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -52,6 +54,20 @@ network's features sit far above it."""
 
 _NAN = float("nan")
 
+_NC1_ROWS = 128  # directions v_i formed at a time in nc1
+# numbers per [rows, K] tile of the pairwise pass of metrics_from_moments (1 MiB; at least 64
+# rows: many classes need fewer passes over the means); measures.TILE is pair_scalars' own
+_PAIR_TILE = 1 << 17
+
+Quadratic = Callable[[Tensor], Tensor]
+"""``u^T scatter u`` for each row ``u`` of ``directions[r, d]`` (``[r]``)."""
+
+
+def _all_finite(t: Tensor, rows: int = 64) -> bool:
+    """Whether every entry of ``t`` is finite (``isfinite`` a few rows at a time: on a whole
+    ``[K, d]`` matrix it makes ``[K, d]`` float and bool temporaries)."""
+    return all(bool(torch.isfinite(part).all()) for part in t.split(rows))
+
 
 def _span_means(m: ClassMoments, mt: Tensor) -> Tensor:
     """``mt`` projected on ``m.span_basis`` (checked to lie there up to :data:`SPAN_RTOL`)."""
@@ -71,47 +87,99 @@ def nc1(m: ClassMoments, eig_rtol: float = EIG_RTOL) -> float:
     """``(1/K) Tr(Sigma_W Sigma_B^+)`` (Papyan et al. 2020; docs/science.md §1).
 
     Computed in the range of the centred means ``M^T [K, d]``: with the thin SVD
-    ``M^T = U S V^T`` (``v_i``, ``s_i`` from the smaller Gram matrix, :func:`_between_eig`),
-    ``Sigma_B = V (S^2/K) V^T`` so ``(1/K) Tr(Sigma_W Sigma_B^+) =
-    sum_i (v_i^T Sigma_W v_i) / s_i^2`` over kept ``i``, each quadratic form from
-    :meth:`ClassMoments.within_quadratic` (full scatter or its projection on the span).
-    Cost ``O(K d^2 + K^2 d)``. NaN for ``K < 2`` or ``Sigma_B = 0``.
+    ``M^T = U S V^T`` (``v_i``, ``s_i`` from the smaller Gram matrix,
+    :func:`nc1_from_quadratic`), ``Sigma_B = V (S^2/K) V^T`` so
+    ``(1/K) Tr(Sigma_W Sigma_B^+) = sum_i (v_i^T Sigma_W v_i) / s_i^2`` over kept ``i``, each
+    quadratic form from :meth:`ClassMoments.within_quadratic` (full scatter or its
+    projection on the span). Cost ``O(K d^2 + K^2 d)``. NaN for ``K < 2`` or ``Sigma_B = 0``.
     """
-    mt = m.centered_means  # [K, d]
-    if mt.shape[0] < 2:
+    if int(m.present.sum()) < 2:
         return _NAN
     if m.scatter is None and m.span_basis is not None:
-        mt = _span_means(m, mt)
-    ev, vh = _between_eig(mt, eig_rtol)
-    if vh is None:
-        return _NAN
-    quad = m.within_quadratic(vh) / m.total  # v_i^T Sigma_W v_i
-    return float((quad / ev).sum())
+        proj = _span_means(m, m.centered_means)
+        return nc1_from_quadratic(lambda: proj, m.within_quadratic, m.total, eig_rtol)
+    return nc1_from_quadratic(lambda: m.centered_means, m.within_quadratic, m.total, eig_rtol)
 
 
-def _between_eig(mt: Tensor, eig_rtol: float) -> tuple[Tensor, Tensor | None]:
-    """Kept eigenpairs of ``M M^T = mt^T mt``: ``(s_i^2 [r], v_i as rows [r, d])``.
+def _eigh_(gram: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.eigh`` of a symmetric ``gram``, the eigenvectors written over it.
 
-    From the smaller of the two Gram matrices (``O(K^2 d)`` and a ``min(K, d)``-sized
-    symmetric eigensolver instead of an SVD of ``mt``, several times faster): for ``K <= d``
-    ``mt mt^T = U S^2 U^T`` and ``v_i = mt^T u_i / s_i``, with ``s_i^2`` taken as
-    ``||mt^T u_i||^2``. Eigenvalues below ``eig_rtol`` times the largest are dropped;
-    ``(ev, None)`` when every eigenvalue is 0.
+    ``gram``'s transpose is itself and has the column-major strides that the LAPACK call
+    writes its eigenvectors in: given as both input and output, no second ``[n, n]`` matrix
+    is made. The same eigenpairs as ``torch.linalg.eigh(gram)``.
     """
+    col = gram.mT
+    lam = gram.new_empty(gram.shape[0])
+    torch.linalg.eigh(col, out=(lam, col))
+    return lam, col
+
+
+def nc1_from_quadratic(
+    centred_means: Callable[[], Tensor],
+    within: Quadratic,
+    total: float,
+    eig_rtol: float,
+    rows: Callable[[int, int], Tensor] | None = None,
+) -> float:
+    """:func:`nc1` from its parts: ``centred_means()`` returns ``M^T [K', d]``, ``within``
+    the quadratic forms of the scatter, ``total`` the number of samples ``N``; ``rows(a, b)``
+    (optional) returns the rows ``a:b`` of ``M^T`` alone. No ``[K', d]`` matrix is held
+    during the eigensolver: for ``K' <= d``, ``M^T`` is made again after it (by
+    ``centred_means()``, or a block of rows at a time by ``rows``).
+
+    ``sum_i (v_i^T scatter v_i) / (N s_i^2)`` over the kept eigenpairs of ``M M^T``, from
+    the smaller of the two Gram matrices (``O(K^2 d)`` and a ``min(K, d)``-sized symmetric
+    eigensolver instead of an SVD of ``M^T``, several times faster): for ``K <= d``
+    ``M^T M = U S^2 U^T`` and ``v_i = M u_i / s_i``, with ``s_i^2`` taken as
+    ``||M u_i||^2``; for ``K > d`` the eigenvectors of ``M M^T`` are the ``v_i``.
+    Eigenvalues below ``eig_rtol`` times the largest are dropped (NaN when every eigenvalue
+    is 0, or for ``K < 2`` or non-finite means). The ``v_i`` are formed :data:`_NC1_ROWS`
+    at a time (no ``[r, d]`` matrix).
+    """
+    mt = centred_means()
     K, d = mt.shape
-    if K <= d:
-        lam, u = torch.linalg.eigh(mt @ mt.T)
-    else:
-        lam, u = torch.linalg.eigh(mt.T @ mt)
+    if K < 2 or not _all_finite(mt):
+        return _NAN
+    gram = mt @ mt.T if K <= d else mt.T @ mt
+    del mt  # not held during the eigensolver
+    lam, u = _eigh_(gram)
+    del gram
     top = float(lam.max())
     if not top > 0:
-        return lam, None
-    u = u[:, lam > eig_rtol * top]
-    if K > d:
-        return lam[lam > eig_rtol * top], u.T.contiguous()
-    w = u.T @ mt  # [r, d], rows s_i v_i
-    ev = w.square().sum(1)
-    return ev, w.div_(ev.sqrt().unsqueeze(1))
+        return _NAN
+    first = int((lam <= eig_rtol * top).sum())  # ascending: the kept ones are the last
+    if K <= d and rows is None:
+        mt = centred_means()
+        rows = lambda a, b: mt[a:b]  # noqa: E731
+    parts = []
+    for start in range(first, lam.shape[0], _NC1_ROWS):
+        cols = u[:, start : start + _NC1_ROWS]
+        if K <= d:
+            assert rows is not None
+            w = _times_rows(cols.T, rows, K)  # [b, d], rows s_i v_i
+            ev = w.square().sum(1)
+            w.div_(ev.sqrt().unsqueeze(1))
+        else:
+            w, ev = cols.T.contiguous(), lam[start : start + _NC1_ROWS]
+        parts.append(within(w) / total / ev)  # (v_i^T Sigma_W v_i) / s_i^2
+        del w
+    return float(torch.cat(parts).sum()) if parts else 0.0
+
+
+def _times_rows(a: Tensor, rows: Callable[[int, int], Tensor], n: int) -> Tensor:
+    """``a[b, n] @ X[n, d]`` with the rows of ``X`` from ``rows(start, stop)``, :data:`_NC1_ROWS`
+    at a time."""
+    out: Tensor | None = None
+    for start in range(0, n, _NC1_ROWS):
+        stop = min(n, start + _NC1_ROWS)
+        block = rows(start, stop)
+        if out is None:
+            out = a[:, start:stop] @ block
+        else:
+            out.addmm_(a[:, start:stop], block)
+        del block
+    assert out is not None
+    return out
 
 
 def nc1_tilde(m: ClassMoments) -> float:
@@ -120,10 +188,14 @@ def nc1_tilde(m: ClassMoments) -> float:
     ``Tr(Sigma_W) =`` :attr:`ClassMoments.within_ss` ``/ N`` (from ``class_ss`` when no
     scatter matrix was accumulated). NaN when ``Tr(Sigma_B) = 0`` or ``K < 2``.
     """
-    mt = m.centered_means
-    if mt.shape[0] < 2:
+    return _nc1_tilde(m, measures.row_sq_norms(m.centered_means))
+
+
+def _nc1_tilde(m: ClassMoments, sq: Tensor) -> float:
+    """:func:`nc1_tilde` from the squared norms ``sq[K']`` of the centred means."""
+    if sq.shape[0] < 2:
         return _NAN
-    tr_b = float(mt.square().sum()) / mt.shape[0]
+    tr_b = float(sq.sum()) / sq.shape[0]
     return m.within_ss / m.total / tr_b if tr_b > 0 else _NAN
 
 
@@ -152,16 +224,15 @@ def nc2(m: ClassMoments) -> dict[str, float]:
     centred mean is 0 (its cosines are undefined). The pairwise values come from the tiled
     pass :func:`~nclightning.metrics.measures.pair_scalars` (no ``[K, K]`` matrix).
     """
-    return _nc2(m, measures.pair_scalars(m))
-
-
-def _nc2(m: ClassMoments, pairs: dict[str, float]) -> dict[str, float]:
-    keys = ("nc2_etf", "nc2_equinorm", "nc2_equiangle", "nc2_maxangle")
     mt = m.centered_means
-    if mt.shape[0] < 2:
-        return dict.fromkeys(keys, _NAN)
     norms = torch.linalg.vector_norm(mt, dim=1)
-    if not float(norms.max()) > 0:
+    return _nc2(norms, measures.pair_scalars_of(m, mt, measures.row_sq_norms(mt)))
+
+
+def _nc2(norms: Tensor, pairs: dict[str, float]) -> dict[str, float]:
+    """:func:`nc2` from the norms ``[K']`` of the centred means and :func:`pair_scalars`."""
+    keys = ("nc2_etf", "nc2_equinorm", "nc2_equiangle", "nc2_maxangle")
+    if norms.shape[0] < 2 or not float(norms.max()) > 0:
         return dict.fromkeys(keys, _NAN)
     out = {k: pairs.get(k, _NAN) for k in keys}
     out["nc2_equinorm"] = _std(norms) / float(norms.mean())
@@ -173,12 +244,15 @@ def nc3(m: ClassMoments, weight: Tensor) -> float:
 
     Only rows of present classes are compared. NaN when ``W`` or ``M`` is 0 or ``K < 2``.
     """
-    w = measures.check_weight(m, weight)[m.present]
-    mt = m.centered_means
+    return _nc3(m, m.centered_means, weight)
+
+
+def _nc3(m: ClassMoments, mt: Tensor, weight: Tensor) -> float:
+    w = measures.check_weight(m, weight)[m.present]  # a copy: changed in place below
     wn, mn = float(torch.linalg.matrix_norm(w)), float(torch.linalg.matrix_norm(mt))
     if mt.shape[0] < 2 or not (wn > 0 and mn > 0):
         return _NAN
-    return float(torch.linalg.matrix_norm(w / wn - mt / mn))
+    return float(torch.linalg.matrix_norm(w.div_(wn).sub_(mt / mn)))
 
 
 def reported_keys(
@@ -216,26 +290,82 @@ def metrics_from_moments(
     diverging run) give NaN for every key; a non-finite scatter, ``class_ss`` or norm sum
     gives NaN for the metrics that use it (the perturbation model's ``H*`` has NaN
     ``class_ss`` without per-class scatter: its cdnv is NaN, the rest is defined).
+
+    Memory: the centred means once (``[K, d]``) and bounded temporaries (tiles of the pairs,
+    the eigenvectors of the smaller Gram matrix), never a copy of the scatter.
     """
     keys = reported_keys(m, weight, ood_mean)
     if weight is not None:
         measures.check_weight(m, weight)
-    if not bool(torch.isfinite(m.means).all()):
+    if not _all_finite(m.means):
         return dict.fromkeys(keys, _NAN)
+    first = {"nc1": nc1(m, eig_rtol)} if "nc1" in keys else {}  # before the centred means
+    if ood_mean is not None:
+        first["nc5"] = measures.nc5(m, ood_mean)
+    out = _metrics(m, keys, m.centered_means, weight, eig_rtol)
+    out.update(first)
+    return {k: out[k] for k in keys}
+
+
+def metrics_with_nc1(
+    moments: Callable[[], ClassMoments],
+    nc1: Callable[[], float],
+    weight: Tensor | None = None,
+    *,
+    eig_rtol: float = EIG_RTOL,
+) -> dict[str, float]:
+    """:func:`metrics_from_moments` of ``moments()`` (without ``ood_mean``), whose ``nc1``
+    comes from ``nc1()``: what :meth:`ClassStatistics.compute` uses, for moments made
+    without their scatter (:func:`nc1_from_quadratic` on the state's quadratic forms), so
+    that no ``d x d`` scatter is formed.
+
+    The other metrics come first, then the moments are released (their means are centred
+    in place), then ``nc1()`` runs: the two never hold memory at the same time.
+    """
+    m = moments()
+    keys = tuple(k for k in METRIC_KEYS if k in {"nc1", *reported_keys(m, weight)})
+    if weight is not None:
+        measures.check_weight(m, weight)
+    if not _all_finite(m.means):
+        return dict.fromkeys(keys, _NAN)
+    out = _metrics(m, keys, centred_(m.means, m.present), weight, eig_rtol)
+    del m  # the means, centred or not: free for nc1
+    out["nc1"] = nc1()
+    return {k: out[k] for k in keys}
+
+
+def centred_(means: Tensor, present: Tensor) -> Tensor:
+    """The rows of present classes minus their mean, ``[K', d]`` (:attr:`ClassMoments.
+    centered_means`, the same numbers): in ``means``' memory when every class is present."""
+    if bool(present.all()):
+        return means.sub_(means.mean(0))
+    rows = means[present]
+    return rows.sub_(rows.mean(0))
+
+
+def _metrics(
+    m: ClassMoments,
+    keys: tuple[str, ...],
+    mt: Tensor,
+    weight: Tensor | None,
+    eig_rtol: float,
+) -> dict[str, float]:
+    """The metrics of ``keys`` but ``nc1`` and ``nc5`` from the centred means ``mt`` of ``m``
+    (``m.means`` is not read: the caller may have centred it in place)."""
     out: dict[str, float] = {}
-    if "nc1" in keys:
-        out["nc1"] = nc1(m, eig_rtol)
-    out["nc1_tilde"] = nc1_tilde(m)
-    pairs = measures.pair_scalars(m)  # one tiled pass over the pairs of classes
+    norms = torch.linalg.vector_norm(mt, dim=1)
+    sq = measures.row_sq_norms(mt)
+    out["nc1_tilde"] = _nc1_tilde(m, sq)
+    # one tiled pass over the pairs of classes: small tiles, of at least 64 rows
+    tile = max(_PAIR_TILE, 64 * mt.shape[0])
+    pairs = measures.pair_scalars_of(m, mt, sq, tile)
     out["cdnv"] = pairs["cdnv"]
-    out.update(_nc2(m, pairs))
+    out.update(_nc2(norms, pairs))
     out["gnc2_log"] = pairs["gnc2_log"]
     if weight is not None:
-        out["nc3"] = nc3(m, weight)
-        out["unc3"] = measures.unc3(m, weight)
-    if ood_mean is not None:
-        out["nc5"] = measures.nc5(m, ood_mean)
+        out["nc3"] = _nc3(m, mt, weight)
+        out["unc3"] = measures.unc3_of(m, mt, weight)
     if "feature_norm" in keys:
         out["feature_norm"] = measures.feature_norm(m)
-    out["class_mean_norm"] = measures.class_mean_norm(m)
-    return {k: out[k] for k in keys}
+    out["class_mean_norm"] = float(norms.mean()) if norms.numel() else _NAN
+    return out

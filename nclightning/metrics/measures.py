@@ -33,10 +33,13 @@ __all__ = [
     "gnc2_log",
     "nc5",
     "pair_scalars",
+    "pair_scalars_of",
     "pairwise_sq_distances",
+    "row_sq_norms",
     "sq_distance_rows",
     "tile_rows",
     "unc3",
+    "unc3_of",
 ]
 
 _NAN = float("nan")
@@ -59,6 +62,17 @@ def tile_rows(n: int, tile: int = TILE) -> list[slice]:
     return [slice(a, min(a + step, n)) for a in range(0, n, step)]
 
 
+_SQ_ROWS = 64  # rows squared at a time by row_sq_norms
+
+
+def row_sq_norms(c: Tensor) -> Tensor:
+    """``||c_k||^2`` for each row of ``c[n, d]``, ``[n]`` (a few rows at a time: no ``[n, d]``
+    temporary)."""
+    if c.shape[0] <= _SQ_ROWS:
+        return c.square().sum(1)
+    return torch.cat([part.square().sum(1) for part in c.split(_SQ_ROWS)])
+
+
 def sq_distance_rows(c: Tensor, rows: slice, gram: Tensor | None = None) -> Tensor:
     """Squared distances ``[len(rows), n]`` from the rows ``c[rows]`` to every row of ``c``.
 
@@ -66,11 +80,17 @@ def sq_distance_rows(c: Tensor, rows: slice, gram: Tensor | None = None) -> Tens
     ``c[rows] @ c.T`` when the caller has it. Pairs closer than :data:`CLOSE_RTOL` of their
     squared norms are recomputed from the explicit difference, in chunks.
     """
-    sq = c.square().sum(1)
-    g = c[rows] @ c.T if gram is None else gram
+    return _sq_distance_rows(c, rows, c[rows] @ c.T if gram is None else gram, row_sq_norms(c))
+
+
+def _sq_distance_rows(c: Tensor, rows: slice, g: Tensor, sq: Tensor) -> Tensor:
+    """:func:`sq_distance_rows` given the Gram rows ``g`` and the squared row norms ``sq``;
+    in-place steps (at most two ``[len(rows), n]`` temporaries besides ``g``)."""
     norms = sq[rows].unsqueeze(1) + sq.unsqueeze(0)
-    d2 = (norms - 2 * g).clamp_min(0.0)
-    i, j = (d2 < CLOSE_RTOL * norms).nonzero(as_tuple=True)
+    d2 = torch.mul(g, -2.0).add_(norms).clamp_min_(0.0)  # the bits of (norms - 2 g).clamp_min(0)
+    close = norms.mul_(CLOSE_RTOL).gt_(d2)  # d2 < CLOSE_RTOL * norms, in norms' memory
+    i, j = close.nonzero(as_tuple=True)
+    del norms, close
     step = max(1, 2**22 // max(1, c.shape[1]))
     for start in range(0, i.numel(), step):
         a, b = i[start : start + step], j[start : start + step]
@@ -102,7 +122,7 @@ class RunningMoments:
         if not nb:
             return
         mb = float(values.mean())
-        m2b = float((values - mb).square().sum())
+        m2b = float((values - mb).square_().sum())
         n = self.n + nb
         delta = mb - self.mean
         self.m2 += m2b + delta * delta * self.n * nb / n
@@ -124,8 +144,15 @@ def pair_scalars(m: ClassMoments, tile: int = TILE) -> dict[str, float]:
     ``tile`` numbers: memory ``O(K d + tile)``, one ``[rows, d] x [d, K]`` GEMM per tile
     and quantity (``O(K^2 d)`` in all). Keys absent when undefined on every pair are NaN.
     """
-    out = dict.fromkeys(PAIR_KEYS, _NAN)
     mt = m.centered_means
+    return pair_scalars_of(m, mt, row_sq_norms(mt), tile)
+
+
+def pair_scalars_of(m: ClassMoments, mt: Tensor, sq: Tensor, tile: int = TILE) -> dict[str, float]:
+    """:func:`pair_scalars` from the centred means ``mt`` of ``m`` and their squared norms
+    ``sq`` (:func:`row_sq_norms`); ``m.means`` is not read. A few ``[rows, K]`` tiles live
+    at a time (steps in place)."""
+    out = dict.fromkeys(PAIR_KEYS, _NAN)
     K = mt.shape[0]
     if K < 2:
         return out
@@ -135,29 +162,41 @@ def pair_scalars(m: ClassMoments, tile: int = TILE) -> dict[str, float]:
     units = bool((norms > 0).all())
     cdnv_sum, cdnv_ok = 0.0, True
     etf_sq, max_angle = 0.0, 0.0
+    # the entries of the ETF's normalised Gram (I - 11^T/K)/sqrt(K-1) off and on the diagonal
+    etf_off, etf_on = (0.0 - 1.0 / K) / (K - 1) ** 0.5, (1.0 - 1.0 / K) / (K - 1) ** 0.5
     angles, logs, logs_ok = RunningMoments(), RunningMoments(), units
     for rows in tile_rows(K, tile):
         g = mt[rows] @ mt.T
+        at = torch.arange(g.shape[0], device=g.device)
         diag = torch.zeros_like(g, dtype=torch.bool)
-        diag[torch.arange(g.shape[0]), torch.arange(rows.start, rows.stop)] = True
-        d2 = sq_distance_rows(mt, rows, g)[~diag]
+        diag[at, at + rows.start] = True
+        off_diag = diag.logical_not_()
+        del diag
+        d2 = _sq_distance_rows(mt, rows, g, sq)[off_diag]
         cdnv_ok = cdnv_ok and bool((d2 > 0).all())
         if cdnv_ok:
-            ratio = (v[rows].unsqueeze(1) + v.unsqueeze(0))[~diag] / (2 * d2)
+            ratio = (v[rows].unsqueeze(1) + v.unsqueeze(0))[off_diag].div_(d2.mul_(2.0))
             cdnv_sum += float(ratio.sum())
+            del ratio
+        del d2
         if gn > 0:
-            etf = (diag.to(g.dtype) - 1.0 / K) / (K - 1) ** 0.5
-            etf_sq += float((g / gn - etf).square().sum())
+            dev = torch.div(g, gn).sub_(etf_off)  # g / gn - etf, the diagonal redone below
+            dev[at, at + rows.start] = g[at, at + rows.start] / gn - etf_on
+            etf_sq += float(dev.square_().sum())
+            del dev
         if units:
-            cos = g / (norms[rows].unsqueeze(1) * norms.unsqueeze(0))
-            off = cos[~diag]
+            cos = g.div_(norms[rows].unsqueeze(1) * norms.unsqueeze(0))  # in g's memory
+            off = cos[off_diag]
             angles.add(off)
-            max_angle = max(max_angle, float((off + 1.0 / (K - 1)).abs().max()))
+            max_angle = max(max_angle, float(off.add_(1.0 / (K - 1)).abs_().max()))
+            del off
             if logs_ok:
                 dist = _unit_distances(mt, norms, rows, cos)
                 logs_ok = bool((dist > 0).all())
                 if logs_ok:
-                    logs.add(-torch.log(dist))
+                    logs.add(dist.log_().neg_())
+                del dist
+        del g, off_diag
     if cdnv_ok:
         out["cdnv"] = cdnv_sum / (K * (K - 1))
     if gn > 0:
@@ -172,18 +211,19 @@ def pair_scalars(m: ClassMoments, tile: int = TILE) -> dict[str, float]:
 
 def _unit_distances(mt: Tensor, norms: Tensor, rows: slice, cos: Tensor) -> Tensor:
     """``||u_k - u_l||`` for ``k`` in ``rows``, ``l > k``, ``u = mt / norms``, from the
-    cosines ``cos[rows, K]`` (``2 - 2 cos``), close pairs recomputed from the difference."""
+    cosines ``cos[rows, K]`` (``2 - 2 cos``; overwrites ``cos``), close pairs recomputed
+    from the difference."""
     K = mt.shape[0]
     cols = torch.arange(K, device=mt.device)
     upper = cols.unsqueeze(0) > cols[rows].unsqueeze(1)
-    d2 = (2.0 - 2.0 * cos).clamp_min(0.0)
+    d2 = cos.mul_(-2.0).add_(2.0).clamp_min_(0.0)  # the bits of (2 - 2 cos).clamp_min(0)
     i, j = ((d2 < 2.0 * CLOSE_RTOL) & upper).nonzero(as_tuple=True)
     step = max(1, 2**22 // max(1, mt.shape[1]))
     for start in range(0, i.numel(), step):
         a, b = i[start : start + step], j[start : start + step]
         ua = mt[a + rows.start] / norms[a + rows.start].unsqueeze(1)
         d2[a, b] = (ua - mt[b] / norms[b].unsqueeze(1)).square().sum(1)
-    return d2[upper].sqrt()
+    return d2[upper].sqrt_()
 
 
 PAIR_KEYS = ("cdnv", "nc2_etf", "nc2_equiangle", "nc2_maxangle", "gnc2_log")
@@ -240,8 +280,12 @@ def unc3(m: ClassMoments, weight: Tensor) -> float:
     Uniform duality: 0 when every classifier row makes the same angle with its centred class
     mean. ``weight = W[K, d]``. NaN for ``K < 2`` or a zero row of ``W`` or of ``M^T``.
     """
+    return unc3_of(m, m.centered_means, weight)
+
+
+def unc3_of(m: ClassMoments, mt: Tensor, weight: Tensor) -> float:
+    """:func:`unc3` from the centred means ``mt`` of ``m`` (``m.means`` is not read)."""
     w = check_weight(m, weight)[m.present]
-    mt = m.centered_means
     wu, mu = _unit(w), _unit(mt)
     if mt.shape[0] < 2 or wu is None or mu is None:
         return _NAN

@@ -163,12 +163,20 @@ class ClassMoments:
         The centre of ``Sigma_B``, ``M`` (NC2), NC3 and the measures of docs/science.md §8;
         it equals :attr:`global_mean` for balanced classes (docs/science.md §9).
         """
-        return self.means[self.present].mean(0)
+        present = self.present
+        if bool(present.all()):  # no [K, d] copy of the means
+            return self.means.mean(0)
+        return self.means[present].mean(0)
 
     @property
     def centered_means(self) -> Tensor:
-        """``M^T``: rows ``mu_k - mean_of_means`` for present classes, ``[K', d]``."""
-        return self.means[self.present] - self.mean_of_means
+        """``M^T``: rows ``mu_k - mean_of_means`` for present classes, ``[K', d]`` (one new
+        ``[K', d]`` tensor; compute it once where several metrics need it)."""
+        present = self.present
+        if bool(present.all()):
+            return self.means - self.means.mean(0)
+        rows = self.means[present]
+        return rows.sub_(rows.mean(0))
 
     @property
     def within_ss(self) -> float:

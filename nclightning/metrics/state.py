@@ -23,11 +23,14 @@ from nclightning.metrics.moments import ClassMoments
 
 __all__ = [
     "SCATTER_MODES",
+    "CentredStateMeans",
     "Float64States",
     "Layout",
     "merge_packed_states",
     "shift_increments",
+    "state_means",
     "state_moments",
+    "state_within_quadratic",
 ]
 
 SCATTER_MODES = ("full", "per_class", "span", "none")
@@ -140,20 +143,37 @@ def _half_sym_(a: Tensor, block: int = 512) -> Tensor:
     return a
 
 
+def _means_(off: Tensor, c: Tensor, present: Tensor) -> Tensor:
+    return off.add_(c).masked_fill_(~present.unsqueeze(1), 0.0)
+
+
+def state_means(v: dict[str, Tensor]) -> Tensor:
+    """The class means ``c_k + t_k / n_k`` of the state views ``v`` (absent classes: 0),
+    ``[K, d]``: the numbers of :func:`state_moments`' means."""
+    n = v["n"]
+    return _means_(v["t"] / n.clamp_min(1).unsqueeze(1), v["c"], n > 0)
+
+
 def state_moments(
-    v: dict[str, Tensor], layout: Layout, basis: Tensor | None = None
+    v: dict[str, Tensor],
+    layout: Layout,
+    basis: Tensor | None = None,
+    *,
+    full_scatter: bool = True,
 ) -> ClassMoments:
     """:class:`ClassMoments` of the state views ``v`` (float64, absent classes: mean 0).
 
     ``mu_k = c_k + t_k / n_k``, scatter ``= q - sum_k t_k t_k^T / n_k`` (per class for
     ``qk``, in basis coordinates for ``qs``), ``class_ss_k = r_k - ||t_k||^2 / n_k``.
+    ``full_scatter=False`` leaves the full scatter out (mode "full": its quadratic forms come from
+    :func:`state_within_quadratic` instead, without a ``d x d`` copy).
     """
     n, c, t = v["n"], v["c"], v["t"]
     present = n > 0
     off = t / n.clamp_min(1).unsqueeze(1)  # mu_k - c_k
     class_ss = (v["r"] - (off.unsqueeze(1) @ t.unsqueeze(2)).flatten()).clamp_min(0.0)
     scatter = class_scatter = span_basis = span = None
-    if layout.mode == "full":  # no d x d temporaries beyond the result
+    if layout.mode == "full" and full_scatter:  # no d x d temporaries beyond the result
         scatter = _half_sym_(torch.addmm(v["q"], off.T, t, alpha=-1.0))
     elif layout.mode == "per_class":
         class_scatter = torch.baddbmm(v["qk"], off.unsqueeze(2), t.unsqueeze(1), alpha=-1.0)
@@ -164,12 +184,59 @@ def state_moments(
         assert basis is not None
         span_basis = basis.to(device=n.device, dtype=n.dtype)
         span = _half_sym(v["qs"] - (off @ span_basis).T @ (t @ span_basis))
-    # the means in off's memory (no further K x d temporary)
-    means = off.add_(c).masked_fill_(~present.unsqueeze(1), 0.0)
+    means = _means_(off, c, present)  # in off's memory (no further K x d temporary)
     norm_sums = v["a"].clone()
     return ClassMoments(
         n.clone(), means, scatter, class_ss, class_scatter, span_basis, span, norm_sums
     )
+
+
+class CentredStateMeans:
+    """The centred class means ``M^T [K', d]`` of a state's views ``v`` (present classes),
+    made on demand: whole (:meth:`full`) or a block of rows (:meth:`rows`, after
+    :meth:`full`, which fixes the centre): the numbers of
+    ``state_moments(v, ...).centered_means``."""
+
+    def __init__(self, v: dict[str, Tensor]) -> None:
+        self.v = v
+        present = v["n"] > 0
+        self.index = None if bool(present.all()) else present.nonzero().flatten()
+        self.centre: Tensor | None = None
+
+    def full(self) -> Tensor:
+        means = state_means(self.v)
+        if self.index is not None:
+            means = means.index_select(0, self.index)
+        self.centre = means.mean(0)
+        return means.sub_(self.centre)
+
+    def rows(self, start: int, stop: int) -> Tensor:
+        if self.centre is None:
+            raise RuntimeError("CentredStateMeans.rows needs the centre: call full() first")
+        n, c, t = self.v["n"], self.v["c"], self.v["t"]
+        if self.index is None:
+            n, c, t = n[start:stop], c[start:stop], t[start:stop]
+        else:
+            at = self.index[start:stop]
+            n, c, t = n.index_select(0, at), c.index_select(0, at), t.index_select(0, at)
+        return (t / n.clamp_min(1).unsqueeze(1)).add_(c).sub_(self.centre)
+
+
+_QUAD_ROWS = 128  # directions per block in state_within_quadratic
+
+
+def state_within_quadratic(v: dict[str, Tensor], directions: Tensor) -> Tensor:
+    """``u^T scatter u`` for each row ``u`` of ``directions[r, d]`` from the views ``v`` of a
+    "full" state, without forming the scatter: ``u^T q u - sum_k (t_k . u)^2 / n_k``.
+
+    The same cancellation as in the scatter of :func:`state_moments` (the shifted sums
+    ``t_k / n_k`` are of the order of the within-class spread, so nothing large cancels);
+    :data:`_QUAD_ROWS` directions at a time (``[128, d]`` and ``[128, K]`` temporaries).
+    """
+    q, t, n = v["q"], v["t"], v["n"].clamp_min(1)
+    u = directions.to(device=q.device, dtype=q.dtype)
+    parts = [((b @ q) * b).sum(1) - (b @ t.T).square_().div_(n).sum(1) for b in u.split(_QUAD_ROWS)]
+    return torch.cat(parts) if parts else u.new_zeros(0)
 
 
 class Float64States:

@@ -64,9 +64,21 @@ from torchmetrics import Metric
 
 from nclightning.errors import ConfigurationError
 from nclightning.metrics.accumulate import Accumulator
-from nclightning.metrics.formulas import EIG_RTOL, metrics_from_moments
+from nclightning.metrics.formulas import (
+    EIG_RTOL,
+    metrics_from_moments,
+    metrics_with_nc1,
+    nc1_from_quadratic,
+)
 from nclightning.metrics.moments import ClassMoments
-from nclightning.metrics.state import Float64States, Layout, merge_packed_states, state_moments
+from nclightning.metrics.state import (
+    CentredStateMeans,
+    Float64States,
+    Layout,
+    merge_packed_states,
+    state_moments,
+    state_within_quadratic,
+)
 
 __all__ = ["ClassStatistics"]
 
@@ -276,15 +288,18 @@ class ClassStatistics(Float64States, Metric):
         self.update(features, labels)
 
     # -- results ------------------------------------------------------------------------------
-    def _moments(self) -> ClassMoments:
-        v = self._layout.views(self.packed)
-        missing = (v["n"] == 0).nonzero().flatten().tolist()
+    def _check_present(self) -> None:
+        missing = (self._layout.views(self.packed)["n"] == 0).nonzero().flatten().tolist()
         if missing and not self.allow_missing_classes:
             raise ValueError(
                 f"class {missing[0]} has no sample in the whole pass (classes without samples: "
                 f"{missing}); pass allow_missing_classes=True to use the present classes only"
             )
-        return state_moments(v, self._layout, self._basis)
+
+    def _moments(self) -> ClassMoments:
+        self._check_present()
+        self._accumulator.drop()  # the pass is over: free the batch buffers (made again)
+        return state_moments(self._layout.views(self.packed), self._layout, self._basis)
 
     def _synced(self) -> AbstractContextManager[None]:
         return self.sync_context(
@@ -307,8 +322,32 @@ class ClassStatistics(Float64States, Metric):
         return self._moments()
 
     def compute(self) -> dict[str, Tensor]:
-        """Collapse metrics (docs/science.md §1, §8) as 0-dim float64 tensors."""
-        return self._metrics(self._moments())
+        """Collapse metrics (docs/science.md §1, §8) as 0-dim float64 tensors.
+
+        With the full scatter, nc1's quadratic forms come from the state itself
+        (:func:`~nclightning.metrics.state.state_within_quadratic`: no ``d x d`` copy of the
+        scatter) and comes last, after the other metrics have released the class means
+        (the centred means are made again a block of rows at a time); the batch buffers are
+        freed first (made again by the next update). Same values as
+        ``metrics_from_moments(moments())`` up to rounding.
+        """
+        if self.scatter_mode != "full":
+            return self._metrics(self._moments())
+        self._check_present()
+        self._accumulator.drop()
+        v = self._layout.views(self.packed)
+        centred = CentredStateMeans(v)
+
+        def nc1() -> float:
+            within = functools.partial(state_within_quadratic, v)
+            total = float(v["n"].sum())
+            return nc1_from_quadratic(centred.full, within, total, self.eig_rtol, centred.rows)
+
+        def moments() -> ClassMoments:
+            return state_moments(v, self._layout, self._basis, full_scatter=False)
+
+        values = metrics_with_nc1(moments, nc1, self._weight, eig_rtol=self.eig_rtol)
+        return self._tensors(values)
 
     def moments_and_metrics(self) -> tuple[ClassMoments, dict[str, Tensor]]:
         """:meth:`moments` and :meth:`compute` together, under one cross-process sync."""
@@ -317,6 +356,8 @@ class ClassStatistics(Float64States, Metric):
             return m, self._metrics(m)
 
     def _metrics(self, m: ClassMoments) -> dict[str, Tensor]:
-        values = metrics_from_moments(m, self._weight, eig_rtol=self.eig_rtol)
+        return self._tensors(metrics_from_moments(m, self._weight, eig_rtol=self.eig_rtol))
+
+    def _tensors(self, values: dict[str, float]) -> dict[str, Tensor]:
         dev = self.packed.device
         return {k: torch.tensor(val, dtype=_F64, device=dev) for k, val in values.items()}
