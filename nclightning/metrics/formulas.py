@@ -106,8 +106,14 @@ def _eigh_(gram: Tensor) -> tuple[Tensor, Tensor]:
 
     ``gram``'s transpose is itself and has the column-major strides that the LAPACK call
     writes its eigenvectors in: given as both input and output, no second ``[n, n]`` matrix
-    is made. The same eigenpairs as ``torch.linalg.eigh(gram)``.
+    is made. The same eigenpairs as ``torch.linalg.eigh(gram)``. Input and output aliasing is
+    not documented by torch: it is used on CPU only, where host memory is the limit, and
+    ``tests/metrics/test_compute_memory.py`` fails loudly if a torch version refuses or
+    mishandles it; elsewhere the ordinary call (one more ``[n, n]`` matrix).
     """
+    if gram.device.type != "cpu":
+        lam, vec = torch.linalg.eigh(gram)
+        return lam, vec
     col = gram.mT
     lam = gram.new_empty(gram.shape[0])
     torch.linalg.eigh(col, out=(lam, col))
