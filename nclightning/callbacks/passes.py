@@ -253,11 +253,12 @@ def _first_pass(
             features, logits = taps.forward(x)
         for alias, st in stats.items():
             h = features[alias]
+            if cached:  # class sums from the cache below, a chunk at a time
+                out.features[alias].append(h)
+                continue
             if out.finite and not bool(torch.isfinite(h).all()):
                 out.finite = False
             st.update(h.float(), y)
-            if cached:
-                out.features[alias].append(h)
         out.labels.append(y)
         if logits is not None:
             pred = logits.argmax(1)
@@ -270,6 +271,12 @@ def _first_pass(
                 out.kept.setdefault(alias, []).append(features[alias][:take].half().cpu())
             out.kept.setdefault("labels", []).append(y[:take].cpu())
             kept += take
+    if cached:  # a few large updates instead of one per batch (per-update costs dominate)
+        for alias, st in stats.items():
+            for h, y, _ in _chunks(out.features[alias], out.labels, []):
+                if out.finite and not bool(torch.isfinite(h).all()):
+                    out.finite = False
+                st.update(h.float(), y)
     return out
 
 

@@ -98,23 +98,34 @@ class Model:
         r = (b * (w_mu - self.eye) - self.lh * self.eye) @ m_inv
         return _State(W, gram, m_inv, m_inv_w, w_mu, ws, ws @ W.T, means, r)
 
-    def evaluate(self, W: Tensor) -> Evaluation:
-        """Objective, gradient and relative gradient norm (``solver`` module docstring)."""
-        st = self.state(W)
-        b, c, lh, N = self.beta, self.c, self.lh, self.N
-        within_g = (b * b / c) * (st.m_inv @ st.ws - (st.m_inv @ st.t) @ st.m_inv_w)
-        nm = self.n.unsqueeze(1) * st.means
-        grad = (st.r.T @ nm + within_g) / N + self.gamma * W
+    def objective(self, W: Tensor) -> float:
+        """``g(W)`` alone (to compare starting points)."""
+        return self._objective(self.state(W))
+
+    def _objective(self, st: _State) -> float:
+        W, b, c, lh, N = st.W, self.beta, self.c, self.lh, self.N
         dev = (self.eye - st.w_mu) @ W - lh * self.mu  # rows of (m_k - mu_k) before A
         dev = (dev - (dev @ W.T) @ st.m_inv_w) / c
         between = self.n * (
             st.r.square().sum(1) + lh * st.means.square().sum(1) + b * dev.square().sum(1)
         )
         within = b * ((b / c) * float((st.m_inv * st.t).sum()) + (lh / c) * self.tr_s)
-        f = (float(between.sum()) + within) / (2 * N) + 0.5 * self.gamma * float(W.square().sum())
+        return (float(between.sum()) + within) / (2 * N) + 0.5 * self.gamma * float(
+            W.square().sum()
+        )
+
+    def evaluate(self, W: Tensor) -> Evaluation:
+        """Objective, gradient and relative gradient norm (``solver`` module docstring)."""
+        st = self.state(W)
+        b, c, N = self.beta, self.c, self.N
+        within_g = (b * b / c) * (st.m_inv @ st.ws - (st.m_inv @ st.t) @ st.m_inv_w)
+        nm = self.n.unsqueeze(1) * st.means
+        grad = (st.r.T @ nm + within_g) / N + self.gamma * W
+        f = self._objective(st)
         whh = (W @ st.means.T) @ nm + within_g  # W H H^T
-        scale = float(whh.norm()) / N + float(nm.norm()) / N + self.gamma * float(W.norm())
-        gn = float(grad.norm())
+        norm = torch.linalg.vector_norm
+        scale = float(norm(whh)) / N + float(norm(nm)) / N + self.gamma * float(norm(W))
+        gn = float(norm(grad))
         rel = gn / scale if scale > 0 else (0.0 if gn == 0 else math.inf)
         return Evaluation(f, grad, rel, st)
 

@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from nclightning.perturbation._linesearch import Evaluation, line_search
@@ -63,7 +64,11 @@ class NewtonResult:
 
 
 def _dot(a: Tensor, b: Tensor) -> float:
-    return float((a * b).sum())
+    return float(torch.dot(a.reshape(-1), b.reshape(-1)))
+
+
+def _norm(a: Tensor) -> float:
+    return float(torch.linalg.vector_norm(a))
 
 
 def _choose(
@@ -74,7 +79,7 @@ def _choose(
     ``z = M g`` (``None`` when not computed): the first conjugate-gradient direction is
     ``-z``, so its product is not computed again."""
     best: Operator | None = None
-    best_score, first, products, g_norm = math.inf, None, 0, float(g.norm())
+    best_score, first, products, g_norm = math.inf, None, 0, _norm(g)
     left = list(factories)
     while left:
         m = left.pop(0)()
@@ -87,7 +92,7 @@ def _choose(
         products += 1
         # residual of the first CG step along z: min_a |a H z - g| / |g|
         zz = _dot(hz, hz)
-        score = float((g - (_dot(hz, g) / zz) * hz).norm()) if zz > 0 else math.inf
+        score = _norm(g - (_dot(hz, g) / zz) * hz) if zz > 0 else math.inf
         if score < best_score:
             best, best_score, first = m, score, (z, hz)
         if best_score <= GOOD_ENOUGH * g_norm:
@@ -119,7 +124,7 @@ def _cg(
     z = precond(r) if first is None else -first[0]
     d = z
     rz = _dot(r, z)
-    g_norm = float(g.norm())
+    g_norm = _norm(g)
     products = 0
     for k in range(1, max_cg + 1):
         if k == 1 and first is not None:
@@ -130,9 +135,9 @@ def _cg(
         if curv <= 0:  # non-positive curvature: keep what we have
             return (z if k == 1 else p), products, False
         a = rz / curv
-        p = p + a * d
-        r = r - a * hd
-        r_norm = float(r.norm())
+        p.add_(d, alpha=a)  # p, r, z: tensors of this solve alone (updated in place)
+        r.sub_(hd, alpha=a)
+        r_norm = _norm(r)
         if small is not None and r_norm <= 0.1 * g_norm:
             if small(p):
                 return p, products, True
@@ -141,12 +146,12 @@ def _cg(
             return p, products, False
         z = precond(r)
         rz, rz_old = _dot(r, z), rz
-        d = z + (rz / rz_old) * d
+        d = z.add_(d, alpha=rz / rz_old)
     return p, products, False
 
 
 def _is_small(step: Tensor, x: Tensor, step_tol: float) -> bool:
-    return float(step.norm()) <= step_tol * float(x.norm())
+    return _norm(step) <= step_tol * _norm(x)
 
 
 def _direction(
@@ -217,7 +222,7 @@ class _Run:
         if v is None:
             return False
         self.escapes += 1
-        scale = float(self.x.norm()) / float(v.norm())
+        scale = _norm(self.x) / _norm(v)
         trials = [(t, self.fun(self.x + t * v)) for t in (scale * 10.0**-k for k in range(4))]
         self.evals += len(trials)
         t, new = min(trials, key=lambda tv: tv[1].f)

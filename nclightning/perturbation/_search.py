@@ -104,7 +104,7 @@ class Solver:
         t = math.log(beta / prev.beta) / math.log(prev.beta / before.beta)
         guess = prev.W + t * (prev.W - before.W)
         model = Model(self.spec, self.lw, self.lh, beta)
-        return guess if model.evaluate(guess).f < model.evaluate(prev.W).f else prev.W
+        return guess if model.objective(guess) < model.objective(prev.W) else prev.W
 
     def at(self, beta: float, starts: list[Tensor | None], level: str = "tight") -> Point:
         """Solve at ``beta`` from every start (``None``: ridge); keep the lowest objective.
@@ -294,7 +294,7 @@ def _start(b: Point, c: Point, x: float) -> Tensor:
     t = (x - xb) / (xc - xb)
     guess = b.W + t * (c.W - b.W)
     model = Model(near.model.spec, near.model.lw, near.model.lh, math.exp(x))
-    return guess if model.evaluate(guess).f < model.evaluate(near.W).f else near.W
+    return guess if model.objective(guess) < model.objective(near.W) else near.W
 
 
 def _brent_step(
