@@ -12,8 +12,8 @@ Two ways to the same numbers (docs/science.md §10), chosen once per run by :fun
   ``H0``; for cdnv of ``H*`` one process keeps ``H0``'s rows for the fit, ``O(N d K)``, and
   several keep the per-class scatter, ``K d^2``) and elsewhere only its projection on the
   span of the centred class means (all that NC1 needs: ``O(N d K)`` instead of ``O(N d^2)``),
-  and counts
-  the NCC mismatches against the same probe's means (exact NC4, Papyan's definition);
+  and counts the NCC mismatches against the same probe's means (exact NC4, Papyan's
+  definition);
 * **streamed** (when they do not fit): one pass of shifted one-pass statistics with the full
   scatter, then a second forward pass for the NC4 counts.
 
