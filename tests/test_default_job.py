@@ -115,7 +115,11 @@ def test_measure_of_the_last_checkpoint_reproduces_the_last_probe(run):
     for key in probe_keys:
         if key.endswith(("grad_norm", "objective")):  # a tolerance, not a value
             continue
-        assert float(measured[key]) == pytest.approx(float(last[key]), rel=1e-6, abs=1e-12), key
+        # the training run searched near its previous coupling, the measurement afresh: the
+        # same root to the search's rtol (1e-8), predictions to ~1e-8 relative, so residuals
+        # and skills (differences of log10 values, which can be near 0) to ~1e-8 decades
+        small = 1e-7 if ("/residual/" in key or "/skill/" in key) else 1e-12
+        assert float(measured[key]) == pytest.approx(float(last[key]), rel=1e-6, abs=small), key
 
 
 def test_report_draws_the_figures_of_the_default_run(run, capsys, monkeypatch):
