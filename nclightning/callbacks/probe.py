@@ -180,8 +180,10 @@ class Probe:
             # a pair skipped for its widths is NaN: its H0 needs no full scatter
             h0 = [a for a, b in self.pairs if not (skip and widths.get(a) != widths.get(b))]
             samples = len(self.loader.dataset)  # type: ignore[arg-type]  # a map-style Subset
-            # one process holds every row: H*'s per-class spread from H0's rows (equal widths)
-            rows = [a for a, b in self.pairs if widths.get(a) == widths.get(b)]
+            # one process holds every row: H*'s per-class spread from H0's rows, for an H0 whose
+            # pairs all have equal widths (a zero-padded H0 keeps the per-class scatter)
+            padded = {a for a, b in self.pairs if widths.get(a) != widths.get(b)}
+            rows = [a for a in h0 if a not in padded]
             self.pass_plan = passes.plan(
                 widths, itemsize, samples, source.num_classes, h0, budget, self.device,
                 rows=rows if t.world_size == 1 else (),

@@ -427,6 +427,8 @@ def test_width_mismatch_is_refused_by_default_and_zero_padded_on_request():
     row = logger.probes()[1]
     assert row[pair_key("p", "narrow->wide", "converged")] == 1.0
     assert math.isfinite(row[pair_key("p", "narrow->wide", "predicted/nc1")])
+    # a zero-padded H0 keeps its per-class scatter (its rows are narrower than H*): cdnv of H*
+    assert math.isfinite(row[pair_key("p", "narrow->wide", "predicted/cdnv")])
     # a wider H0 cannot be padded into a narrower H
     cb = NeuralCollapseCallback(
         layers=layers, pairs=[("wide", "narrow")], probe=_loader(), name="p", width_mismatch="pad"
