@@ -370,8 +370,8 @@ class Replay:
 def _clone(x: Any) -> Any:
     if isinstance(x, Tensor):
         return x.clone()
-    if isinstance(x, Mapping):
-        return type(x)(**{k: _clone(v) for k, v in x.items()}) if isinstance(x, dict) else x
+    if isinstance(x, Mapping):  # the model gets a mapping's entries as keyword arguments
+        return {k: _clone(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return type(x)(_clone(v) for v in x)
     return x

@@ -112,3 +112,18 @@ def test_replay_yields_the_loader_batches_on_the_device(limit):
         assert torch.equal(torch.cat([b[0] for b in got]), x)
         assert torch.equal(torch.cat([b[1] for b in got]), y)
     assert (replay.batches is None) == (limit == 0)
+
+
+def test_replay_of_mapping_batches_hands_out_copies():
+    """Hugging Face style batches (a mapping with ``labels``): replayed as ``(inputs, labels)``
+    with the inputs copied, so a model writing into them does not change the kept batch."""
+    rows = [{"input_ids": torch.arange(3) + i, "labels": torch.tensor(i % 2)} for i in range(5)]
+    replay = passes.Replay(
+        torch.utils.data.DataLoader(rows, batch_size=2), torch.device("cpu"), 10**6
+    )
+    first = [(x["input_ids"].clone(), y) for x, y in replay]
+    for x, _ in replay:
+        x["input_ids"].mul_(0)  # a model writing into its input
+    again = list(replay)
+    assert [torch.equal(a[0], b[0]["input_ids"]) for a, b in zip(first, again)] == [True] * 3
+    assert [torch.equal(a[1], b[1]) for a, b in zip(first, again)] == [True] * 3
