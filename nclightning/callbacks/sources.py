@@ -185,8 +185,7 @@ def replayable(source: ProbeSource) -> bool:
     ``deterministic`` attribute is true, as nclightning's ``ArrayDataset`` without
     augmentation), read through the default collate. A user's own dataset or collate may draw
     random numbers: its loader is read anew at every probe."""
-    from torch.utils.data import TensorDataset
-    from torch.utils.data._utils.collate import default_collate
+    from torch.utils.data import TensorDataset, default_collate
 
     dataset = source.dataset
     while isinstance(dataset, Subset):
