@@ -1,6 +1,13 @@
-"""Shared test support: a recording logger and float64 brute-force collapse metrics."""
+"""Shared test support: a recording logger, float64 brute-force collapse metrics, and a fresh
+Python process for a script (memory high-water marks)."""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
 
 import numpy as np
 from lightning.pytorch.loggers import Logger
@@ -69,3 +76,19 @@ def reference_metrics(h: np.ndarray, y: np.ndarray, K: int, weight=None) -> dict
 
 def nearest_mean(h: np.ndarray, means: np.ndarray) -> np.ndarray:
     return ((h[:, None, :].astype(np.float64) - means[None]) ** 2).sum(2).argmin(1)
+
+
+def run_json_script(script: str, *args: object, timeout: float = 600) -> Any:
+    """Run ``script`` in a fresh one-thread Python process with ``args`` as its ``sys.argv[1:]``
+    and return the JSON of its last printed line (a fresh process: no freed memory of earlier
+    tests is reused, so its high-water mark counts every transient)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+        timeout=timeout,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -12,14 +12,10 @@ compute at N = 50,000, d = 2048, K = 1000).
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
+from support import run_json_script
 
 from nclightning.metrics import ClassStatistics
 from nclightning.metrics.formulas import _eigh_
@@ -123,16 +119,7 @@ def test_compute_grows_memory_by_less_than_the_state():
     allocator-dependent; the path through ``moments()`` and ``metrics_from_moments``
     measured 53 to 68 MiB)."""
     K, d = 500, 1536
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(
-        [sys.executable, "-c", _COMPUTE, str(K), str(d)],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=env,
-        timeout=600,
-    )
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    got = run_json_script(_COMPUTE, K, d)
     state_mb = (K * (2 * d + 3) + d * d) * 8 / 2**20
     assert all(np.isfinite(v) for v in got["values"].values()), got["values"]
     assert got["grow_mb"] < state_mb, (got["grow_mb"], state_mb)

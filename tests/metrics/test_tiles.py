@@ -7,14 +7,10 @@ pass over K = 32768 classes at d = 768 (a language model's vocabulary) stays wit
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
+from support import run_json_script
 
 from nclightning.metrics import ClassMoments, class_quantities
 from nclightning.metrics.measures import PAIR_KEYS, pair_scalars, pairwise_sq_distances
@@ -103,16 +99,7 @@ print(json.dumps({"grow_mb": status_mb("VmHWM") - base, "values": values, "var_o
 
 
 def _vocab_pass(K: int, d: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(
-        [sys.executable, "-c", _VOCAB, str(K), str(d)],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=env,
-        timeout=1800,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return dict(run_json_script(_VOCAB, K, d, timeout=1800))
 
 
 def test_many_classes_pass_never_forms_a_class_by_class_matrix():
