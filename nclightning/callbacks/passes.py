@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
 from nclightning.callbacks.sources import split_batch
@@ -368,13 +369,7 @@ class Replay:
 
 
 def _clone(x: Any) -> Any:
-    if isinstance(x, Tensor):
-        return x.clone()
-    if isinstance(x, Mapping):  # the model gets a mapping's entries as keyword arguments
-        return {k: _clone(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(_clone(v) for v in x)
-    return x
+    return apply_to_collection(x, Tensor, torch.clone)
 
 
 def _nbytes(x: Any) -> int:
