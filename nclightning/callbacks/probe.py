@@ -173,8 +173,6 @@ class Probe:
         # widths can change between probes (layer-wise training grows the network)
         widths, itemsize = self._widths(self._example)
         plan = self.pass_plan
-        budget = self.features.cache_budget
-        budget = passes.default_budget(self.device) if budget == "auto" else int(budget)
         if plan is None or {lp.alias: lp.dim for lp in plan.layers} != widths:
             skip = self.pair_settings.width_mismatch == "skip"
             # a pair skipped for its widths is NaN: its H0 needs no full scatter
@@ -185,16 +183,21 @@ class Probe:
             padded = {a for a, b in self.pairs if widths.get(a) != widths.get(b)}
             rows = [a for a in h0 if a not in padded]
             self.pass_plan = passes.plan(
-                widths, itemsize, samples, source.num_classes, h0, budget, self.device,
+                widths, itemsize, samples, source.num_classes, h0, self._budget(), self.device,
                 rows=rows if t.world_size == 1 else (),
             )  # fmt: skip
             if t.is_global_zero:
                 rank_zero_info(self.pass_plan.describe(self.name, len(subset), self._layouts))
         if self.inputs is None:  # the inputs share the budget with the feature cache
             plan = self._plan()
-            left = max(0, budget - plan.cache_bytes) if plan.cached else 0
+            left = max(0, self._budget() - plan.cache_bytes) if plan.cached else 0
             replay = replayable(source) and left > 0
             self.inputs = passes.Replay(self.loader, self.device, left) if replay else self.loader
+
+    def _budget(self) -> int:
+        """Bytes the feature cache (and the replayed inputs) may take (``cache_budget``)."""
+        budget = self.features.cache_budget
+        return passes.default_budget(self.device) if budget == "auto" else int(budget)
 
     def _discover(self, x: Any) -> None:
         f = self.features
