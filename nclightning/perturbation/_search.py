@@ -16,23 +16,29 @@ for any metric of ``H*`` it fits. The documented root:
 
 **Local-minimum guard.** Eq. 2 is not convex; a chain of warm starts along ``beta`` can stay on
 a branch of local minima after it stopped being global. The scan warm-starts each grid point
-from the previous one; the two grid points that bracket the first crossing are then solved
-again from the ridge start, and if either finds a lower minimum the whole scan is repeated
-with both starts at every grid point (the lower objective kept; ``Solver.branches`` counts
-the points where the starts disagreed). Refinement points start from the interpolation of the
-bracket's minimisers in ``log beta`` or its nearer end, whichever has the lower objective, and
-the root is checked once more against a ridge start. Where two branches
-exchange global optimality inside the bracket the metric of the global minimiser jumps: the
-search then ends at the jump and reports it (``jump``) instead of a root.
+from the previous one, and the refined root is solved again from the ridge start. When that
+finds a lower minimum, the two grid points that bracket the crossing are solved from the ridge
+start too, and if either finds a lower minimum the whole scan is repeated with both starts at
+every grid point (the lower objective kept; ``Solver.branches`` counts the points where the
+starts disagreed), then refined and checked again. Where the root's ridge start agrees, the
+bracket ends are not checked (before 2026-12 they always were, at two ridge solves per fit,
+about a quarter of a fit's cost at K=10; on the default job's 31 fits no coupling changed).
+Refinement points start from the interpolation of the bracket's minimisers in ``log beta`` or
+its nearer end, whichever has the lower objective. Where two branches exchange global
+optimality inside the bracket the metric of the global minimiser jumps: the search then ends
+at the jump and reports it (``jump``) instead of a root.
 
 **Accuracy where it matters** (the cost, ``benchmarks/scale.py``). Every solve is only as
 accurate as the decision it serves, and each finer one continues from the coarser minimiser
 (nothing is solved twice): a scan point is solved *coarse* (Newton step :data:`COARSE_STEP`),
 enough for its side of a target farther than :data:`SIDE`; *loose* (:data:`LOOSE_STEP`) within
-:data:`SIDE`, at the bracket ends (their objectives are compared by the guard) and for the
-ridge runs of the guard; to the solver's ``tol`` within :data:`CLOSE`. Brent's method brings
-``log(value / target)`` to 0 (nearly linear in ``log beta`` where the metric follows a power of
-``beta``), so the refinement needs few points; the reported point is always solved to ``tol``.
+:data:`SIDE` and for the ridge runs of the guard; to the solver's ``tol`` within
+:data:`CLOSE`. Brent's method brings ``log(value / target)`` to 0 (nearly linear in
+``log beta`` where the metric follows a power of ``beta``), so the refinement needs few points;
+the reported point is always solved to ``tol``.
+It stops when the bracket is narrower than ``rtol``, or when the secant through the last two
+points solved to ``tol`` puts the root within half of that of the newest (no point is solved
+only to confirm the bracket).
 """
 
 from __future__ import annotations
@@ -158,19 +164,34 @@ class RootSearch:
         return [self.hi, *inner, self.lo]
 
     def find(self, solver: Solver, near: float | None = None) -> RootSearch:
-        """Scan from the top, check the bracket with cold starts, refine (module docstring)."""
+        """Scan from the top, refine, check the root with a cold start; where that finds a
+        lower minimum, check the bracket and rescan with both starts (module docstring)."""
         upper, lower = self._scan(solver, guard=False)
-        if lower is not None and not self._agree_with_cold(solver, (upper, lower)):
-            upper, lower = self._scan(solver, guard=True)
-        if lower is not None:
-            self.reachable = True
-            self.point = lower if upper is None else self._refine(solver, lower, upper, near)
-            if not self._agree_with_cold(solver, (self.point,)):
+        root = self._root(solver, upper, lower, near)
+        if root is not None and not self._agree_with_cold(solver, (root,)):
+            checked = False
+            if not self._agree_with_cold(solver, (upper, lower)):
+                # the warm chain left the global branch above the root: both starts everywhere
+                upper, lower = self._scan(solver, guard=True)
+                root = self._root(solver, upper, lower, near)
+                checked = root is None or self._agree_with_cold(solver, (root,))
+            if root is not None and not checked:
                 # the refined branch is not the global one at the root: report the global one
-                self.point = solver.at(self.point.beta, [solver.points[-1].W])
+                root = solver.at(root.beta, [solver.points[-1].W])
                 self.jump = True
+        self.reachable = root is not None
+        if root is not None:
+            self.point = root
         self.history = [(p.beta, p.value) for p in solver.points]
         return self
+
+    def _root(
+        self, solver: Solver, upper: Point | None, lower: Point | None, near: float | None
+    ) -> Point | None:
+        """The refined crossing of a scan's ``(upper, lower)``, ``None`` when it found none."""
+        if lower is None:
+            return None
+        return lower if upper is None else self._refine(solver, lower, upper, near)
 
     def _gap(self, p: Point) -> float:
         """What the refinement brings to 0: ``log(value / target)`` for a positive target (a
@@ -200,8 +221,7 @@ class RootSearch:
             if p.value == self.target:
                 return None, p
             if prev is not None and self._side(p) != self._side(prev):
-                # loose at least: the guard compares their objectives to 1e-9
-                return self._tight(solver, prev, loose=True), self._tight(solver, p, loose=True)
+                return prev, p
             prev, before = p, prev
         self.point = min(solver.points, key=lambda q: abs(q.value - self.target))
         return None, None
@@ -247,14 +267,19 @@ class RootSearch:
         d = e = math.log(upper.beta) - math.log(lower.beta)
         xtol = 0.5 * math.log1p(self.rtol)
         trial = math.log(near) if near is not None and lower.beta < near < upper.beta else None
+        last: Point | None = None  # the point evaluated before b, when b is the newest
         for _ in range(self.max_evals):
             if (f[id(b)] > 0) == (f[id(c)] > 0):
                 c, d = a, math.log(b.beta) - math.log(a.beta)
                 e = d
             if abs(f[id(c)]) < abs(f[id(b)]):
-                a, b, c = b, c, b
+                a, b, c, last = b, c, b, None
             xb, xm = math.log(b.beta), 0.5 * (math.log(c.beta) - math.log(b.beta))
-            if abs(xm) <= xtol or abs(b.value - self.target) <= 1e-11 * abs(self.target):
+            if (
+                abs(xm) <= xtol
+                or abs(b.value - self.target) <= 1e-11 * abs(self.target)
+                or (last is not None and _secant_step(last, b, f) <= 0.5 * xtol)
+            ):
                 break
             d, e = _brent_step(a, b, c, f, xm, xtol, d, e)
             if trial is not None:
@@ -263,8 +288,10 @@ class RootSearch:
             step = d if abs(d) > xtol else math.copysign(xtol, xm)
             x = xb + step  # loose first, unless the best point so far is already close
             level = "tight" if abs(b.value - self.target) <= CLOSE * abs(self.target) else "loose"
-            b = self._tight(solver, solver.at(math.exp(x), [_start(b, c, x)], level=level))
+            last, b = b, self._tight(solver, solver.at(math.exp(x), [_start(b, c, x)], level=level))
             f[id(b)] = self._gap(b)
+            if b.loose:
+                last = None
         if b.loose:  # ended on a point far from the target (a jump): report it solved to tol
             b = self._tight(solver, b, force=True)
             f[id(b)] = self._gap(b)
@@ -282,6 +309,17 @@ def _lower(q: Point, p: Point) -> bool:
     """Whether ``q``'s minimum is lower than ``p``'s by more than :data:`MARGIN`."""
     fp = p.result.evaluation.f
     return q.result.evaluation.f < fp - MARGIN * abs(fp)
+
+
+def _secant_step(a: Point, b: Point, f: dict[int, float]) -> float:
+    """``|log beta|`` from ``b`` (solved to ``tol``) to the root by the secant through ``a``:
+    below ``xtol / 2`` the root lies within ``xtol`` of ``b`` without one more solve to confirm
+    it (``inf`` where the secant is undefined)."""
+    fa, fb = f[id(a)], f[id(b)]
+    dx = math.log(b.beta) - math.log(a.beta)
+    if fa == fb or dx == 0:
+        return math.inf
+    return abs(fb * dx / (fb - fa))
 
 
 def _start(b: Point, c: Point, x: float) -> Tensor:

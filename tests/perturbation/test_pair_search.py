@@ -222,10 +222,10 @@ def test_local_minimum_guard(ref):
 
 
 def test_the_guard_decides_on_objectives_accurate_to_tol(monkeypatch):
-    """The ridge runs of the guard are loose, their objectives off by ~1e-8 relative: more than
-    the 1e-9 that counts as a lower minimum. A loose objective below the warm one is confirmed
-    at ``tol`` first; where both starts reach the same minimiser the grid is not rescanned
-    with two starts (here the loose ridge objective is lower by more than the margin)."""
+    """The guard's ridge runs are loose, their objectives off by ~1e-8 relative: more than the
+    1e-9 that counts as a lower minimum. Compared with a loose warm point (a bracket end of the
+    scan), a loose ridge objective can be lower by more than the margin at the same minimiser;
+    it is confirmed at ``tol`` first, so the grid is not rescanned with two starts."""
     from nclightning.perturbation import _search
     from nclightning.perturbation._spectral import Spectrum
 
@@ -244,27 +244,33 @@ def test_the_guard_decides_on_objectives_accurate_to_tol(monkeypatch):
 
     shrink = 0.3 + 0.4 * torch.linspace(0.0, 1.0, d, dtype=f64)
     m0, m = moments(spec), moments(spec * shrink.square())
-    calls, gaps = [], []
-    at, agree = _search.Solver.at, _search.RootSearch._agree_with_cold
+    calls, scans = [], []
+    at, scan = _search.Solver.at, _search.RootSearch._scan
 
     def spy_at(self, beta, starts, level="tight"):
         calls.append(len(starts))
         return at(self, beta, starts, level)
 
-    def spy_agree(self, solver, points):
-        for p in points:
-            if p is not None and not p.cold and p.loose:
-                f_warm = p.result.evaluation.f
-                f_ridge = at(solver, p.beta, [None], level="loose").result.evaluation.f
-                gaps.append((f_warm - f_ridge) / f_warm)
-        return agree(self, solver, points)
+    def spy_scan(self, solver, guard):
+        ends = scan(self, solver, guard)
+        scans.append((self, solver, ends))
+        return ends
 
     monkeypatch.setattr(_search.Solver, "at", spy_at)
-    monkeypatch.setattr(_search.RootSearch, "_agree_with_cold", spy_agree)
+    monkeypatch.setattr(_search.RootSearch, "_scan", spy_scan)
     fit = fit_pair(m0, m, lambda_W=5e-4, lambda_H=5e-4)
     assert fit.status == "fitted" and fit.converged, fit.message
+    assert len(scans) == 1 and 2 not in calls  # no rescan with both starts
+    # the guard on the scan's bracket ends, solved loose as a warm chain leaves them
+    search, solver, ends = scans[0]
+    gaps = []
+    for end in ends:
+        warm = at(solver, end.beta, [end.W], level="loose")
+        ridge = at(solver, end.beta, [None], level="loose")
+        f_warm, f_ridge = warm.result.evaluation.f, ridge.result.evaluation.f
+        gaps.append((f_warm - f_ridge) / abs(f_warm))
+        assert search._agree_with_cold(solver, (warm,))  # ... confirmed at tol: the same minimum
     assert max(gaps) > 1e-9  # a loose ridge objective below the warm one by more than the margin
-    assert 2 not in calls  # ... yet no rescan with both starts: at tol they are the same minimum
     # the ridge start reaches the reported minimum at the fitted coupling
     model = _search.Model(Spectrum.of(m0).scaled(fit.scale), 5e-4, 5e-4, fit.beta)
     cold = _search.minimize_model(model, None, tol=1e-10, max_iter=200)
