@@ -277,20 +277,28 @@ def test_the_guard_decides_on_objectives_accurate_to_tol(monkeypatch):
     assert cold.evaluation.f == pytest.approx(fit.objective, rel=1e-12)
 
 
-@pytest.mark.parametrize("coupling", [None, 30.0])
-def test_cdnv_of_h_star_from_h0_rows_instead_of_a_per_class_scatter(ref, coupling):
+@pytest.mark.parametrize("coupling, chunk", [(None, None), (30.0, None), (None, 5)])
+def test_cdnv_of_h_star_from_h0_rows_instead_of_a_per_class_scatter(
+    ref, coupling, chunk, monkeypatch
+):
     """Without H0's per-class scatter, ``h0_features`` (the rows of H0's samples) give the
     predicted cdnv: that of the per-class-scatter fit, and a float64 brute force over the rows
     ``H* = (Y^T W + beta s H0) (W^T W + (lambda_H + beta) I)^-1`` (docs/science.md §2)."""
     import numpy as np
     from support import reference_metrics
 
+    from nclightning.perturbation import solver
+
+    if chunk is not None:  # several chunks of rows, the last one short
+        monkeypatch.setattr(solver, "ROWS", chunk)
     h0, labels = ref.random_features(4, [12, 9, 15, 11], 7)
     pooled = ClassMoments.from_features(h0, labels)
     h = shrunk_layer(h0, labels, 0.3 * metrics_from_moments(pooled)["nc1_tilde"])
     kw = dict(lambda_W=LW, lambda_H=LH, coupling=coupling)
     per_class = fit_pair(ClassMoments.from_features(h0, labels, per_class_scatter=True), h, **kw)
+    kept = h0.clone()
     rows = fit_pair(pooled, h, h0_features=(h0, labels), **kw)
+    assert torch.equal(h0, kept)  # float64 rows are read, never written
     assert rows.status == ("fixed" if coupling else "fitted") and rows.converged
     assert math.isnan(fit_pair(pooled, h, **kw).predicted["cdnv"])  # no rows: undefined
     assert rows.coupling == pytest.approx(per_class.coupling, rel=1e-8)
