@@ -66,8 +66,10 @@ LOOSE_STEP = 1e-4
 that relative accuracy (a small gradient alone does not say it, see ``._newton``)."""
 SIDE = 0.25
 """A coarse point within this relative distance of the target is continued to a loose solve."""
-CLOSE = 0.02
-"""A loose point within this relative distance of the target is continued to ``tol``."""
+CLOSE = 0.002
+"""A loose point within this relative distance of the target is continued to ``tol``: farther
+out, Brent's next step from loose values is as good (0.02 solved 8% more Hessian products on
+the default job's fits and at d=512, K=100)."""
 LEVELS = {"coarse": (1e-4, COARSE_STEP), "loose": (1e-6, LOOSE_STEP)}
 """``(largest tol, step_tol)`` of the solves short of ``tol`` (a ``"tight"`` solve)."""
 
