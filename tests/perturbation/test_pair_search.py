@@ -223,8 +223,9 @@ def test_local_minimum_guard(ref):
 
 def test_the_guard_decides_on_objectives_accurate_to_tol(monkeypatch):
     """The guard's ridge runs are loose, their objectives off by ~1e-8 relative: more than the
-    1e-9 that counts as a lower minimum. Compared with a loose warm point (a bracket end of the
-    scan), a loose ridge objective can be lower by more than the margin at the same minimiser;
+    1e-9 that counts as a lower minimum. Compared with a loose warm point (a scan point
+    continued loose), a loose ridge objective can be lower by more than the margin at the same
+    minimiser;
     it is confirmed at ``tol`` first, so the grid is not rescanned with two starts."""
     from nclightning.perturbation import _search
     from nclightning.perturbation._spectral import Spectrum
@@ -261,10 +262,10 @@ def test_the_guard_decides_on_objectives_accurate_to_tol(monkeypatch):
     fit = fit_pair(m0, m, lambda_W=5e-4, lambda_H=5e-4)
     assert fit.status == "fitted" and fit.converged, fit.message
     assert len(scans) == 1 and 2 not in calls  # no rescan with both starts
-    # the guard on the scan's bracket ends, solved loose as a warm chain leaves them
-    search, solver, ends = scans[0]
+    # the guard on the scan's points, continued loose from the warm chain's coarse solves
+    search, solver, _ = scans[0]
     gaps = []
-    for end in ends:
+    for end in [p for p in solver.points if p.level == "coarse" and not p.cold]:
         warm = at(solver, end.beta, [end.W], level="loose")
         ridge = at(solver, end.beta, [None], level="loose")
         f_warm, f_ridge = warm.result.evaluation.f, ridge.result.evaluation.f
