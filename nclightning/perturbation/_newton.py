@@ -182,10 +182,11 @@ class _Run:
         hessian: Hessian,
         escape: Escape | None,
         opts: dict[str, Any],
+        ev0: Evaluation | None = None,
     ) -> None:
         self.fun, self.hessian, self.escape, self.opts = fun, hessian, escape, opts
-        self.x, self.ev = x0, fun(x0)
-        self.evals, self.hvps, self.escapes = 1, 0, 0
+        self.x, self.ev = x0, fun(x0) if ev0 is None else ev0
+        self.evals, self.hvps, self.escapes = int(ev0 is None), 0, 0
 
     def result(self, it: int, ok: bool, msg: str) -> NewtonResult:
         return NewtonResult(self.x, self.ev, it, self.evals, self.hvps, ok, msg)
@@ -243,8 +244,9 @@ def minimize(
     max_cg: int = 200,
     escape: Escape | None = None,
     max_escapes: int = 8,
+    ev0: Evaluation | None = None,
 ) -> NewtonResult:
-    """Minimise ``fun`` from ``x0`` (module docstring).
+    """Minimise ``fun`` from ``x0`` (module docstring); ``ev0``: ``fun(x0)``, when known.
 
     Converged when ``Evaluation.rel <= tol`` *and* the error left in ``x`` is bounded: the next
     Newton step is at most ``step_tol |x|``, or the full step just taken was at most
@@ -254,7 +256,7 @@ def minimize(
     ``f`` any more (float64 floor).
     """
     opts = dict(tol=tol, step_tol=step_tol, max_cg=max_cg, max_escapes=max_escapes)
-    run, root = _Run(fun, x0, hessian, escape, opts), math.sqrt(step_tol)
+    run, root = _Run(fun, x0, hessian, escape, opts, ev0), math.sqrt(step_tol)
     for it in range(max_iter):
         if not (math.isfinite(run.ev.f) and math.isfinite(run.ev.rel)):
             return run.result(it, False, "non-finite objective")

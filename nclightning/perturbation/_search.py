@@ -117,20 +117,28 @@ class Solver:
         model = Model(self.spec, self.lw, self.lh, beta)
         return guess if model.objective(guess) < model.objective(prev.W) else prev.W
 
-    def at(self, beta: float, starts: list[Tensor | None], level: str = "tight") -> Point:
-        """Solve at ``beta`` from every start (``None``: ridge); keep the lowest objective.
+    def at(
+        self, beta: float, starts: Sequence[Tensor | Point | None], level: str = "tight"
+    ) -> Point:
+        """Solve at ``beta`` from every start (``None``: ridge; a :class:`Point`: its minimiser,
+        and its evaluation when at this ``beta``); keep the lowest objective.
 
         ``level="loose"``: to a Newton step of :data:`LOOSE_STEP` only, enough for the side of a
         target farther than :data:`CLOSE`, or to compare objectives (their error is quadratic);
         ``"coarse"``: to :data:`COARSE_STEP`, enough for a side farther than :data:`SIDE`.
         """
         model = Model(self.spec, self.lw, self.lh, beta)
+        tol, step = self.tol, 1e-8  # minimize_model's step_tol
         if level in LEVELS:
-            tol, step = LEVELS[level]
-            kw = dict(tol=max(self.tol, tol), step_tol=step)
-        else:
-            kw = dict(tol=self.tol)
-        runs = [minimize_model(model, w, max_iter=200, **kw) for w in starts]
+            tol, step = max(self.tol, LEVELS[level][0]), LEVELS[level][1]
+
+        def run(w: Tensor | Point | None) -> NewtonResult:
+            if isinstance(w, Point):  # continued: its evaluation is reused at the same beta
+                ev0 = w.result.evaluation if w.beta == beta else None
+                return minimize_model(model, w.W, tol=tol, step_tol=step, max_iter=200, ev0=ev0)
+            return minimize_model(model, w, tol=tol, step_tol=step, max_iter=200)
+
+        runs = [run(w) for w in starts]
         best = min(runs, key=lambda r: (not r.converged, r.evaluation.f))
         fs = [r.evaluation.f for r in runs if r.converged]
         if fs and max(fs) - min(fs) > 1e-10 * abs(min(fs)):
@@ -182,7 +190,7 @@ class RootSearch:
                 checked = root is None or self._agree_with_cold(solver, (root,))
             if root is not None and not checked:
                 # the refined branch is not the global one at the root: report the global one
-                root = solver.at(root.beta, [solver.points[-1].W])
+                root = solver.at(root.beta, [solver.points[-1]])
                 self.jump = True
         self.reachable = root is not None
         if root is not None:
@@ -238,10 +246,10 @@ class RootSearch:
         ``p``'s minimiser, so nothing is solved twice."""
         gap = abs(p.value - self.target)
         if p.level == "coarse" and (force or loose or gap <= SIDE * abs(self.target)):
-            p = solver.at(p.beta, [p.W], level="loose")
+            p = solver.at(p.beta, [p], level="loose")
             gap = abs(p.value - self.target)
         if p.loose and (force or gap <= CLOSE * abs(self.target)):
-            return solver.at(p.beta, [p.W])
+            return solver.at(p.beta, [p])
         return p
 
     def _agree_with_cold(self, solver: Solver, points: Sequence[Point | None]) -> bool:
@@ -258,7 +266,7 @@ class RootSearch:
                 continue
             q = solver.at(p.beta, [None], level="loose")
             if _lower(q, p) and (p.loose or q.loose):
-                p, q = solver.at(p.beta, [p.W]), solver.at(q.beta, [q.W])
+                p, q = solver.at(p.beta, [p]), solver.at(q.beta, [q])
             if _lower(q, p):
                 return False
         return True

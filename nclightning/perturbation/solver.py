@@ -54,6 +54,7 @@ from torch import Tensor
 
 from nclightning.metrics import ClassMoments, NCCReference, metrics_from_moments
 from nclightning.perturbation._inputs import as_moments, one_hot
+from nclightning.perturbation._linesearch import Evaluation
 from nclightning.perturbation._model import Model
 from nclightning.perturbation._newton import NewtonResult, minimize
 from nclightning.perturbation._spectral import Spectrum
@@ -131,9 +132,16 @@ def objective(
 
 
 def minimize_model(
-    model: Model, init: Tensor | None, *, tol: float, max_iter: int, step_tol: float = 1e-8
+    model: Model,
+    init: Tensor | None,
+    *,
+    tol: float,
+    max_iter: int,
+    step_tol: float = 1e-8,
+    ev0: Evaluation | None = None,
 ) -> NewtonResult:
-    """Newton from ``init`` (eigenbasis ``[K, d]``) or the ridge start (:mod:`._newton`)."""
+    """Newton from ``init`` (eigenbasis ``[K, d]``) or the ridge start (:mod:`._newton`);
+    ``ev0``: ``model.evaluate(init)``, when already known (a solve continued to a finer tol)."""
     W0 = model.initial() if init is None else init
     return minimize(
         model.evaluate,
@@ -143,6 +151,7 @@ def minimize_model(
         max_iter=max_iter,
         step_tol=step_tol,
         escape=model.escape,
+        ev0=None if init is None else ev0,
     )
 
 
