@@ -9,7 +9,10 @@ the inverse Hessian. One iteration:
    step ``z = -M g`` and the residual of the first CG step along it, relative to ``|g|``; keep
    the ``M`` with the smallest, and the first one outright when its residual is below
    :data:`GOOD_ENOUGH` (measured on the default job and at d=512, K=100: the later candidate
-   was never better then);
+   was never better then). The candidate chosen at the previous iteration (or, through
+   ``prefer``, the previous solve of a search) is tried first and kept outright below
+   :data:`INCUMBENT_GOOD_ENOUGH`: the fixed-H one wins at large ``beta``, the block one at
+   small, and building the other only to lose cost 10% of a fit at d=512, K=100;
 2. *direction*: preconditioned conjugate gradients on ``H p = -g`` until the residual falls
    below ``forcing * |g|`` (``forcing = min(0.5, max(sqrt(rel), sqrt(step_tol)))``:
    superlinear convergence down to the accuracy the stop asks for, no further: a solve that
@@ -47,6 +50,9 @@ Hessian = Callable[[Tensor, Evaluation], tuple[Operator, Sequence[Factory]]]
 GOOD_ENOUGH = 0.3
 """First-CG-step residual (relative) below which the first preconditioner is kept without
 building the others."""
+INCUMBENT_GOOD_ENOUGH = 0.6
+"""The same for the preconditioner chosen at the previous iteration (or solve): kept below
+this without building the others."""
 Escape = Callable[[Tensor, Evaluation], Tensor | None]
 
 
@@ -61,6 +67,7 @@ class NewtonResult:
     hessian_products: int
     converged: bool
     message: str
+    preconditioner: int | None = None  # index of the factory the last direction used
 
 
 def _dot(a: Tensor, b: Tensor) -> float:
@@ -72,21 +79,26 @@ def _norm(a: Tensor) -> float:
 
 
 def _choose(
-    hvp: Operator, factories: Sequence[Factory], g: Tensor
-) -> tuple[Operator, int, tuple[Tensor, Tensor] | None]:
+    hvp: Operator, factories: Sequence[Factory], g: Tensor, prefer: int | None = None
+) -> tuple[Operator, int, tuple[Tensor, Tensor] | None, int]:
     """The candidate whose gradient step leaves the smallest first-CG-step residual (the first
-    one below :data:`GOOD_ENOUGH` outright), #products, and ``(z, H z)`` of the chosen step
-    ``z = M g`` (``None`` when not computed): the first conjugate-gradient direction is
-    ``-z``, so its product is not computed again."""
+    one below :data:`GOOD_ENOUGH` outright; ``prefer``, the one chosen last time, is tried
+    first and kept below :data:`INCUMBENT_GOOD_ENOUGH`), #products, ``(z, H z)`` of the
+    chosen step ``z = M g`` (``None`` when not computed: the first conjugate-gradient
+    direction is ``-z``, so its product is not computed again) and the chosen index."""
     best: Operator | None = None
-    best_score, first, products, g_norm = math.inf, None, 0, _norm(g)
-    left = list(factories)
-    while left:
-        m = left.pop(0)()
+    best_score, first, products, g_norm, chosen = math.inf, None, 0, _norm(g), -1
+    order = list(range(len(factories)))
+    if prefer is not None and 0 <= prefer < len(order):
+        order.remove(prefer)
+        order.insert(0, prefer)
+    while order:
+        i = order.pop(0)
+        m = factories[i]()
         if m is None:
             continue
-        if best is None and not left:
-            return m, products, None  # the only candidate: nothing to compare
+        if best is None and not order:
+            return m, products, None, i  # the only candidate: nothing to compare
         z = m(g)
         hz = hvp(z)
         products += 1
@@ -94,12 +106,13 @@ def _choose(
         zz = _dot(hz, hz)
         score = _norm(g - (_dot(hz, g) / zz) * hz) if zz > 0 else math.inf
         if score < best_score:
-            best, best_score, first = m, score, (z, hz)
-        if best_score <= GOOD_ENOUGH * g_norm:
+            best, best_score, first, chosen = m, score, (z, hz), i
+        good = INCUMBENT_GOOD_ENOUGH if i == prefer else GOOD_ENOUGH
+        if best_score <= good * g_norm:
             break
     if best is None:
         raise RuntimeError("no preconditioner is available at this point")
-    return best, products, first
+    return best, products, first, chosen
 
 
 def _cg(
@@ -161,15 +174,17 @@ def _direction(
     forcing: float,
     max_cg: int,
     small: Callable[[Tensor], bool] | None,
-) -> tuple[Tensor, Operator, int, bool]:
-    """Newton-CG direction at ``x``, the chosen preconditioner, #Hessian products, and whether
-    the step was found negligible (``small``) before the CG solve was complete."""
+    prefer: int | None = None,
+) -> tuple[Tensor, Operator, int, bool, int]:
+    """Newton-CG direction at ``x``, the chosen preconditioner, #Hessian products, whether
+    the step was found negligible (``small``) before the CG solve was complete, and the
+    chosen preconditioner's index (``prefer``: the one tried first, :func:`_choose`)."""
     hvp, factories = hessian(x, ev)
-    precond, used, first = _choose(hvp, factories, ev.grad)
+    precond, used, first, chosen = _choose(hvp, factories, ev.grad, prefer)
     direction, k, negligible = _cg(hvp, precond, ev.grad, forcing, max_cg, small, first)
     if _dot(direction, ev.grad) >= 0:
         direction = -precond(ev.grad)
-    return direction, precond, used + k, negligible
+    return direction, precond, used + k, negligible, chosen
 
 
 class _Run:
@@ -183,13 +198,15 @@ class _Run:
         escape: Escape | None,
         opts: dict[str, Any],
         ev0: Evaluation | None = None,
+        prefer: int | None = None,
     ) -> None:
         self.fun, self.hessian, self.escape, self.opts = fun, hessian, escape, opts
         self.x, self.ev = x0, fun(x0) if ev0 is None else ev0
         self.evals, self.hvps, self.escapes = int(ev0 is None), 0, 0
+        self.prefer = prefer
 
     def result(self, it: int, ok: bool, msg: str) -> NewtonResult:
-        return NewtonResult(self.x, self.ev, it, self.evals, self.hvps, ok, msg)
+        return NewtonResult(self.x, self.ev, it, self.evals, self.hvps, ok, msg, self.prefer)
 
     def newton_direction(self) -> tuple[Tensor, Operator, bool, float]:
         """``(direction, preconditioner, negligible, forcing)`` at the current point."""
@@ -197,8 +214,8 @@ class _Run:
         forcing = min(0.5, max(math.sqrt(self.ev.rel), math.sqrt(step_tol)))
         x = self.x
         check = (lambda p: _is_small(p, x, step_tol)) if self.ev.rel <= tol else None
-        direction, precond, used, small = _direction(
-            self.hessian, x, self.ev, forcing, self.opts["max_cg"], check
+        direction, precond, used, small, self.prefer = _direction(
+            self.hessian, x, self.ev, forcing, self.opts["max_cg"], check, self.prefer
         )
         self.hvps += used
         small = small or (self.ev.rel <= tol and _is_small(direction, x, step_tol))
@@ -245,8 +262,11 @@ def minimize(
     escape: Escape | None = None,
     max_escapes: int = 8,
     ev0: Evaluation | None = None,
+    prefer: int | None = None,
 ) -> NewtonResult:
-    """Minimise ``fun`` from ``x0`` (module docstring); ``ev0``: ``fun(x0)``, when known.
+    """Minimise ``fun`` from ``x0`` (module docstring); ``ev0``: ``fun(x0)``, when known;
+    ``prefer``: the preconditioner to try first (``NewtonResult.preconditioner`` of a
+    previous run on a nearby problem).
 
     Converged when ``Evaluation.rel <= tol`` *and* the error left in ``x`` is bounded: the next
     Newton step is at most ``step_tol |x|``, or the full step just taken was at most
@@ -256,7 +276,7 @@ def minimize(
     ``f`` any more (float64 floor).
     """
     opts = dict(tol=tol, step_tol=step_tol, max_cg=max_cg, max_escapes=max_escapes)
-    run, root = _Run(fun, x0, hessian, escape, opts, ev0), math.sqrt(step_tol)
+    run, root = _Run(fun, x0, hessian, escape, opts, ev0, prefer), math.sqrt(step_tol)
     for it in range(max_iter):
         if not (math.isfinite(run.ev.f) and math.isfinite(run.ev.rel)):
             return run.result(it, False, "non-finite objective")

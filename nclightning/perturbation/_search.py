@@ -106,6 +106,7 @@ class Solver:
         self.spec, self.lw, self.lh, self.metric, self.tol = spec, lambda_W, lambda_H, metric, tol
         self.points: list[Point] = []
         self.branches = 0
+        self.prefer: int | None = None  # the preconditioner the last solve ended with
 
     def predict(self, beta: float, prev: Point, before: Point | None) -> Tensor:
         """Warm start at ``beta``: ``prev``'s minimiser or its secant extrapolation in
@@ -133,13 +134,18 @@ class Solver:
             tol, step = max(self.tol, LEVELS[level][0]), LEVELS[level][1]
 
         def run(w: Tensor | Point | None) -> NewtonResult:
-            if isinstance(w, Point):  # continued: its evaluation is reused at the same beta
-                ev0 = w.result.evaluation if w.beta == beta else None
-                return minimize_model(model, w.W, tol=tol, step_tol=step, max_iter=200, ev0=ev0)
-            return minimize_model(model, w, tol=tol, step_tol=step, max_iter=200)
+            start: Tensor | None = w if not isinstance(w, Point) else w.W
+            ev0 = None
+            if isinstance(w, Point) and w.beta == beta:  # continued: its evaluation is reused
+                ev0 = w.result.evaluation
+            return minimize_model(
+                model, start, tol=tol, step_tol=step, max_iter=200, ev0=ev0, prefer=self.prefer
+            )
 
         runs = [run(w) for w in starts]
         best = min(runs, key=lambda r: (not r.converged, r.evaluation.f))
+        if best.preconditioner is not None:
+            self.prefer = best.preconditioner
         fs = [r.evaluation.f for r in runs if r.converged]
         if fs and max(fs) - min(fs) > 1e-10 * abs(min(fs)):
             self.branches += 1

@@ -139,6 +139,7 @@ def minimize_model(
     max_iter: int,
     step_tol: float = 1e-8,
     ev0: Evaluation | None = None,
+    prefer: int | None = None,
 ) -> NewtonResult:
     """Newton from ``init`` (eigenbasis ``[K, d]``) or the ridge start (:mod:`._newton`);
     ``ev0``: ``model.evaluate(init)``, when already known (a solve continued to a finer tol)."""
@@ -152,6 +153,7 @@ def minimize_model(
         step_tol=step_tol,
         escape=model.escape,
         ev0=None if init is None else ev0,
+        prefer=prefer,
     )
 
 

@@ -250,3 +250,30 @@ def test_hessian_vector_products_are_those_of_eq2_with_h_eliminated(ref, beta):
         got = spec.to_original(model.hvp(ev.ctx, e0, e1)(spec.to_eigen(V)))
         _, want = torch.autograd.functional.hvp(g, W, V)
         assert torch.allclose(got, want, rtol=0, atol=1e-10 * float(want.abs().max())), beta
+
+
+def test_the_preconditioner_chosen_last_is_tried_first_and_kept_unless_poor():
+    """``_newton._choose``: the preferred candidate is built first and kept outright while
+    its first CG step leaves at most INCUMBENT_GOOD_ENOUGH of the gradient (the other is then
+    never built); above that the other is built too and the better one is chosen."""
+    from nclightning.perturbation import _newton
+
+    def run(h, prefer):
+        built = []
+        hvp = lambda v: h * v  # noqa: E731  (H = diag(h))
+        factories = [
+            lambda: built.append("exact") or (lambda q: q / h),
+            lambda: built.append("identity") or (lambda q: q),
+        ]
+        _, _, _, chosen = _newton._choose(
+            hvp, factories, torch.ones(2, dtype=torch.float64), prefer
+        )
+        return built, chosen
+
+    mild = torch.tensor([1.0, 2.0], dtype=torch.float64)  # identity's residual 0.32
+    harsh = torch.tensor([1.0, 100.0], dtype=torch.float64)  # identity's residual 0.70
+    assert 0.3 < 0.32 < _newton.INCUMBENT_GOOD_ENOUGH < 0.70
+    assert run(mild, prefer=1) == (["identity"], 1)  # kept: the exact one is never built
+    assert run(mild, prefer=None) == (["exact"], 0)  # in order: the exact one first, kept
+    assert run(harsh, prefer=1) == (["identity", "exact"], 0)  # too poor: both, the better
+    assert run(mild, prefer=0) == (["exact"], 0)
