@@ -373,13 +373,9 @@ def _clone(x: Any) -> Any:
 
 
 def _nbytes(x: Any) -> int:
-    if isinstance(x, Tensor):
-        return x.numel() * x.element_size()
-    if isinstance(x, Mapping):
-        return sum(_nbytes(v) for v in x.values())
-    if isinstance(x, (list, tuple)):
-        return sum(_nbytes(v) for v in x)
-    return 0
+    sizes: list[int] = []
+    apply_to_collection(x, Tensor, lambda t: sizes.append(t.nbytes))
+    return sum(sizes)
 
 
 SWEEP_ROWS = 4096

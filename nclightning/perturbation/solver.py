@@ -331,18 +331,19 @@ def rows_class_ss(
     samples, ``A = V diag(a) V^T + (I - V V^T) / c``: with ``p = V^T x`` and the orthogonal
     part ``x - V p`` formed explicitly (no cancellation), ``||A x||^2 = sum_r a_r^2 p_r^2 +
     ||x - V p||^2 / c^2``. Float64, ``ROWS`` rows at a time; ``h - mu_k - V p`` is one product
-    ``h - [onehot | p] [mu; V^T]`` (its rounding, ``eps |mu_k|``, is that of ``h - mu_k``)."""
+    ``h - [onehot | p] [mu; V^T]`` and ``p = V^T h - V^T mu_k``: rounding of float64 order
+    ``eps |mu_k|``, far below that of float32 features (``2^-24 |h|``)."""
     out = torch.zeros_like(m.counts)
     a2 = a.square()
     right = torch.cat([m.means, V.T])  # [K + r, d]
     mv = m.means @ V
-    eye = torch.eye(m.num_classes, dtype=out.dtype, device=out.device)
     for start in range(0, features.shape[0], ROWS):
         y = labels[start : start + ROWS].to(device=out.device, dtype=torch.long)
         # a copy (updated in place below), also where the rows already are float64
         x = features[start : start + ROWS].to(device=out.device, dtype=torch.float64, copy=True)
         p = (x @ V).sub_(mv[y])  # V^T (h - mu_k)
-        perp = x.addmm_(torch.cat([eye[y], p], 1), right, alpha=-1.0).square_().sum(1)
+        left = torch.cat([one_hot(y, m.num_classes), p], 1)
+        perp = x.addmm_(left, right, alpha=-1.0).square_().sum(1)
         out.index_add_(0, y, (p.square_() * a2).sum(1).add_(perp, alpha=1.0 / (c * c)))
     return out
 
