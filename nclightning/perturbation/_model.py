@@ -41,7 +41,7 @@ from nclightning.perturbation._linesearch import Evaluation
 from nclightning.perturbation._newton import Factory, Operator
 from nclightning.perturbation._spectral import Spectrum
 
-__all__ = ["Model", "check_parameters"]
+__all__ = ["Model", "State", "check_parameters"]
 
 
 def check_parameters(lambda_W: float, lambda_H: float, beta: float) -> None:
@@ -55,7 +55,7 @@ def check_parameters(lambda_W: float, lambda_H: float, beta: float) -> None:
 
 
 @dataclass
-class _State:
+class State:
     """Quantities of one point ``W`` shared by the objective, gradient and Hessian."""
 
     W: Tensor
@@ -85,7 +85,7 @@ class Model:
         self.eye = torch.eye(self.K, dtype=torch.float64, device=self.mu.device)
 
     # -- one point -----------------------------------------------------------------------------
-    def state(self, W: Tensor) -> _State:
+    def state(self, W: Tensor) -> State:
         b, c = self.beta, self.c
         gram = W @ W.T
         chol = torch.linalg.cholesky(gram + c * self.eye)
@@ -94,18 +94,20 @@ class Model:
         w_mu = self.mu @ W.T
         ws = W * self.s
         x = W + b * self.mu
-        means = (x - (x @ W.T) @ m_inv_w) / c
+        means = (x - (gram + b * w_mu) @ m_inv_w) / c  # x W^T = Gamma + beta mu W^T
         r = (b * (w_mu - self.eye) - self.lh * self.eye) @ m_inv
-        return _State(W, gram, m_inv, m_inv_w, w_mu, ws, ws @ W.T, means, r)
+        return State(W, gram, m_inv, m_inv_w, w_mu, ws, ws @ W.T, means, r)
 
     def objective(self, W: Tensor) -> float:
         """``g(W)`` alone (to compare starting points)."""
-        return self._objective(self.state(W))
+        return self.objective_at(self.state(W))
 
-    def _objective(self, st: _State) -> float:
+    def objective_at(self, st: State) -> float:
+        """``g(W)`` at the state of ``W``."""
         W, b, c, lh, N = st.W, self.beta, self.c, self.lh, self.N
         dev = (self.eye - st.w_mu) @ W - lh * self.mu  # rows of (m_k - mu_k) before A
-        dev = (dev - (dev @ W.T) @ st.m_inv_w) / c
+        dev_w = (self.eye - st.w_mu) @ st.gram - lh * st.w_mu  # dev W^T, from K x K factors
+        dev = (dev - dev_w @ st.m_inv_w) / c
         between = self.n * (
             st.r.square().sum(1) + lh * st.means.square().sum(1) + b * dev.square().sum(1)
         )
@@ -116,13 +118,17 @@ class Model:
 
     def evaluate(self, W: Tensor) -> Evaluation:
         """Objective, gradient and relative gradient norm (``solver`` module docstring)."""
-        st = self.state(W)
-        b, c, N = self.beta, self.c, self.N
+        return self.evaluation(self.state(W))
+
+    def evaluation(self, st: State, f: float | None = None) -> Evaluation:
+        """:meth:`evaluate` at a point whose state (and objective ``f``) is known."""
+        W, b, c, N = st.W, self.beta, self.c, self.N
         within_g = (b * b / c) * (st.m_inv @ st.ws - (st.m_inv @ st.t) @ st.m_inv_w)
-        nm = self.n.unsqueeze(1) * st.means
-        grad = (st.r.T @ nm + within_g) / N + self.gamma * W
-        f = self._objective(st)
-        whh = (W @ st.means.T) @ nm + within_g  # W H H^T
+        nm = self.n.unsqueeze(1) * st.means  # Y H^T
+        whh_y = st.r.T @ nm + within_g  # (W H - Y) H^T
+        grad = whh_y / N + self.gamma * W
+        f = self.objective_at(st) if f is None else f
+        whh = whh_y + nm  # W H H^T
         norm = torch.linalg.vector_norm
         scale = float(norm(whh)) / N + float(norm(nm)) / N + self.gamma * float(norm(W))
         gn = float(norm(grad))
@@ -130,7 +136,7 @@ class Model:
         return Evaluation(f, grad, rel, st)
 
     # -- second order --------------------------------------------------------------------------
-    def multipliers(self, st: _State) -> tuple[Tensor, Tensor, Tensor]:
+    def multipliers(self, st: State) -> tuple[Tensor, Tensor, Tensor]:
         """``(E0, F, E1)`` at ``st`` (module docstring)."""
         b, cn = self.beta, self.c * self.N
         rn = st.r.T * self.n
@@ -141,14 +147,14 @@ class Model:
     def hessian(self, W: Tensor, ev: Evaluation) -> tuple[Operator, list[Factory]]:
         """``(hvp, preconditioner factories)`` at ``W`` for :func:`._newton.minimize`: the
         block one (``None`` where not positive definite), then the fixed-H one."""
-        st: _State = ev.ctx
+        st: State = ev.ctx
         e0, _, e1 = self.multipliers(st)
         return self.hvp(st, e0, e1), [
             lambda: self._block_preconditioner(self._pencil(e0, e1)),
             lambda: self._fixed_h_preconditioner(st),
         ]
 
-    def hvp(self, st: _State, e0: Tensor, e1: Tensor) -> Operator:
+    def hvp(self, st: State, e0: Tensor, e1: Tensor) -> Operator:
         """``V -> (Hessian of g at st.W) V``, ``O(K^2 d)`` per product (module docstring)."""
         W = st.W
         b, lh, cn = self.beta, self.lh, self.c * self.N
@@ -211,17 +217,17 @@ class Model:
         (a saddle). There the Hessian is the block ``E0 + s_j E1``; its most negative
         generalised eigenvector, checked with an exact Hessian-vector product, is returned.
         """
+        tiny = 1e-8
+        empty = (W.abs().amax(0) <= tiny * float(W.abs().max())) & (
+            self.mu.abs().amax(0) <= tiny * float(self.mu.abs().max())
+        )  # [d]: coordinates of the invariant subspace
+        if not bool(empty.any()):  # (checked first: it needs no K x K decomposition)
+            return None
         e0, _, e1 = self.multipliers(ev.ctx)
         pencil = self._pencil(e0, e1)
         if pencil is None or not float(pencil[1].min()) < 0:
             return None
         c, den = pencil
-        tiny = 1e-8
-        empty = (W.abs().amax(0) <= tiny * float(W.abs().max())) & (
-            self.mu.abs().amax(0) <= tiny * float(self.mu.abs().max())
-        )  # [d]: coordinates of the invariant subspace
-        if not bool(empty.any()):
-            return None
         hvp = self.hvp(ev.ctx, e0, e1)
         flat = torch.where(empty.unsqueeze(0), den, torch.inf).flatten()
         for idx in torch.argsort(flat)[: self.K].tolist():  # the most negative blocks first
@@ -234,7 +240,7 @@ class Model:
                 return V
         return None
 
-    def _fixed_h_preconditioner(self, st: _State) -> Operator:
+    def _fixed_h_preconditioner(self, st: State) -> Operator:
         """``q -> q (H H^T/N + lambda_W/K I)^-1``: diagonal + rank 3K, by Woodbury; where
         ``3K >= d`` the ``d x d`` matrix is formed and inverted instead (cheaper than the
         ``3K x 3K`` Woodbury core, and one ``O(K d^2)`` product per application; where ``3K < d``
@@ -276,25 +282,36 @@ class Model:
         core = torch.diag(self.N / self.n[present]) + ud @ u.T
         return x - (x @ u.T) @ cast(Tensor, torch.linalg.solve(core, ud))
 
-    def features_summary(self, W: Tensor) -> tuple[float, Tensor]:
-        """``(sum_i ||h*_i - m_k||^2, means m_k [K, d])`` of ``H*(W)`` in ``O(K^2 d)``."""
-        b, c = self.beta, self.c
-        _, sv, vh = torch.linalg.svd(W, full_matrices=False)
-        a = 1.0 / (sv.square() + c)  # A = V diag(a) V^T + (I - V V^T)/c
-        v2 = vh.square()  # [r, d]
-        a2_diag = (a.square().unsqueeze(1) * v2).sum(0) + (1.0 - v2.sum(0)) / (c * c)
-        x = W + b * self.mu
-        means = (x @ vh.T) * a @ vh + (x - (x @ vh.T) @ vh) / c
-        return b * b * float((self.s * a2_diag).sum()), means
+    def summary(self, st: State) -> tuple[float, Tensor]:
+        """``(sum_i ||h*_i - m_k||^2, means m_k [K, d])`` of ``H*(W)`` at the state of ``W``.
 
-    def nc1_tilde(self, W: Tensor) -> float:
-        """``Tr Sigma_W(H*) / Tr Sigma_B(H*)`` (docs/science.md §1) in ``O(K^2 d)``."""
-        within, means = self.features_summary(W)
+        From the eigendecomposition ``W W^T = U diag(sigma^2) U^T`` (``K x K``; the rows
+        ``w~_r = u_r^T W`` are ``sigma_r`` times ``W``'s right singular vectors), with
+        ``A = (W^T W + c I)^-1``: ``A x = x / c - sum_r w~_r (w~_r . x) / (c (sigma_r^2 + c))``
+        and ``Tr(A^2 S) = (Tr S - sum_r (sigma_r^2 + 2c) / (sigma_r^2 + c)^2 (U^T T U)_rr) / c^2``
+        (``T = W S W^T``). No ``sigma_r`` divides anything, so a rank-deficient ``W`` needs no
+        cut-off; the rounding is that of the SVD form (the part of ``x`` or of ``S`` outside
+        ``W``'s row space is a difference in both). ``O(K^3)`` beyond the state, and one
+        ``[K, K] x [K, d]`` product.
+        """
+        b, c = self.beta, self.c
+        sig2, u = torch.linalg.eigh(st.gram)
+        sig2 = sig2.clamp_min(0.0)
+        xw = st.gram + b * st.w_mu  # [k, j] = (w_k + beta mu_k) . w_j
+        coef = ((xw @ u) / (c * (sig2 + c))) @ u.T
+        means = (st.W + b * self.mu) / c - coef @ st.W
+        tut = ((u.T @ st.t) * u.T).sum(1)  # (U^T T U)_rr
+        inside = float(((sig2 + 2.0 * c) / (sig2 + c).square() * tut).sum())
+        return (b / c) ** 2 * (self.tr_s - inside), means
+
+    def nc1_tilde(self, st: State) -> float:
+        """``Tr Sigma_W(H*) / Tr Sigma_B(H*)`` (docs/science.md §1) at the state of ``W``."""
+        within, means = self.summary(st)
         mu = means[self.n > 0]
         tr_b = float((mu - mu.mean(0)).square().sum()) / mu.shape[0]
         return within / self.N / tr_b if tr_b > 0 else math.nan
 
-    def rms(self, W: Tensor) -> float:
-        """RMS feature norm of ``H*(W)``, ``sqrt((1/N) sum_i ||h*_i||^2)``."""
-        within, means = self.features_summary(W)
+    def rms(self, st: State) -> float:
+        """RMS feature norm of ``H*(W)``, ``sqrt((1/N) sum_i ||h*_i||^2)``, at ``W``'s state."""
+        within, means = self.summary(st)
         return math.sqrt((within + float((self.n * means.square().sum(1)).sum())) / self.N)

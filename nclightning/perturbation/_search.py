@@ -32,9 +32,12 @@ at the jump and reports it (``jump``) instead of a root.
 accurate as the decision it serves, and each finer one continues from the coarser minimiser
 (nothing is solved twice): a scan point is solved *coarse* (Newton step :data:`COARSE_STEP`),
 enough for its side of a target farther than :data:`SIDE`; *loose* (:data:`LOOSE_STEP`) within
-:data:`SIDE` and for the ridge runs of the guard; to the solver's ``tol`` within
-:data:`CLOSE`. Brent's method brings ``log(value / target)`` to 0 (nearly linear in
-``log beta`` where the metric follows a power of ``beta``), so the refinement needs few points;
+:data:`SIDE` and for the ridge runs of the guard; to the solver's ``tol`` (and a Newton step of
+:data:`TIGHT_STEP`) within :data:`CLOSE`. A warm start comes with its evaluation (the solve
+does not repeat it), each solve tries the preconditioner the previous one chose first
+(:mod:`._newton`), and the metric comes from the solve's last evaluation. Brent's method
+brings ``log(value / target)`` to 0 (nearly linear in ``log beta`` where the metric follows a
+power of ``beta``), so the refinement needs few points;
 the reported point is always solved to ``tol``.
 It stops when the bracket is narrower than ``rtol``, or when the secant through the last two
 points solved to ``tol`` puts the root within half of that of the newest (no point is solved
@@ -46,17 +49,19 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from torch import Tensor
 
-from nclightning.perturbation._model import Model
-from nclightning.perturbation._newton import NewtonResult
+from nclightning.perturbation._linesearch import Evaluation
+from nclightning.perturbation._model import Model, State
+from nclightning.perturbation._newton import NewtonResult, Operator
 from nclightning.perturbation._spectral import Spectrum
 from nclightning.perturbation.solver import minimize_model
 
 __all__ = ["Point", "RootSearch", "Solver"]
 
-Metric = Callable[[Model, Tensor], float]
+Metric = Callable[[Model, State], float]
 
 COARSE_STEP = 5e-2
 """Newton step (relative to ``|W|``) that ends a coarse solve: enough for the side of a target
@@ -73,6 +78,11 @@ CLOSE = 0.002
 """A loose point within this relative distance of the target is continued to ``tol``: farther
 out, Brent's next step from loose values is as good (0.02 solved 8% more Hessian products on
 the default job's fits and at d=512, K=100)."""
+TIGHT_STEP = 1e-9
+"""Newton step (relative to ``|W|``) that ends a solve to the solver's ``tol`` (``"tight"``): the
+error it leaves in ``W`` bounds that of the metric, hence of the root. At 1e-8 (before
+2026-12-07) the default job's couplings were off by up to 2.3e-8 from a reference solved to
+``tol=1e-13``, more than the search's ``rtol``; at 1e-9, 2.2e-9 (+2.5% Hessian products)."""
 LEVELS = {"coarse": (1e-4, COARSE_STEP), "loose": (1e-6, LOOSE_STEP)}
 """``(largest tol, step_tol)`` of the solves short of ``tol`` (a ``"tight"`` solve)."""
 
@@ -96,6 +106,10 @@ class Point:
     def W(self) -> Tensor:  # eigenbasis
         return self.result.x
 
+    @property
+    def state(self) -> State:  # of W, at beta
+        return cast(State, self.result.evaluation.ctx)
+
 
 class Solver:
     """Minimisers of Eq. 2 along ``beta`` for one ``H0`` (a :class:`Spectrum`), best of starts."""
@@ -107,50 +121,72 @@ class Solver:
         self.points: list[Point] = []
         self.branches = 0
         self.prefer: int | None = None  # the preconditioner the last solve ended with
+        self.reuse: Operator | None = None  # its operator, tried first by the next solve
 
-    def predict(self, beta: float, prev: Point, before: Point | None) -> Tensor:
+    def predict(self, beta: float, prev: Point, before: Point | None) -> Tensor | Evaluation:
         """Warm start at ``beta``: ``prev``'s minimiser or its secant extrapolation in
-        ``log beta`` through ``before``'s, whichever has the lower objective at ``beta``."""
+        ``log beta`` through ``before``'s, whichever has the lower objective at ``beta`` (then
+        with its evaluation there, which the solve starts from)."""
         if before is None:
             return prev.W
         t = math.log(beta / prev.beta) / math.log(prev.beta / before.beta)
-        guess = prev.W + t * (prev.W - before.W)
         model = Model(self.spec, self.lw, self.lh, beta)
-        return guess if model.objective(guess) < model.objective(prev.W) else prev.W
+        states = [model.state(prev.W + t * (prev.W - before.W)), model.state(prev.W)]
+        f = [model.objective_at(st) for st in states]
+        k = 0 if f[0] < f[1] else 1
+        return model.evaluation(states[k], f[k])
 
     def at(
-        self, beta: float, starts: Sequence[Tensor | Point | None], level: str = "tight"
+        self,
+        beta: float,
+        starts: Sequence[Tensor | Evaluation | Point | None],
+        level: str = "tight",
     ) -> Point:
         """Solve at ``beta`` from every start (``None``: ridge; a :class:`Point`: its minimiser,
-        and its evaluation when at this ``beta``); keep the lowest objective.
+        and its evaluation when at this ``beta``; an :class:`Evaluation` at this ``beta``,
+        from :meth:`predict`); keep the lowest objective.
 
         ``level="loose"``: to a Newton step of :data:`LOOSE_STEP` only, enough for the side of a
         target farther than :data:`CLOSE`, or to compare objectives (their error is quadratic);
         ``"coarse"``: to :data:`COARSE_STEP`, enough for a side farther than :data:`SIDE`.
         """
         model = Model(self.spec, self.lw, self.lh, beta)
-        tol, step = self.tol, 1e-8  # minimize_model's step_tol
+        tol, step = self.tol, TIGHT_STEP
         if level in LEVELS:
             tol, step = max(self.tol, LEVELS[level][0]), LEVELS[level][1]
 
-        def run(w: Tensor | Point | None) -> NewtonResult:
-            start: Tensor | None = w if not isinstance(w, Point) else w.W
-            ev0 = None
-            if isinstance(w, Point) and w.beta == beta:  # continued: its evaluation is reused
-                ev0 = w.result.evaluation
+        def run(w: Tensor | Evaluation | Point | None) -> NewtonResult:
+            start: Tensor | None = None
+            ev0: Evaluation | None = None
+            if isinstance(w, Tensor):
+                start = w
+            elif isinstance(w, Point):
+                start = w.W
+                if w.beta == beta:  # continued: its evaluation is reused
+                    ev0 = w.result.evaluation
+            elif isinstance(w, Evaluation):
+                start, ev0 = cast(State, w.ctx).W, w
             return minimize_model(
-                model, start, tol=tol, step_tol=step, max_iter=200, ev0=ev0, prefer=self.prefer
+                model,
+                start,
+                tol=tol,
+                step_tol=step,
+                max_iter=200,
+                ev0=ev0,
+                prefer=self.prefer,
+                reuse=self.reuse,
+                rebuild=level != "coarse",
             )
 
         runs = [run(w) for w in starts]
         best = min(runs, key=lambda r: (not r.converged, r.evaluation.f))
         if best.preconditioner is not None:
-            self.prefer = best.preconditioner
+            self.prefer, self.reuse = best.preconditioner, best.operator
         fs = [r.evaluation.f for r in runs if r.converged]
         if fs and max(fs) - min(fs) > 1e-10 * abs(min(fs)):
             self.branches += 1
         cold = any(w is None for w in starts)
-        point = Point(beta, self.metric(model, best.x), model, best, cold, level)
+        point = Point(beta, self.metric(model, best.evaluation.ctx), model, best, cold, level)
         if not math.isfinite(point.value):
             raise ValueError(f"the fitted metric is not finite at beta={beta:g} ({point.value})")
         self.points.append(point)
@@ -233,7 +269,7 @@ class RootSearch:
         before: Point | None = None
         for beta in self.grid():
             warm = None if prev is None else solver.predict(beta, prev, before)
-            starts: list[Tensor | None] = (
+            starts: list[Tensor | Evaluation | None] = (
                 [None] if prev is None else [warm, None] if guard else [warm]
             )
             p = self._tight(solver, solver.at(beta, starts, level="tight" if guard else "coarse"))
@@ -341,17 +377,20 @@ def _secant_step(a: Point, b: Point, f: dict[int, float]) -> float:
     return abs(fb * dx / (fb - fa))
 
 
-def _start(b: Point, c: Point, x: float) -> Tensor:
+def _start(b: Point, c: Point, x: float) -> Tensor | Evaluation:
     """Warm start at ``log beta = x`` inside ``[b, c]``: the interpolation of their minimisers
-    in ``log beta`` or the nearer one's, whichever has the lower objective at ``x``."""
+    in ``log beta`` or the nearer one's, whichever has the lower objective at ``x`` (then with
+    its evaluation there, which the solve starts from)."""
     near = min((b, c), key=lambda p: abs(math.log(p.beta) - x))
     xb, xc = math.log(b.beta), math.log(c.beta)
     if xb == xc:
         return near.W
     t = (x - xb) / (xc - xb)
-    guess = b.W + t * (c.W - b.W)
     model = Model(near.model.spec, near.model.lw, near.model.lh, math.exp(x))
-    return guess if model.objective(guess) < model.objective(near.W) else near.W
+    states = [model.state(b.W + t * (c.W - b.W)), model.state(near.W)]
+    f = [model.objective_at(st) for st in states]
+    k = 0 if f[0] < f[1] else 1
+    return model.evaluation(states[k], f[k])
 
 
 def _brent_step(

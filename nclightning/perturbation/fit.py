@@ -12,10 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from torch import Tensor
-
 from nclightning.metrics import metrics_from_moments
-from nclightning.perturbation._model import Model
+from nclightning.perturbation._model import Model, State
 from nclightning.perturbation._search import RootSearch
 from nclightning.perturbation.solver import feature_moments
 
@@ -25,14 +23,14 @@ DEFAULT_COUPLING_RANGE = (1e-4, 1e8)
 """Searched ``beta / lambda_H`` of :func:`~nclightning.perturbation.fit_pair`."""
 
 
-def metric_of(name: str) -> Callable[[Model, Tensor], float]:
-    """``(model, W_eigenbasis) -> metric of H*`` for :class:`._search.Solver`."""
+def metric_of(name: str) -> Callable[[Model, State], float]:
+    """``(model, state of W) -> metric of H*`` for :class:`._search.Solver`."""
     if name == "nc1_tilde":
-        return lambda model, W: model.nc1_tilde(W)
+        return lambda model, st: model.nc1_tilde(st)
 
-    def value(model: Model, W: Tensor) -> float:
+    def value(model: Model, st: State) -> float:
         spec = model.spec
-        Wo = spec.to_original(W)
+        Wo = spec.to_original(st.W)
         moments, _ = feature_moments(spec.moments, Wo, model.beta, model.c, scale=spec.scale)
         return metrics_from_moments(moments, weight=Wo).get(name, float("nan"))
 

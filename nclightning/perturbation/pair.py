@@ -482,7 +482,7 @@ def _search_at_scale(
     search.find(solver, None if near is None else lambda_H * near)
     p = search.point
     assert p is not None  # set by find()
-    ratio = p.model.rms(p.W) / (s * rms_norm(base.moments))
+    ratio = p.model.rms(p.state) / (s * rms_norm(base.moments))
     return _AtScale(s, search, solver, lambda_H, ratio)
 
 
@@ -531,7 +531,7 @@ def _fixed_pair(
         solver = Solver(spec, lambda_W, lambda_H, metric_of("nc1_tilde"), tol)
         with torch.inference_mode():  # no autograd bookkeeping in the solves (~12% at K=10)
             point = solver.at(lambda_H * coupling, [None])
-        ratio = point.model.rms(point.W) / (s * rms_norm(base.moments))
+        ratio = point.model.rms(point.state) / (s * rms_norm(base.moments))
         return _AtCoupling(s, point, solver, lambda_H, ratio)
 
     note = f"fixed coupling {coupling:g} (no fit)"

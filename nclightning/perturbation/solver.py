@@ -56,7 +56,7 @@ from nclightning.metrics import ClassMoments, NCCReference, metrics_from_moments
 from nclightning.perturbation._inputs import as_moments, one_hot
 from nclightning.perturbation._linesearch import Evaluation
 from nclightning.perturbation._model import Model
-from nclightning.perturbation._newton import NewtonResult, minimize
+from nclightning.perturbation._newton import NewtonResult, Operator, minimize
 from nclightning.perturbation._spectral import Spectrum
 
 __all__ = ["DEFAULT_TOL", "ConvergenceWarning", "SolveResult", "objective", "solve"]
@@ -140,6 +140,8 @@ def minimize_model(
     step_tol: float = 1e-8,
     ev0: Evaluation | None = None,
     prefer: int | None = None,
+    reuse: Operator | None = None,
+    rebuild: bool = True,
 ) -> NewtonResult:
     """Newton from ``init`` (eigenbasis ``[K, d]``) or the ridge start (:mod:`._newton`);
     ``ev0``: ``model.evaluate(init)``, when already known (a solve continued to a finer tol)."""
@@ -154,6 +156,8 @@ def minimize_model(
         escape=model.escape,
         ev0=None if init is None else ev0,
         prefer=prefer,
+        reuse=reuse,
+        rebuild=rebuild,
     )
 
 

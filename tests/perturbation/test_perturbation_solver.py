@@ -277,3 +277,70 @@ def test_the_preconditioner_chosen_last_is_tried_first_and_kept_unless_poor():
     assert run(mild, prefer=None) == (["exact"], 0)  # in order: the exact one first, kept
     assert run(harsh, prefer=1) == (["identity", "exact"], 0)  # too poor: both, the better
     assert run(mild, prefer=0) == (["exact"], 0)
+
+
+@pytest.mark.parametrize(
+    ("counts", "d", "beta", "w_scale"),
+    [
+        ([9, 14, 6, 11], 7, 0.3, 1.0),  # K < d
+        ([9, 14, 6, 11], 7, 1e-3, 30.0),  # sigma^2 >> c: W's row space nearly annihilated
+        ([5, 7, 0, 6, 8, 4], 3, 2.0, 1.0),  # K > d (W rank-deficient), an absent class
+    ],
+)
+def test_the_fitted_metric_of_h_star_from_a_solver_state(ref, counts, d, beta, w_scale):
+    """``Model.nc1_tilde`` and ``Model.rms`` (K x K eigendecomposition of ``W W^T``, no SVD)
+    equal those of the materialised ``H*(W) = A (W^T Y + beta H0)`` in float64, for any ``W``
+    (not only a minimiser), rank-deficient ``W`` and absent classes included."""
+    from nclightning.perturbation._model import Model
+    from nclightning.perturbation._spectral import Spectrum
+
+    h0, labels = ref.random_features(3, counts, d, within=1.5)
+    K, N = len(counts), len(labels)
+    spec = Spectrum.of(ClassMoments.from_features(h0, labels, K))
+    model = Model(spec, LW, LH, beta)
+    g = torch.Generator().manual_seed(5)
+    W = w_scale * torch.randn(K, d, generator=g, dtype=torch.float64)  # eigenbasis
+    Wo = spec.to_original(W)
+    A = torch.linalg.inv(Wo.T @ Wo + (LH + beta) * torch.eye(d, dtype=torch.float64))
+    H = (A @ (Wo.T @ ref.onehot_columns(labels, K) + beta * h0.T)).T  # rows
+    present = torch.tensor(counts) > 0
+    means = torch.stack([H[labels == k].mean(0) for k in range(K) if counts[k] > 0])
+    within = sum(
+        float((H[labels == k] - H[labels == k].mean(0)).square().sum())
+        for k in range(K)
+        if counts[k] > 0
+    )
+    between = float((means - means.mean(0)).square().sum()) / int(present.sum())
+    st = model.state(W)
+    assert model.nc1_tilde(st) == pytest.approx(within / N / between, rel=1e-10)
+    assert model.rms(st) == pytest.approx(math.sqrt(float(H.square().sum()) / N), rel=1e-12)
+    assert st.W is W  # the state is that of W: nothing recomputed, nothing copied
+
+
+def test_the_operator_chosen_last_is_reused_before_anything_is_built():
+    """``_newton._choose`` with ``reuse`` (the operator a previous iteration or solve chose,
+    built at another point): tried first and kept while its first CG step leaves at most
+    INCUMBENT_GOOD_ENOUGH of the gradient, nothing built; above that it is dropped and the
+    candidates are built as without it, the preferred one first."""
+    from nclightning.perturbation import _newton
+
+    h = torch.tensor([1.0, 100.0], dtype=torch.float64)
+    g = torch.ones(2, dtype=torch.float64)
+    hvp = lambda v: h * v  # noqa: E731  (H = diag(h))
+
+    def run(reuse):
+        built = []
+        factories = [
+            lambda: built.append("exact") or (lambda q: q / h),
+            lambda: built.append("identity") or (lambda q: q),
+        ]
+        op, products, first, chosen = _newton._choose(hvp, factories, g, 1, reuse)
+        return op, built, chosen, products, first
+
+    stale = lambda q: q / torch.tensor([1.0, 90.0], dtype=torch.float64)  # noqa: E731
+    op, built, chosen, products, first = run(stale)
+    assert op is stale and built == [] and chosen == 1 and products == 1
+    assert torch.equal(first[0], stale(g)) and torch.equal(first[1], hvp(stale(g)))
+    poor = lambda q: q  # noqa: E731  (residual 0.70 on this H)
+    op, built, chosen, products, _ = run(poor)
+    assert op is not poor and built == ["identity", "exact"] and chosen == 0 and products == 3
