@@ -18,7 +18,9 @@ the inverse Hessian. One iteration:
    and nothing is built when it passes: 14 preconditioners built per fit instead of 37 at
    d=512, K=100, about a tenth of the fit's time (building a fresh one at every iteration of
    a solve to loose or tight accuracy stays cheaper: reusing there cost 25% more Hessian
-   products);
+   products). The first-step residual does not always predict how fast CG converges: an
+   incumbent whose last CG solve contracted the residual by less than :data:`SLOW_CG` per
+   iteration is kept outright only below :data:`GOOD_ENOUGH`;
 2. *direction*: preconditioned conjugate gradients on ``H p = -g`` until the residual falls
    below ``forcing * |g|`` (``forcing = min(0.5, max(sqrt(rel), sqrt(step_tol)))``:
    superlinear convergence down to the accuracy the stop asks for, no further: a solve that
@@ -46,7 +48,7 @@ from torch import Tensor
 
 from nclightning.perturbation._linesearch import Evaluation, line_search
 
-__all__ = ["Evaluation", "NewtonResult", "minimize"]
+__all__ = ["Choice", "Evaluation", "NewtonResult", "minimize"]
 
 Operator = Callable[[Tensor], Tensor]
 Factory = Callable[[], Operator | None]
@@ -59,6 +61,11 @@ building the others."""
 INCUMBENT_GOOD_ENOUGH = 0.6
 """The same for the preconditioner chosen at the previous iteration (or solve): kept below
 this without building the others."""
+SLOW_CG = 0.75
+"""Mean contraction of the CG residual per iteration above which the preconditioner that gave
+it is kept only below :data:`GOOD_ENOUGH` next time. Typical solves reach 0.2-0.7 (the default
+job's and d=512, K=100); the fixed-H one reached 0.85 at d=2048, K=1000 near the root, 65
+products per direction where the block one needed 20."""
 Escape = Callable[[Tensor, Evaluation], Tensor | None]
 
 
@@ -73,8 +80,26 @@ class NewtonResult:
     hessian_products: int
     converged: bool
     message: str
-    preconditioner: int | None = None  # index of the factory the last direction used
-    operator: Operator | None = None  # the preconditioner the last direction used
+    choice: Choice | None = None  # the preconditioner the last direction used
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A preconditioner chosen for a direction: its factory's index, the operator as built
+    (``None`` where it must not be reused) and the mean contraction of the residual per
+    iteration its CG solve reached (``None`` where not measured)."""
+
+    index: int
+    operator: Operator | None = None
+    rate: float | None = None
+
+    @property
+    def slow(self) -> bool:
+        """Whether its CG solve converged slowly (:data:`SLOW_CG`)."""
+        return self.rate is not None and self.rate > SLOW_CG
+
+    def without_operator(self) -> Choice:
+        return Choice(self.index, None, self.rate)
 
 
 def _dot(a: Tensor, b: Tensor) -> float:
@@ -86,33 +111,32 @@ def _norm(a: Tensor) -> float:
 
 
 def _choose(
-    hvp: Operator,
-    factories: Sequence[Factory],
-    g: Tensor,
-    prefer: int | None = None,
-    reuse: Operator | None = None,
+    hvp: Operator, factories: Sequence[Factory], g: Tensor, last: Choice | None = None
 ) -> tuple[Operator, int, tuple[Tensor, Tensor] | None, int]:
     """The candidate whose gradient step leaves the smallest first-CG-step residual (the first
-    one below :data:`GOOD_ENOUGH` outright; ``prefer``, the one chosen last time, is tried
-    first and kept below :data:`INCUMBENT_GOOD_ENOUGH`), #products, ``(z, H z)`` of the
-    chosen step ``z = M g`` (``None`` when not computed: the first conjugate-gradient
-    direction is ``-z``, so its product is not computed again) and the chosen index.
+    one below :data:`GOOD_ENOUGH` outright), #products, ``(z, H z)`` of the chosen step
+    ``z = M g`` (``None`` when not computed: the first conjugate-gradient direction is ``-z``,
+    so its product is not computed again) and the chosen index.
 
-    ``reuse``: the operator chosen last time (factory ``prefer``, built at an earlier point),
-    tried before anything is built and kept below :data:`INCUMBENT_GOOD_ENOUGH`."""
+    ``last``, the choice of the previous direction: its operator (where given, as built at the
+    earlier point) is tried before anything is built, then its factory before the others;
+    either is kept outright below :data:`INCUMBENT_GOOD_ENOUGH`, or only below
+    :data:`GOOD_ENOUGH` when its last CG solve converged slowly (:meth:`Choice.slow`)."""
     best: Operator | None = None
     best_score, first, products, g_norm, chosen = math.inf, None, 0, _norm(g), -1
+    prefer = None if last is None else last.index
+    incumbent = GOOD_ENOUGH if last is not None and last.slow else INCUMBENT_GOOD_ENOUGH
 
     def residual(z: Tensor, hz: Tensor) -> float:  # of the first CG step along z
         zz = _dot(hz, hz)
         return _norm(g - (_dot(hz, g) / zz) * hz) if zz > 0 else math.inf
 
-    if reuse is not None and prefer is not None:
-        z = reuse(g)
+    if last is not None and last.operator is not None:
+        z = last.operator(g)
         hz = hvp(z)
         products += 1
-        if residual(z, hz) <= INCUMBENT_GOOD_ENOUGH * g_norm:
-            return reuse, products, (z, hz), prefer
+        if residual(z, hz) <= incumbent * g_norm:
+            return last.operator, products, (z, hz), last.index
     order = list(range(len(factories)))
     if prefer is not None and 0 <= prefer < len(order):
         order.remove(prefer)
@@ -130,7 +154,7 @@ def _choose(
         score = residual(z, hz)  # min_a |a H z - g|
         if score < best_score:
             best, best_score, first, chosen = m, score, (z, hz), i
-        good = INCUMBENT_GOOD_ENOUGH if i == prefer else GOOD_ENOUGH
+        good = incumbent if i == prefer else GOOD_ENOUGH
         if best_score <= good * g_norm:
             break
     if best is None:
@@ -146,8 +170,10 @@ def _cg(
     max_cg: int,
     small: Callable[[Tensor], bool] | None = None,
     first: tuple[Tensor, Tensor] | None = None,
-) -> tuple[Tensor, int, bool]:
-    """Approximate solution of ``H p = -g`` by preconditioned CG: ``(p, #products, small)``.
+) -> tuple[Tensor, int, bool, float | None]:
+    """Approximate solution of ``H p = -g`` by preconditioned CG: ``(p, #products, small,
+    rate)``, ``rate`` the mean contraction of the residual per CG iteration (``None`` when the
+    solve ended early: negligible step, non-positive curvature).
 
     ``first``: ``(M g, H M g)`` when already computed (the first product is then reused).
 
@@ -169,21 +195,21 @@ def _cg(
             hd, products = hvp(d), products + 1
         curv = _dot(d, hd)
         if curv <= 0:  # non-positive curvature: keep what we have
-            return (z if k == 1 else p), products, False
+            return (z if k == 1 else p), products, False, None
         a = rz / curv
         p.add_(d, alpha=a)  # p, r, z: tensors of this solve alone (updated in place)
         r.sub_(hd, alpha=a)
         r_norm = _norm(r)
         if small is not None and r_norm <= 0.1 * g_norm:
             if small(p):
-                return p, products, True
+                return p, products, True, None
             small = None
         if r_norm <= forcing * g_norm:
-            return p, products, False
+            return p, products, False, (r_norm / g_norm) ** (1.0 / k)
         z = precond(r)
         rz, rz_old = _dot(r, z), rz
         d = z.add_(d, alpha=rz / rz_old)
-    return p, products, False
+    return p, products, False, (_norm(r) / g_norm) ** (1.0 / max_cg)
 
 
 def _is_small(step: Tensor, x: Tensor, step_tol: float) -> bool:
@@ -197,18 +223,17 @@ def _direction(
     forcing: float,
     max_cg: int,
     small: Callable[[Tensor], bool] | None,
-    prefer: int | None = None,
-    reuse: Operator | None = None,
-) -> tuple[Tensor, Operator, int, bool, int]:
-    """Newton-CG direction at ``x``, the chosen preconditioner, #Hessian products, whether
-    the step was found negligible (``small``) before the CG solve was complete, and the
-    chosen preconditioner's index (``prefer``: the one tried first, :func:`_choose`)."""
+    last: Choice | None = None,
+) -> tuple[Tensor, Operator, int, bool, Choice]:
+    """Newton-CG direction at ``x``, the preconditioner, #Hessian products, whether the step
+    was found negligible (``small``) before the CG solve was complete, and the choice made
+    (:func:`_choose`, ``last``: the previous one)."""
     hvp, factories = hessian(x, ev)
-    precond, used, first, chosen = _choose(hvp, factories, ev.grad, prefer, reuse)
-    direction, k, negligible = _cg(hvp, precond, ev.grad, forcing, max_cg, small, first)
+    precond, used, first, chosen = _choose(hvp, factories, ev.grad, last)
+    direction, k, negligible, rate = _cg(hvp, precond, ev.grad, forcing, max_cg, small, first)
     if _dot(direction, ev.grad) >= 0:
         direction = -precond(ev.grad)
-    return direction, precond, used + k, negligible, chosen
+    return direction, precond, used + k, negligible, Choice(chosen, precond, rate)
 
 
 class _Run:
@@ -222,19 +247,15 @@ class _Run:
         escape: Escape | None,
         opts: dict[str, Any],
         ev0: Evaluation | None = None,
-        prefer: int | None = None,
-        reuse: Operator | None = None,
+        last: Choice | None = None,
     ) -> None:
         self.fun, self.hessian, self.escape, self.opts = fun, hessian, escape, opts
         self.x, self.ev = x0, fun(x0) if ev0 is None else ev0
         self.evals, self.hvps, self.escapes = int(ev0 is None), 0, 0
-        self.prefer, self.reuse = prefer, reuse
-        self.last: Operator | None = None  # the preconditioner of the last direction
+        self.last = last  # the preconditioner of the last direction (or previous run)
 
     def result(self, it: int, ok: bool, msg: str) -> NewtonResult:
-        return NewtonResult(
-            self.x, self.ev, it, self.evals, self.hvps, ok, msg, self.prefer, self.last
-        )
+        return NewtonResult(self.x, self.ev, it, self.evals, self.hvps, ok, msg, self.last)
 
     def newton_direction(self) -> tuple[Tensor, Operator, bool, float]:
         """``(direction, preconditioner, negligible, forcing)`` at the current point."""
@@ -242,10 +263,10 @@ class _Run:
         forcing = min(0.5, max(math.sqrt(self.ev.rel), math.sqrt(step_tol)))
         x = self.x
         check = (lambda p: _is_small(p, x, step_tol)) if self.ev.rel <= tol else None
-        direction, precond, used, small, self.prefer = _direction(
-            self.hessian, x, self.ev, forcing, self.opts["max_cg"], check, self.prefer, self.reuse
+        direction, precond, used, small, choice = _direction(
+            self.hessian, x, self.ev, forcing, self.opts["max_cg"], check, self.last
         )
-        self.last, self.reuse = precond, None if self.opts["rebuild"] else precond
+        self.last = choice if not self.opts["rebuild"] else choice.without_operator()
         self.hvps += used
         small = small or (self.ev.rel <= tol and _is_small(direction, x, step_tol))
         return direction, precond, small, forcing
@@ -291,16 +312,14 @@ def minimize(
     escape: Escape | None = None,
     max_escapes: int = 8,
     ev0: Evaluation | None = None,
-    prefer: int | None = None,
-    reuse: Operator | None = None,
+    last: Choice | None = None,
     rebuild: bool = True,
 ) -> NewtonResult:
     """Minimise ``fun`` from ``x0`` (module docstring); ``ev0``: ``fun(x0)``, when known;
-    ``prefer``: the preconditioner to try first (``NewtonResult.preconditioner`` of a
-    previous run on a nearby problem); ``reuse``: its operator as that run left it
-    (``NewtonResult.operator``), tried at the first iteration before anything is built;
-    ``rebuild=False``: later iterations try the operator of the one before first too (for a
-    solve stopping at a coarse step, whose directions need little accuracy).
+    ``last``: the preconditioner a previous run on a nearby problem ended with
+    (``NewtonResult.choice``), its operator tried at the first iteration before anything is
+    built; ``rebuild=False``: later iterations try the operator of the one before first too
+    (for a solve stopping at a coarse step, whose directions need little accuracy).
 
     Converged when ``Evaluation.rel <= tol`` *and* the error left in ``x`` is bounded: the next
     Newton step is at most ``step_tol |x|``, or the full step just taken was at most
@@ -310,7 +329,7 @@ def minimize(
     ``f`` any more (float64 floor).
     """
     opts = dict(tol=tol, step_tol=step_tol, max_cg=max_cg, max_escapes=max_escapes, rebuild=rebuild)
-    run, root = _Run(fun, x0, hessian, escape, opts, ev0, prefer, reuse), math.sqrt(step_tol)
+    run, root = _Run(fun, x0, hessian, escape, opts, ev0, last), math.sqrt(step_tol)
     for it in range(max_iter):
         if not (math.isfinite(run.ev.f) and math.isfinite(run.ev.rel)):
             return run.result(it, False, "non-finite objective")

@@ -55,7 +55,7 @@ from torch import Tensor
 
 from nclightning.perturbation._linesearch import Evaluation
 from nclightning.perturbation._model import Model, State
-from nclightning.perturbation._newton import NewtonResult, Operator
+from nclightning.perturbation._newton import Choice, NewtonResult
 from nclightning.perturbation._spectral import Spectrum
 from nclightning.perturbation.solver import minimize_model
 
@@ -120,8 +120,7 @@ class Solver:
         self.spec, self.lw, self.lh, self.metric, self.tol = spec, lambda_W, lambda_H, metric, tol
         self.points: list[Point] = []
         self.branches = 0
-        self.prefer: int | None = None  # the preconditioner the last solve ended with
-        self.reuse: Operator | None = None  # its operator, tried first by the next solve
+        self.last: Choice | None = None  # the preconditioner the last solve ended with
 
     def predict(self, beta: float, prev: Point, before: Point | None) -> Tensor | Evaluation:
         """Warm start at ``beta``: ``prev``'s minimiser or its secant extrapolation in
@@ -173,15 +172,14 @@ class Solver:
                 step_tol=step,
                 max_iter=200,
                 ev0=ev0,
-                prefer=self.prefer,
-                reuse=self.reuse,
+                last=self.last,
                 rebuild=level != "coarse",
             )
 
         runs = [run(w) for w in starts]
         best = min(runs, key=lambda r: (not r.converged, r.evaluation.f))
-        if best.preconditioner is not None:
-            self.prefer, self.reuse = best.preconditioner, best.operator
+        if best.choice is not None:
+            self.last = best.choice
         fs = [r.evaluation.f for r in runs if r.converged]
         if fs and max(fs) - min(fs) > 1e-10 * abs(min(fs)):
             self.branches += 1

@@ -56,7 +56,7 @@ from nclightning.metrics import ClassMoments, NCCReference, metrics_from_moments
 from nclightning.perturbation._inputs import as_moments, one_hot
 from nclightning.perturbation._linesearch import Evaluation
 from nclightning.perturbation._model import Model
-from nclightning.perturbation._newton import NewtonResult, Operator, minimize
+from nclightning.perturbation._newton import Choice, NewtonResult, minimize
 from nclightning.perturbation._spectral import Spectrum
 
 __all__ = ["DEFAULT_TOL", "ConvergenceWarning", "SolveResult", "objective", "solve"]
@@ -139,12 +139,13 @@ def minimize_model(
     max_iter: int,
     step_tol: float = 1e-8,
     ev0: Evaluation | None = None,
-    prefer: int | None = None,
-    reuse: Operator | None = None,
+    last: Choice | None = None,
     rebuild: bool = True,
 ) -> NewtonResult:
     """Newton from ``init`` (eigenbasis ``[K, d]``) or the ridge start (:mod:`._newton`);
-    ``ev0``: ``model.evaluate(init)``, when already known (a solve continued to a finer tol)."""
+    ``ev0``: ``model.evaluate(init)``, when already known (a solve continued to a finer tol,
+    a predicted warm start); ``last``, ``rebuild``: the preconditioner a previous solve ended
+    with, and whether each iteration builds its own (:func:`._newton.minimize`)."""
     W0 = model.initial() if init is None else init
     return minimize(
         model.evaluate,
@@ -155,8 +156,7 @@ def minimize_model(
         step_tol=step_tol,
         escape=model.escape,
         ev0=None if init is None else ev0,
-        prefer=prefer,
-        reuse=reuse,
+        last=last,
         rebuild=rebuild,
     )
 

@@ -258,25 +258,28 @@ def test_the_preconditioner_chosen_last_is_tried_first_and_kept_unless_poor():
     never built); above that the other is built too and the better one is chosen."""
     from nclightning.perturbation import _newton
 
-    def run(h, prefer):
+    def run(h, prefer, rate=None):
         built = []
         hvp = lambda v: h * v  # noqa: E731  (H = diag(h))
         factories = [
             lambda: built.append("exact") or (lambda q: q / h),
             lambda: built.append("identity") or (lambda q: q),
         ]
-        _, _, _, chosen = _newton._choose(
-            hvp, factories, torch.ones(2, dtype=torch.float64), prefer
-        )
+        last = None if prefer is None else _newton.Choice(prefer, None, rate)
+        _, _, _, chosen = _newton._choose(hvp, factories, torch.ones(2, dtype=torch.float64), last)
         return built, chosen
 
     mild = torch.tensor([1.0, 2.0], dtype=torch.float64)  # identity's residual 0.32
     harsh = torch.tensor([1.0, 100.0], dtype=torch.float64)  # identity's residual 0.70
-    assert 0.3 < 0.32 < _newton.INCUMBENT_GOOD_ENOUGH < 0.70
+    assert _newton.GOOD_ENOUGH < 0.32 < _newton.INCUMBENT_GOOD_ENOUGH < 0.70
     assert run(mild, prefer=1) == (["identity"], 1)  # kept: the exact one is never built
     assert run(mild, prefer=None) == (["exact"], 0)  # in order: the exact one first, kept
     assert run(harsh, prefer=1) == (["identity", "exact"], 0)  # too poor: both, the better
     assert run(mild, prefer=0) == (["exact"], 0)
+    # its last CG solve converged slowly: kept outright only below GOOD_ENOUGH
+    slow = _newton.SLOW_CG + 0.05
+    assert run(mild, prefer=1, rate=slow) == (["identity", "exact"], 0)
+    assert run(mild, prefer=1, rate=_newton.SLOW_CG) == (["identity"], 1)
 
 
 @pytest.mark.parametrize(
@@ -318,8 +321,8 @@ def test_the_fitted_metric_of_h_star_from_a_solver_state(ref, counts, d, beta, w
 
 
 def test_the_operator_chosen_last_is_reused_before_anything_is_built():
-    """``_newton._choose`` with ``reuse`` (the operator a previous iteration or solve chose,
-    built at another point): tried first and kept while its first CG step leaves at most
+    """``_newton._choose`` given the operator a previous iteration or solve chose (built at
+    another point): tried first and kept while its first CG step leaves at most
     INCUMBENT_GOOD_ENOUGH of the gradient, nothing built; above that it is dropped and the
     candidates are built as without it, the preferred one first."""
     from nclightning.perturbation import _newton
@@ -334,7 +337,7 @@ def test_the_operator_chosen_last_is_reused_before_anything_is_built():
             lambda: built.append("exact") or (lambda q: q / h),
             lambda: built.append("identity") or (lambda q: q),
         ]
-        op, products, first, chosen = _newton._choose(hvp, factories, g, 1, reuse)
+        op, products, first, chosen = _newton._choose(hvp, factories, g, _newton.Choice(1, reuse))
         return op, built, chosen, products, first
 
     stale = lambda q: q / torch.tensor([1.0, 90.0], dtype=torch.float64)  # noqa: E731
@@ -344,3 +347,20 @@ def test_the_operator_chosen_last_is_reused_before_anything_is_built():
     poor = lambda q: q  # noqa: E731  (residual 0.70 on this H)
     op, built, chosen, products, _ = run(poor)
     assert op is not poor and built == ["identity", "exact"] and chosen == 0 and products == 3
+
+
+def test_cg_reports_its_mean_contraction_per_iteration():
+    """``_newton._cg``'s rate is ``(|H p + g| / |g|)^(1/k)`` after ``k`` iterations (what
+    ``Choice.slow`` judges a preconditioner by), and ``None`` when the solve ended early."""
+    from nclightning.perturbation import _newton
+
+    h = torch.linspace(1.0, 50.0, 12, dtype=torch.float64)  # H = diag(h): 12 CG steps at most
+    g = torch.linspace(-1.0, 2.0, 12, dtype=torch.float64)
+    hvp = lambda v: h * v  # noqa: E731
+    p, products, small, rate = _newton._cg(hvp, lambda q: q.clone(), g, 1e-3, 50)
+    residual = float((h * p + g).norm() / g.norm())
+    assert not small and residual <= 1e-3
+    assert rate == pytest.approx(residual ** (1.0 / products), rel=1e-6)  # k = products here
+    assert 0.3 < rate < 1.0  # identity preconditioner on condition number 50: slow
+    _, _, small, rate = _newton._cg(hvp, lambda q: q / h, g, 1e-3, 50, small=lambda p: True)
+    assert small and rate is None
