@@ -85,18 +85,22 @@ class Model:
         self.eye = torch.eye(self.K, dtype=torch.float64, device=self.mu.device)
 
     # -- one point -----------------------------------------------------------------------------
-    def state(self, W: Tensor) -> State:
+    def state(self, W: Tensor, like: State | None = None) -> State:
+        """The quantities of ``W`` at this model's ``beta``; ``like``: a state of the same ``W``
+        (at another ``beta``), whose ``beta``-free products are reused (the same numbers)."""
         b, c = self.beta, self.c
-        gram = W @ W.T
+        if like is not None and (like.W is W or torch.equal(like.W, W)):
+            gram, w_mu, ws, t = like.gram, like.w_mu, like.ws, like.t
+        else:
+            gram, w_mu, ws = W @ W.T, self.mu @ W.T, W * self.s
+            t = ws @ W.T
         chol = torch.linalg.cholesky(gram + c * self.eye)
         m_inv_w = torch.cholesky_solve(W, chol)
         m_inv = torch.cholesky_inverse(chol)
-        w_mu = self.mu @ W.T
-        ws = W * self.s
         x = W + b * self.mu
         means = (x - (gram + b * w_mu) @ m_inv_w) / c  # x W^T = Gamma + beta mu W^T
         r = (b * (w_mu - self.eye) - self.lh * self.eye) @ m_inv
-        return State(W, gram, m_inv, m_inv_w, w_mu, ws, ws @ W.T, means, r)
+        return State(W, gram, m_inv, m_inv_w, w_mu, ws, t, means, r)
 
     def objective(self, W: Tensor) -> float:
         """``g(W)`` alone (to compare starting points)."""
@@ -143,6 +147,9 @@ class Model:
         p1 = self.eye - (st.gram + b * st.w_mu) @ st.m_inv
         e0 = rn @ p1 / cn - (b * b / cn) * (st.m_inv @ st.t @ st.m_inv) + self.gamma * self.eye
         return e0, (b / cn) * rn, (b * b / cn) * st.m_inv
+
+    BLOCK, FIXED_H = 0, 1
+    """Indices of the preconditioner factories of :meth:`hessian`."""
 
     def hessian(self, W: Tensor, ev: Evaluation) -> tuple[Operator, list[Factory]]:
         """``(hvp, preconditioner factories)`` at ``W`` for :func:`._newton.minimize`: the

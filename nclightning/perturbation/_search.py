@@ -130,7 +130,7 @@ class Solver:
             return prev.W
         t = math.log(beta / prev.beta) / math.log(prev.beta / before.beta)
         model = Model(self.spec, self.lw, self.lh, beta)
-        states = [model.state(prev.W + t * (prev.W - before.W)), model.state(prev.W)]
+        states = [model.state(prev.W + t * (prev.W - before.W)), model.state(prev.W, prev.state)]
         f = [model.objective_at(st) for st in states]
         k = 0 if f[0] < f[1] else 1
         return model.evaluation(states[k], f[k])
@@ -219,6 +219,8 @@ class RootSearch:
     def find(self, solver: Solver, near: float | None = None) -> RootSearch:
         """Scan from the top, refine, check the root with a cold start; where that finds a
         lower minimum, check the bracket and rescan with both starts (module docstring)."""
+        if solver.last is None:  # the scan starts at the top, where fixed-H is exact
+            solver.last = Choice(Model.FIXED_H)
         upper, lower = self._scan(solver, guard=False)
         root = self._root(solver, upper, lower, near)
         if root is not None and not self._agree_with_cold(solver, (root,)):
@@ -385,7 +387,7 @@ def _start(b: Point, c: Point, x: float) -> Tensor | Evaluation:
         return near.W
     t = (x - xb) / (xc - xb)
     model = Model(near.model.spec, near.model.lw, near.model.lh, math.exp(x))
-    states = [model.state(b.W + t * (c.W - b.W)), model.state(near.W)]
+    states = [model.state(b.W + t * (c.W - b.W)), model.state(near.W, near.state)]
     f = [model.objective_at(st) for st in states]
     k = 0 if f[0] < f[1] else 1
     return model.evaluation(states[k], f[k])
