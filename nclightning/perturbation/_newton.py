@@ -10,17 +10,19 @@ the inverse Hessian. One iteration:
    the ``M`` with the smallest, and the first one outright when its residual is below
    :data:`GOOD_ENOUGH` (measured on the default job and at d=512, K=100: the later candidate
    was never better then). The candidate chosen at the previous iteration (or, through
-   ``prefer``, the previous solve of a search) is tried first and kept outright below
+   ``last``, the previous solve of a search) is tried first and kept outright below
    :data:`INCUMBENT_GOOD_ENOUGH`: the fixed-H one wins at large ``beta``, the block one at
-   small, and building the other only to lose cost 10% of a fit at d=512, K=100. Before
-   that, the operator itself as it was built at the earlier point (``reuse``: the previous
-   solve's, or with ``rebuild=False`` the previous iteration's) is tried under the same rule,
-   and nothing is built when it passes: 14 preconditioners built per fit instead of 37 at
-   d=512, K=100, about a tenth of the fit's time (building a fresh one at every iteration of
-   a solve to loose or tight accuracy stays cheaper: reusing there cost 25% more Hessian
-   products). The first-step residual does not always predict how fast CG converges: an
-   incumbent whose last CG solve contracted the residual by less than :data:`SLOW_CG` per
-   iteration is kept outright only below :data:`GOOD_ENOUGH`;
+   small, and building the other only to lose cost 10% of a fit at d=512, K=100. In a run
+   with ``rebuild=False`` (a solve to a coarse step) the operator itself, as it was built at
+   the previous iteration, is tried before that under the same rule, and nothing is built
+   when it passes; such a run hands its operator on (``NewtonResult.choice``) to the next
+   run of a search. At d=512, K=100 a fit builds 19 preconditioners instead of 37 (building
+   a fresh one at every iteration of a solve to loose or tight accuracy, and at the start of
+   the run after one, stays cheaper: reusing within such solves cost 25% more Hessian
+   products at d=512, K=100, and across them 4% more time on the default job's fits). The
+   first-step residual does not always predict how fast CG converges: an incumbent whose
+   last CG solve contracted the residual by less than :data:`SLOW_CG` per iteration is kept
+   outright only below :data:`GOOD_ENOUGH`;
 2. *direction*: preconditioned conjugate gradients on ``H p = -g`` until the residual falls
    below ``forcing * |g|`` (``forcing = min(0.5, max(sqrt(rel), sqrt(step_tol),
    FORCING_STEP * |last step| / |x|))``:
@@ -86,7 +88,7 @@ class NewtonResult:
     hessian_products: int
     converged: bool
     message: str
-    choice: Choice | None = None  # the preconditioner the last direction used
+    choice: Choice | None = None  # the preconditioner the last direction used (module doc)
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,7 @@ class Choice:
         return self.rate is not None and self.rate > SLOW_CG
 
     def without_operator(self) -> Choice:
+        """The same choice, its operator not to be reused (built afresh next time)."""
         return Choice(self.index, None, self.rate)
 
 
@@ -328,9 +331,10 @@ def minimize(
 ) -> NewtonResult:
     """Minimise ``fun`` from ``x0`` (module docstring); ``ev0``: ``fun(x0)``, when known;
     ``last``: the preconditioner a previous run on a nearby problem ended with
-    (``NewtonResult.choice``), its operator tried at the first iteration before anything is
-    built; ``rebuild=False``: later iterations try the operator of the one before first too
-    (for a solve stopping at a coarse step, whose directions need little accuracy).
+    (``NewtonResult.choice``): its factory is tried first, and its operator, where that run
+    handed it on, before anything is built; ``rebuild=False``: each iteration tries the
+    operator of the one before first too, and the result hands it on (for a solve stopping at
+    a coarse step, whose directions need little accuracy).
 
     Converged when ``Evaluation.rel <= tol`` *and* the error left in ``x`` is bounded: the next
     Newton step is at most ``step_tol |x|``, or the full step just taken was at most

@@ -82,7 +82,8 @@ TIGHT_STEP = 1e-9
 """Newton step (relative to ``|W|``) that ends a solve to the solver's ``tol`` (``"tight"``): the
 error it leaves in ``W`` bounds that of the metric, hence of the root. At 1e-8 (before
 2026-12-07) the default job's couplings were off by up to 2.3e-8 from a reference solved to
-``tol=1e-13``, more than the search's ``rtol``; at 1e-9, 2.2e-9 (+2.5% Hessian products)."""
+``tol=1e-13``, more than the search's ``rtol``; at 1e-9, by at most 2.7e-9 (+2.5% Hessian
+products)."""
 LEVELS = {"coarse": (1e-4, COARSE_STEP), "loose": (1e-6, LOOSE_STEP)}
 """``(largest tol, step_tol)`` of the solves short of ``tol`` (a ``"tight"`` solve)."""
 
