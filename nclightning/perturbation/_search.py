@@ -131,7 +131,8 @@ class Solver:
             return prev.W
         t = math.log(beta / prev.beta) / math.log(prev.beta / before.beta)
         model = Model(self.spec, self.lw, self.lh, beta)
-        states = [model.state(prev.W + t * (prev.W - before.W)), model.state(prev.W, prev.state)]
+        guess = prev.W + t * (prev.W - before.W)
+        states = [model.state(guess), model.state(prev.state.W, prev.state)]
         f = [model.objective_at(st) for st in states]
         k = 0 if f[0] < f[1] else 1
         return model.evaluation(states[k], f[k])
@@ -388,7 +389,7 @@ def _start(b: Point, c: Point, x: float) -> Tensor | Evaluation:
         return near.W
     t = (x - xb) / (xc - xb)
     model = Model(near.model.spec, near.model.lw, near.model.lh, math.exp(x))
-    states = [model.state(b.W + t * (c.W - b.W)), model.state(near.W, near.state)]
+    states = [model.state(b.W + t * (c.W - b.W)), model.state(near.state.W, near.state)]
     f = [model.objective_at(st) for st in states]
     k = 0 if f[0] < f[1] else 1
     return model.evaluation(states[k], f[k])

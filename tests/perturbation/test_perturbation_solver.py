@@ -317,7 +317,14 @@ def test_the_fitted_metric_of_h_star_from_a_solver_state(ref, counts, d, beta, w
     st = model.state(W)
     assert model.nc1_tilde(st) == pytest.approx(within / N / between, rel=1e-10)
     assert model.rms(st) == pytest.approx(math.sqrt(float(H.square().sum()) / N), rel=1e-12)
-    assert st.W is W  # the state is that of W: nothing recomputed, nothing copied
+    # a state of the same W at another beta lends its beta-free products: the same numbers
+    other = Model(spec, LW, LH, 10.0 * beta).state(W.clone())
+    lent = model.state(W, like=other)
+    assert lent.gram is other.gram and lent.t is other.t
+    for name in ("gram", "m_inv", "m_inv_w", "w_mu", "ws", "t", "means", "r"):
+        assert torch.equal(getattr(lent, name), getattr(st, name)), name
+    unrelated = model.state(W, like=model.state(2.0 * W))  # another W: not lent
+    assert torch.equal(unrelated.gram, st.gram) and torch.equal(unrelated.means, st.means)
 
 
 def test_the_operator_chosen_last_is_reused_before_anything_is_built():
