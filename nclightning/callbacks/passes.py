@@ -177,7 +177,6 @@ class _Batches:
     correct: Tensor
     seen: Tensor
     kept: dict[str, list[Tensor]]
-    finite: bool = True  # every feature of every layer finite (else accuracy is NaN)
 
 
 def run_pass(
@@ -211,8 +210,10 @@ def run_pass(
         nc4, nc4_ref = _nc4_pass(taps, loader, moments, refs, device, forward_context, has_head)
     counts = reduce_sum(torch.stack([batches.correct, batches.seen]))
     correct, seen = (float(c) for c in counts)
-    nonfinite = reduce_sum(torch.tensor(float(not batches.finite), dtype=_F64, device=device))
-    if float(nonfinite) > 0:  # undefined features: an undefined accuracy (docs/science.md §1)
+    # undefined features: an undefined accuracy (docs/science.md §1). A non-finite feature
+    # makes its class's float64 mean non-finite (finite float32 sums cannot overflow it), and
+    # the means are synced, so every rank agrees without looking at the features again.
+    if not all(bool(torch.isfinite(m.means).all()) for m in moments.values()):
         correct = math.nan
     kept = None
     if keep:
@@ -257,8 +258,6 @@ def _first_pass(
             if cached:  # class sums from the cache below, a chunk at a time
                 out.features[alias].append(h)
                 continue
-            if out.finite and not bool(torch.isfinite(h).all()):
-                out.finite = False
             st.update(h.float(), y)
         out.labels.append(y)
         if logits is not None:
@@ -275,8 +274,6 @@ def _first_pass(
     if cached:  # a few large updates instead of one per batch (per-update costs dominate)
         for alias, st in stats.items():
             for h, y, _ in _chunks(out.features[alias], out.labels, []):
-                if out.finite and not bool(torch.isfinite(h).all()):
-                    out.finite = False
                 st.update(h.float(), y)
     return out
 

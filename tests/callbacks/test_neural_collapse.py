@@ -230,6 +230,44 @@ def test_nan_features_give_nan_metrics_and_one_warning_not_a_crash():
     assert len(messages) == 1 and "'h'" in messages[0]
 
 
+class _OneBadFeature(nn.Module):
+    """Identity that, in eval mode, puts ``value`` in one element of one sample."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, h):
+        if self.training:
+            return h
+        h = h.clone()
+        h[-1, 1] = self.value
+        return h
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+@pytest.mark.parametrize("cache_budget", ["auto", 0])  # cached, streamed
+def test_one_non_finite_feature_makes_the_accuracy_nan(value, cache_budget):
+    model, logger = NamedNet(), RecordingLogger()
+    model.body.append(_OneBadFeature(value))  # body.6, after the ReLU
+    cb = NeuralCollapseCallback(
+        layers={"h": "body.6", "g": "body.3"},
+        pairs=[],
+        probe=_loader(),
+        name="p",
+        log_figures=False,
+        cache_budget=cache_budget,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _trainer([cb], epochs=1, logger=logger).fit(model, _loader(seed=1))
+    probes = logger.probes()
+    assert probes, "no probe was logged"
+    probe = probes[max(probes)]
+    assert math.isnan(probe[accuracy_key("p")])  # one bad element: undefined features
+    assert math.isfinite(probe[layer_key("p", "g", "nc1")])  # the other layer is measured
+
+
 def test_class_missing_from_the_probe_is_named_and_the_rest_is_measured():
     logger = RecordingLogger()
     probe = _loader(classes=[0, 1, 3])  # class 2 absent
