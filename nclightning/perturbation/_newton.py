@@ -20,9 +20,10 @@ the inverse Hessian. One iteration:
    a fresh one at every iteration of a solve to loose or tight accuracy, and at the start of
    the run after one, stays cheaper: reusing within such solves cost 25% more Hessian
    products at d=512, K=100, and across them 4% more time on the default job's fits). The
-   first-step residual does not always predict how fast CG converges: an incumbent whose
-   last CG solve contracted the residual by less than :data:`SLOW_CG` per iteration is kept
-   outright only below :data:`GOOD_ENOUGH`;
+   first-step residual does not always predict how fast CG converges: a candidate whose last
+   CG solve (in this run or the runs before it in a search) contracted the residual by less
+   than :data:`SLOW_CG` per iteration is tried after the others and chosen over them only
+   where they leave more than :data:`SLOW_FLOOR` of the gradient;
 2. *direction*: preconditioned conjugate gradients on ``H p = -g`` until the residual falls
    below ``forcing * |g|`` (``forcing = min(0.5, max(sqrt(rel), sqrt(step_tol),
    FORCING_STEP * |last step| / |x|))``:
@@ -66,9 +67,16 @@ INCUMBENT_GOOD_ENOUGH = 0.6
 this without building the others."""
 SLOW_CG = 0.75
 """Mean contraction of the CG residual per iteration above which the preconditioner that gave
-it is kept only below :data:`GOOD_ENOUGH` next time. Typical solves reach 0.2-0.7 (the default
-job's and d=512, K=100); the fixed-H one reached 0.85 at d=2048, K=1000 near the root, 65
-products per direction where the block one needed 20."""
+it counts as slow (:func:`_choose`) until a CG solve with it is faster. Typical solves reach
+0.2-0.7 (the default job's and d=512, K=100); the fixed-H one reached 0.85 at d=2048, K=1000
+near the root, 65 products per direction where the block one needed 20."""
+SLOW_FLOOR = 0.9
+"""A candidate whose last CG solve converged slowly scores at least this (its first-step
+residual, relative) against one that has not been slow: the first-step residual does not
+predict how fast CG converges. At d=1024, K=400 the fixed-H one's first step left less of the
+gradient than the block one's (over 0.6), then CG needed 70 products per direction with it
+(contraction 0.86) where the block one needed 20 (0.61); demoting it: 400 -> 344 products per
+fit, 12% faster."""
 FORCING_STEP = 0.2
 """The CG forcing term is at least this times the relative size of the step just taken: far
 from the minimiser the Newton model is off by about the step itself, and a direction solved
@@ -94,21 +102,30 @@ class NewtonResult:
 @dataclass(frozen=True)
 class Choice:
     """A preconditioner chosen for a direction: its factory's index, the operator as built
-    (``None`` where it must not be reused) and the mean contraction of the residual per
-    iteration its CG solve reached (``None`` where not measured)."""
+    (``None`` where it must not be reused), the mean contraction of the residual per
+    iteration its CG solve reached (``None`` where not measured) and the indices whose last
+    measured CG solve, in this run or the runs handed on to it, converged slowly."""
 
     index: int
     operator: Operator | None = None
     rate: float | None = None
+    slow_indices: frozenset[int] = frozenset()
 
     @property
     def slow(self) -> bool:
         """Whether its CG solve converged slowly (:data:`SLOW_CG`)."""
-        return self.rate is not None and self.rate > SLOW_CG
+        return self.index in self.slow_indices or (self.rate is not None and self.rate > SLOW_CG)
 
     def without_operator(self) -> Choice:
         """The same choice, its operator not to be reused (built afresh next time)."""
-        return Choice(self.index, None, self.rate)
+        return Choice(self.index, None, self.rate, self.slow_indices)
+
+    def then(self, index: int, operator: Operator, rate: float | None) -> Choice:
+        """The next choice, with what its CG solve measured added to the slow indices."""
+        slow = set(self.slow_indices)
+        if rate is not None:
+            (slow.add if rate > SLOW_CG else slow.discard)(index)
+        return Choice(index, operator, rate, frozenset(slow))
 
 
 def _dot(a: Tensor, b: Tensor) -> float:
@@ -129,12 +146,26 @@ def _choose(
 
     ``last``, the choice of the previous direction: its operator (where given, as built at the
     earlier point) is tried before anything is built, then its factory before the others;
-    either is kept outright below :data:`INCUMBENT_GOOD_ENOUGH`, or only below
-    :data:`GOOD_ENOUGH` when its last CG solve converged slowly (:meth:`Choice.slow`)."""
+    either is kept outright below :data:`INCUMBENT_GOOD_ENOUGH`. A candidate whose last CG
+    solve converged slowly (``Choice.slow_indices``, :data:`SLOW_CG`) is tried after the others,
+    its operator is not reused, and it wins only where the others' residuals exceed
+    :data:`SLOW_FLOOR`; where every candidate has been slow, the incumbent is kept outright
+    only below :data:`GOOD_ENOUGH`."""
     best: Operator | None = None
     best_score, first, products, g_norm, chosen = math.inf, None, 0, _norm(g), -1
     prefer = None if last is None else last.index
-    incumbent = GOOD_ENOUGH if last is not None and last.slow else INCUMBENT_GOOD_ENOUGH
+    incumbent = INCUMBENT_GOOD_ENOUGH
+    slow: set[int] = set()
+    if last is not None:
+        slow = set(last.slow_indices) | ({last.index} if last.slow else set())
+    others = [i for i in range(len(factories)) if i not in slow]
+    if not others:
+        slow = set()  # every candidate has been slow: judged by their residuals alone
+    if last is not None and last.slow:
+        if others:  # one that has not been slow is the incumbent; the slow one comes last
+            prefer, last = others[0], None
+        else:
+            incumbent = GOOD_ENOUGH
 
     def residual(z: Tensor, hz: Tensor) -> float:  # of the first CG step along z
         zz = _dot(hz, hz)
@@ -146,10 +177,7 @@ def _choose(
         products += 1
         if residual(z, hz) <= incumbent * g_norm:
             return last.operator, products, (z, hz), last.index
-    order = list(range(len(factories)))
-    if prefer is not None and 0 <= prefer < len(order):
-        order.remove(prefer)
-        order.insert(0, prefer)
+    order = sorted(range(len(factories)), key=lambda i: (i != prefer, i in slow))
     while order:
         i = order.pop(0)
         m = factories[i]()
@@ -161,6 +189,8 @@ def _choose(
         hz = hvp(z)
         products += 1
         score = residual(z, hz)  # min_a |a H z - g|
+        if i in slow:  # wins only where the others leave more than SLOW_FLOOR
+            score = max(score, SLOW_FLOOR * g_norm)
         if score < best_score:
             best, best_score, first, chosen = m, score, (z, hz), i
         good = incumbent if i == prefer else GOOD_ENOUGH
@@ -242,7 +272,8 @@ def _direction(
     direction, k, negligible, rate = _cg(hvp, precond, ev.grad, forcing, max_cg, small, first)
     if _dot(direction, ev.grad) >= 0:
         direction = -precond(ev.grad)
-    return direction, precond, used + k, negligible, Choice(chosen, precond, rate)
+    choice = (last or Choice(chosen)).then(chosen, precond, rate)
+    return direction, precond, used + k, negligible, choice
 
 
 class _Run:

@@ -276,10 +276,48 @@ def test_the_preconditioner_chosen_last_is_tried_first_and_kept_unless_poor():
     assert run(mild, prefer=None) == (["exact"], 0)  # in order: the exact one first, kept
     assert run(harsh, prefer=1) == (["identity", "exact"], 0)  # too poor: both, the better
     assert run(mild, prefer=0) == (["exact"], 0)
-    # its last CG solve converged slowly: kept outright only below GOOD_ENOUGH
+    # its last CG solve converged slowly: the other is tried first and kept
     slow = _newton.SLOW_CG + 0.05
-    assert run(mild, prefer=1, rate=slow) == (["identity", "exact"], 0)
+    assert run(mild, prefer=1, rate=slow) == (["exact"], 0)
     assert run(mild, prefer=1, rate=_newton.SLOW_CG) == (["identity"], 1)
+
+
+def test_a_preconditioner_that_was_slow_loses_unless_the_others_are_poor():
+    """``_newton._choose`` with ``Choice.slow_indices``: a candidate whose last CG solve
+    contracted slowly is built last and chosen only where the others' first CG step leaves
+    more than SLOW_FLOOR of the gradient, however good its own first step; where every
+    candidate has been slow, the residuals alone decide and a slow incumbent is kept outright
+    only below GOOD_ENOUGH."""
+    from nclightning.perturbation import _newton
+
+    def run(h, last):
+        built = []
+        hvp = lambda v: h * v  # noqa: E731  (H = diag(h))
+        factories = [
+            lambda: built.append("exact") or (lambda q: q / h),
+            lambda: built.append("identity") or (lambda q: q),
+        ]
+        g = torch.ones(h.shape, dtype=torch.float64)
+        return built, _newton._choose(hvp, factories, g, last)[3]
+
+    harsh = torch.tensor([1.0, 100.0], dtype=torch.float64)  # identity's residual 0.70
+    flat = torch.tensor([1.0] * 9 + [1e4], dtype=torch.float64)  # identity's residual 0.95
+    assert _newton.INCUMBENT_GOOD_ENOUGH < 0.70 < _newton.SLOW_FLOOR < 0.95
+    exact_was_slow = _newton.Choice(1, None, 0.5, frozenset({0}))
+    # the exact one leaves nothing, but was slow: the identity, leaving 0.70, is chosen
+    assert run(harsh, exact_was_slow) == (["identity", "exact"], 1)
+    assert run(harsh, _newton.Choice(1, None, 0.5)) == (["identity", "exact"], 0)  # control
+    # the identity leaves 0.95 > SLOW_FLOOR: the slow one is chosen after all
+    assert run(flat, exact_was_slow) == (["identity", "exact"], 0)
+    # both slow: the residuals decide (exact); the slow incumbent is not kept at 0.70
+    both = _newton.Choice(1, None, 0.9, frozenset({0, 1}))
+    assert run(harsh, both) == (["identity", "exact"], 0)
+    # the measured rate updates the slow indices: slow added, a fast solve removes it
+    c = _newton.Choice(0).then(1, None, _newton.SLOW_CG + 0.1)
+    assert c.slow_indices == {1} and c.slow
+    c = c.then(0, None, 0.2).then(1, None, 0.3)
+    assert c.slow_indices == frozenset() and not c.slow
+    assert c.then(0, None, None).slow_indices == frozenset()  # not measured: unchanged
 
 
 @pytest.mark.parametrize(
