@@ -277,6 +277,8 @@ def test_class_missing_from_the_probe_is_named_and_the_rest_is_measured():
     with pytest.warns(UserWarning, match=r"class\(es\) 2 have no sample"):
         _trainer([cb], epochs=1, logger=logger).fit(NamedNet(), _loader(seed=1))
     assert math.isfinite(logger.probes()[1][layer_key("p", "h", "nc1")])
+    # an absent class is not an undefined feature: the accuracy stays defined
+    assert 0.0 <= logger.probes()[1][accuracy_key("p")] <= 1.0
 
 
 def test_probe_restores_modes_hooks_and_grad_even_on_error():
