@@ -120,7 +120,7 @@ class Choice:
         """The same choice, its operator not to be reused (built afresh next time)."""
         return Choice(self.index, None, self.rate, self.slow_indices)
 
-    def then(self, index: int, operator: Operator, rate: float | None) -> Choice:
+    def then(self, index: int, operator: Operator | None, rate: float | None) -> Choice:
         """The next choice, with what its CG solve measured added to the slow indices."""
         slow = set(self.slow_indices)
         if rate is not None:

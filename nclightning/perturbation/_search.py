@@ -131,11 +131,7 @@ class Solver:
             return prev.W
         t = math.log(beta / prev.beta) / math.log(prev.beta / before.beta)
         model = Model(self.spec, self.lw, self.lh, beta)
-        guess = prev.W + t * (prev.W - before.W)
-        states = [model.state(guess), model.state(prev.state.W, prev.state)]
-        f = [model.objective_at(st) for st in states]
-        k = 0 if f[0] < f[1] else 1
-        return model.evaluation(states[k], f[k])
+        return _better_start(model, prev.W + t * (prev.W - before.W), prev)
 
     def at(
         self,
@@ -389,7 +385,13 @@ def _start(b: Point, c: Point, x: float) -> Tensor | Evaluation:
         return near.W
     t = (x - xb) / (xc - xb)
     model = Model(near.model.spec, near.model.lw, near.model.lh, math.exp(x))
-    states = [model.state(b.W + t * (c.W - b.W)), model.state(near.state.W, near.state)]
+    return _better_start(model, b.W + t * (c.W - b.W), near)
+
+
+def _better_start(model: Model, guess: Tensor, near: Point) -> Evaluation:
+    """The evaluation at ``model``'s ``beta`` of ``guess`` or of ``near``'s minimiser, whichever
+    has the lower objective (``near``'s ``beta``-free products are reused)."""
+    states = [model.state(guess), model.state(near.state.W, near.state)]
     f = [model.objective_at(st) for st in states]
     k = 0 if f[0] < f[1] else 1
     return model.evaluation(states[k], f[k])
